@@ -1,0 +1,1 @@
+"""Evaluating rankings against ground truth: correlation, regret and multi-target statistics."""

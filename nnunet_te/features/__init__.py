@@ -1,0 +1,1 @@
+"""Feature extraction: networks, forward hooks and class-balanced sampling."""

@@ -1,0 +1,1 @@
+"""Transferability metrics: pure functions on arrays, one module per family."""

@@ -1,0 +1,162 @@
+"""Metric registry: name -> how to compute it from a candidate's samples, its direction, and needs.
+
+The CLI, the ranking and the benchmark iterate over this table, so adding a metric means adding
+one entry here. Every entry reads a :class:`~nnunet_te.features.sampling.CandidateFeatures`:
+segmentation candidates carry several global stages plus boundary patches; classification
+candidates carry a single global stage (the penultimate features).
+
+Metrics of features and labels are computed on every global stage and averaged (as GRTD is in
+seed 001). Zoo-relative metrics (the fused topology score, NCTI) compute per-candidate
+components first and combine them over the zoo with ``combine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nnunet_te.features.sampling import CandidateFeatures
+from nnunet_te.metrics import ccfv as _ccfv
+from nnunet_te.metrics import topology
+from nnunet_te.metrics.evidence import logme
+from nnunet_te.metrics.gbc import gbc
+from nnunet_te.metrics.hscore import h_score, regularized_h_score
+from nnunet_te.metrics.leep import leep, nce, nleep
+from nnunet_te.metrics.lpfu import lp_score
+from nnunet_te.metrics.ncti import ncti, ncti_components
+from nnunet_te.metrics.parc import parc
+from nnunet_te.metrics.sfda import sfda
+from nnunet_te.metrics.transrate import transrate
+
+SEGMENTATION = "segmentation"
+CLASSIFICATION = "classification"
+BOTH = frozenset({SEGMENTATION, CLASSIFICATION})
+
+# What an entry needs beyond features: labels are always needed.
+NEEDS_PATCHES = "boundary_patches"
+NEEDS_SOURCE_HEAD = "source_probabilities"
+NEEDS_ZOO = "zoo"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registry entry.
+
+    ``compute`` maps a candidate's samples to a float score (or, for zoo-relative metrics, to
+    components that ``combine`` turns into one score per candidate of the zoo).
+    """
+
+    name: str
+    compute: Callable[[CandidateFeatures], Any]
+    greater_is_better: bool
+    tasks: frozenset
+    description: str
+    needs: frozenset = frozenset()
+    combine: Callable[[list[Any], list[CandidateFeatures]], np.ndarray] | None = None
+
+    def applicable(self, features: CandidateFeatures) -> str | None:
+        """None if the metric can be computed on ``features``, else the reason it cannot."""
+        if NEEDS_PATCHES in self.needs and not features.local_stages:
+            return "needs boundary patches (segmentation targets only)"
+        if NEEDS_SOURCE_HEAD in self.needs and features.source_probabilities is None:
+            return "needs a trained source head"
+        return None
+
+
+def _per_stage(metric: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[CandidateFeatures], float]:
+    def compute(features: CandidateFeatures) -> float:
+        return float(np.mean([metric(X, y) for X, y, _ in features.global_stages.values()]))
+    return compute
+
+
+def _source_labels(features: CandidateFeatures) -> np.ndarray:
+    return features.global_stages[features.source_stage][1]
+
+
+def _leep(features: CandidateFeatures) -> float:
+    return leep(features.source_probabilities, _source_labels(features))
+
+
+def _nce(features: CandidateFeatures) -> float:
+    return nce(np.argmax(features.source_probabilities, axis=1), _source_labels(features))
+
+
+def _ccfv(features: CandidateFeatures) -> float:
+    stages = list(features.global_stages.values())
+    return _ccfv.ccfv([X for X, _, _ in stages], [y for _, y, _ in stages],
+                      [g for _, _, g in stages], mode="paper")
+
+
+def _lbtc(features: CandidateFeatures) -> float:
+    return float(np.mean([topology.lbtc(F, L) for F, L in features.local_stages.values()]))
+
+
+def _topology_components(features: CandidateFeatures) -> tuple[float, float]:
+    return _per_stage(topology.grtd)(features), _lbtc(features)
+
+
+def _fuse_topology(components, zoo: list[CandidateFeatures]) -> np.ndarray:
+    grtd_values, lbtc_values = (np.array(c) for c in zip(*components))
+    return topology.fuse(grtd_values, lbtc_values, zoo[0].n_foreground_classes)
+
+
+def _ncti_combine(components, _zoo) -> np.ndarray:
+    return ncti(components)
+
+
+def _ncti_components(features: CandidateFeatures) -> dict:
+    per_stage = [ncti_components(X, y) for X, y, _ in features.global_stages.values()]
+    return {key: float(np.mean([c[key] for c in per_stage])) for key in per_stage[0]}
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("topology", _topology_components, True, frozenset({SEGMENTATION}),
+           "seed 001 fused score: gated mix of min-max(-GRTD) and min-max(LBTC) over the zoo",
+           needs=frozenset({NEEDS_PATCHES, NEEDS_ZOO}), combine=_fuse_topology),
+    Metric("grtd", _per_stage(topology.grtd), False, frozenset({SEGMENTATION}),
+           "global representation topology divergence, mean over decoder stages"),
+    Metric("lbtc", _lbtc, True, frozenset({SEGMENTATION}),
+           "local boundary-aware topological consistency on encoder boundary patches",
+           needs=frozenset({NEEDS_PATCHES})),
+    Metric("ccfv", _ccfv, True, frozenset({SEGMENTATION}),
+           "class consistency and feature variety (paper mode), sum over decoder stages"),
+    Metric("gbc_diagonal", _per_stage(lambda X, y: gbc(X, y, gaussian="diagonal")), True, BOTH,
+           "Gaussian Bhattacharyya coefficient, diagonal covariances"),
+    Metric("gbc_spherical", _per_stage(lambda X, y: gbc(X, y, gaussian="spherical")), True, BOTH,
+           "Gaussian Bhattacharyya coefficient, spherical covariances"),
+    Metric("leep", _leep, True, BOTH, "log expected empirical prediction from the source head",
+           needs=frozenset({NEEDS_SOURCE_HEAD})),
+    Metric("nce", _nce, True, BOTH, "negative conditional entropy of source-head argmax labels",
+           needs=frozenset({NEEDS_SOURCE_HEAD})),
+    Metric("nleep", _per_stage(nleep), True, BOTH, "LEEP on Gaussian-mixture pseudo source classes"),
+    Metric("logme", _per_stage(logme), True, BOTH, "log marginal evidence of a linear model"),
+    Metric("h_score", _per_stage(h_score), True, BOTH, "H-score"),
+    Metric("regularized_h_score", _per_stage(regularized_h_score), True, BOTH,
+           "H-score with Ledoit-Wolf shrinkage"),
+    Metric("transrate", _per_stage(transrate), True, BOTH, "coding-rate transferability"),
+    Metric("parc", _per_stage(parc), True, BOTH, "pairwise annotation representation comparison"),
+    Metric("sfda", _per_stage(sfda), True, BOTH, "self-challenging Fisher discriminant analysis"),
+    Metric("ncti", _ncti_components, True, BOTH,
+           "neural collapse transferability index (zoo-relative)",
+           needs=frozenset({NEEDS_ZOO}), combine=_ncti_combine),
+    Metric("lp", _per_stage(lp_score), True, BOTH,
+           "S_LP of LP x FU: NCA + 5-NN probability of the true class"),
+]}
+
+
+def metrics_for(task: str, names: list[str] | None = None) -> list[Metric]:
+    """Registry entries for ``task``, all of them or the ``names`` given (in that order)."""
+    if task not in (SEGMENTATION, CLASSIFICATION):
+        raise ValueError(f"task must be {SEGMENTATION!r} or {CLASSIFICATION!r}, got {task!r}")
+    if names is None:
+        return [m for m in METRICS.values() if task in m.tasks]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {sorted(METRICS)}")
+    wrong_task = [n for n in names if task not in METRICS[n].tasks]
+    if wrong_task:
+        raise ValueError(f"metric(s) {wrong_task} do not apply to {task} targets")
+    return [METRICS[n] for n in names]

@@ -1,0 +1,362 @@
+"""Topology-driven transferability for segmentation: GRTD, LBTC and their task-adaptive fusion.
+
+Seed 001 (topology-driven transferability estimation for medical segmentation, Sec. 2.2-2.4)
+and METHODS.md 1.1-1.3. All numerics are float64; minimum spanning trees are exact (dense Prim in
+``_graph``), so zero-weight edges of label graphs are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import weightedtau
+
+from ._graph import full_quantile, pairwise_distances, prim_mst
+from ._validation import check_features, check_features_labels, check_patches
+
+LABEL_GRAPHS = ("max", "min", "constant")
+FORMS = ("divergence", "rtd_lite")
+
+# Patches per vectorised LBTC block: bounds the (block, P, P) distance array to ~32 MB.
+_LBTC_BLOCK_ENTRIES = 4_000_000
+
+
+def grtd(features, labels, *, label_graph: str = "max", lam: float = 1.0,
+         form: str = "divergence", quantile: float = 0.9, normalize: bool = True) -> float:
+    """Global Representation Topology Divergence of one feature stage (seed 001, Eq. 2-3).
+
+    Two complete graphs on the same n sampled points:
+
+    - feature graph ``A_ij = ||x_i - x_j|| / q``, with ``q`` the ``quantile`` quantile of all
+      n^2 entries of the distance matrix (diagonal included, linear interpolation, as
+      RTD-Lite does); this makes the value invariant to the feature scale;
+    - label graph ``B_ij = 0`` if ``y_i == y_j``, else ``max(A_ij, lam)`` (``label_graph='max'``),
+      ``min(A_ij, lam)`` (``'min'``) or ``lam`` (``'constant'``).
+
+    ``form='divergence'``: ``GRTD = |W(MST(A)) - W(MST(B))|``.
+    ``form='rtd_lite'`` (RTD-Lite, Tulchinskii et al. 2025):
+    ``1/2 [(W(MST(A)) - W(MST(C))) + (W(MST(B)) - W(MST(C)))]`` with ``C = min(A, B)``.
+    Both are divided by ``n - 1`` (mean MST edge) when ``normalize`` is true, which makes
+    values comparable across sample sizes.
+
+    Direction: **lower is better** (0 = feature topology matches the label topology); the
+    stage-aggregated score of seed 001 is ``-mean_s GRTD_s``.
+
+    Parameters
+    ----------
+    features : array-like of shape (n, D)
+    labels : array-like of shape (n,)
+        Class indices 0..C-1, every class present, C >= 2.
+    label_graph : {'max', 'min', 'constant'}
+        Reading of the paper's Eq. 2 (lost in extraction), see METHODS.md 1.1.
+    lam : float > 0
+        Inter-class penalty, in units of the ``quantile`` distance.
+    form : {'divergence', 'rtd_lite'}
+    quantile : float in (0, 1]
+    normalize : bool
+        Divide by ``n - 1``.
+
+    Returns
+    -------
+    score : float, >= 0
+
+    Shape:
+        - features: (n, D)
+        - labels: (n,) in [0, C)
+        - score: scalar
+
+    Degenerate cases: if the ``quantile`` distance is 0 (more than ~(1 - quantile) of the pairs
+    coincide) the largest distance is used as the scale instead; if all points coincide
+    ``A = 0`` and, for example, ``label_graph='max'`` gives ``(C - 1) * lam / (n - 1)``.
+    Memory is one (n, n) float64 matrix (128 MB at n = 4096); time O(n^2 D) for the distances
+    plus O(n^2) per MST (two MSTs for 'divergence', three for 'rtd_lite').
+    """
+    X, y = check_features_labels(features, labels)
+    if label_graph not in LABEL_GRAPHS:
+        raise ValueError(f"label_graph must be one of {LABEL_GRAPHS}, got {label_graph!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if not (np.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite positive number, got {lam}")
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    n = y.shape[0]
+    A = pairwise_distances(X)
+    scale = full_quantile(A, quantile) or A.max()
+    if scale > 0:
+        A /= scale
+    same_class = np.equal.outer(np.arange(y.max() + 1), y)
+
+    def label_row(v: int) -> np.ndarray:
+        if label_graph == "max":
+            row = np.maximum(A[v], lam)
+        elif label_graph == "min":
+            row = np.minimum(A[v], lam)
+        else:
+            row = np.full(n, float(lam))
+        np.copyto(row, 0.0, where=same_class[y[v]])
+        return row
+
+    w_a = prim_mst(A.__getitem__, n)[1].sum()
+    w_b = prim_mst(label_row, n)[1].sum()
+    if form == "divergence":
+        value = abs(w_a - w_b)
+    else:
+        w_c = prim_mst(lambda v: np.minimum(A[v], label_row(v)), n)[1].sum()
+        value = 0.5 * ((w_a - w_c) + (w_b - w_c))
+    return float(value / (n - 1)) if normalize else float(value)
+
+
+def _patch_distances(F: np.ndarray) -> np.ndarray:
+    """(m, P, P) Euclidean distances within each patch (Gram identity on patch-centred rows)."""
+    Fc = F - F.mean(axis=1, keepdims=True)
+    sq = np.einsum("mpd,mpd->mp", Fc, Fc)
+    dist = np.matmul(Fc, Fc.transpose(0, 2, 1))
+    dist *= -2.0
+    dist += sq[:, :, None]
+    dist += sq[:, None, :]
+    np.maximum(dist, 0.0, out=dist)
+    return np.sqrt(dist, out=dist)
+
+
+def _patch_mst_parents(dist: np.ndarray) -> np.ndarray:
+    """Prim run on m patches at once; returns the (m, P) MST parent of every vertex (root 0
+    is its own parent, so the P - 1 tree edges are (parent[v], v) for v >= 1)."""
+    m, P, _ = dist.shape
+    rows = np.arange(m)
+    penalty = np.zeros((m, P))
+    best = np.full((m, P), np.inf)
+    parent = np.zeros((m, P), dtype=np.int64)
+    v = np.zeros(m, dtype=np.int64)
+    for _ in range(P - 1):
+        penalty[rows, v] = np.inf
+        best[rows, v] = np.inf
+        candidate = dist[rows, v] + penalty
+        closer = candidate < best
+        best[closer] = candidate[closer]
+        parent[closer] = np.broadcast_to(v[:, None], (m, P))[closer]
+        v = np.argmin(best, axis=1)
+    return parent
+
+
+def lbtc(patch_features, patch_labels, *, excess: bool = False) -> float:
+    """Local Boundary-aware Topological Consistency (seed 001, Eq. 4-5).
+
+    For every boundary patch ``a`` (P feature vectors around a boundary anchor), build the
+    Euclidean MST of its points and count the tree edges that join different classes:
+    ``l_a = #{(u, v) in MST_a : y_u != y_v} / (P - 1)``. With ``excess=True`` the unavoidable
+    part ``(k_a - 1) / (P - 1)`` (``k_a`` classes present in the patch) is subtracted, so a
+    patch whose classes form one subtree each scores 0 regardless of how many classes meet.
+    ``LBTC = 1 - mean_a l_a``.
+
+    Direction: **higher is better**; 1 = perfect local separation. Raw leakage puts LBTC in
+    ``[0, 1]`` with maximum ``1 - mean_a (k_a - 1)/(P - 1)``; with ``excess`` the maximum is 1.
+
+    Parameters
+    ----------
+    patch_features : array-like of shape (M, P, D)
+        Features of the P points of each of M patches.
+    patch_labels : array-like of shape (M, P)
+        Class indices 0..C-1 (over all patches together every class present, C >= 2).
+    excess : bool
+        Report leakage in excess of the per-patch minimum.
+
+    Returns
+    -------
+    score : float
+
+    Shape:
+        - patch_features: (M, P, D)
+        - patch_labels: (M, P) in [0, C)
+        - score: scalar
+
+    Degenerate cases: a single-class patch has leakage 0. Invariant to the order of patches, of
+    points within a patch (up to exact distance ties, which Prim breaks by point order), to
+    feature scale and translation. Patches are processed in vectorised blocks of
+    ``~4e6 / P^2`` patches (about 32 MB of distances).
+    """
+    F, Y = check_patches(patch_features, patch_labels)
+    M, P, _ = F.shape
+    block = max(1, _LBTC_BLOCK_ENTRIES // (P * P))
+    leakage = np.empty(M)
+    for start in range(0, M, block):
+        stop = min(start + block, M)
+        parent = _patch_mst_parents(_patch_distances(F[start:stop]))
+        labels = Y[start:stop]
+        crossing = labels != np.take_along_axis(labels, parent, axis=1)
+        leakage[start:stop] = crossing.sum(axis=1) / (P - 1)
+    if excess:
+        n_classes = 1 + (np.diff(np.sort(Y, axis=1), axis=1) != 0).sum(axis=1)
+        leakage -= (n_classes - 1) / (P - 1)
+    return float(1.0 - leakage.mean())
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    span = values.max() - values.min()
+    if span == 0:
+        return np.full(values.shape, 0.5)
+    return (values - values.min()) / span
+
+
+def _check_zoo_scores(grtd_values, lbtc_values, n_foreground_classes) -> tuple[np.ndarray,
+                                                                                np.ndarray, int]:
+    g = check_features(np.asarray(grtd_values, dtype=np.float64).reshape(-1, 1),
+                       name="grtd_values")[:, 0]
+    b = check_features(np.asarray(lbtc_values, dtype=np.float64).reshape(-1, 1),
+                       name="lbtc_values")[:, 0]
+    if g.shape != b.shape:
+        raise ValueError(f"grtd_values has {g.size} models but lbtc_values has {b.size}")
+    if g.size < 2:
+        raise ValueError("the fused score is zoo-relative and needs at least 2 models; "
+                         "for a single model report the raw GRTD and LBTC")
+    if int(n_foreground_classes) != n_foreground_classes or n_foreground_classes < 1:
+        raise ValueError(f"n_foreground_classes must be a positive integer, got "
+                         f"{n_foreground_classes}")
+    return g, b, int(n_foreground_classes)
+
+
+def _gate(n_foreground_classes: int, alpha: float, k0: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-alpha * (n_foreground_classes - k0))))
+
+
+def fuse(grtd_values, lbtc_values, n_foreground_classes: int, *, alpha: float = 1.0,
+         k0: float = 2.0) -> np.ndarray:
+    """Task-adaptive fusion of GRTD and LBTC over a model zoo (seed 001, Eq. 6).
+
+    ``gamma = sigmoid(alpha * (K_cls - k0))`` with ``K_cls`` the number of foreground classes of
+    the target, and ``S = gamma * mm(-GRTD) + (1 - gamma) * mm(LBTC)``, where ``mm`` is min-max
+    normalisation over the K models (all equal -> 0.5). GRTD is negated because it is
+    lower-is-better. More classes put more weight on the global term; binary / lesion targets
+    on the local one.
+
+    Direction: **higher is better**. The score is zoo-relative (adding or removing a model
+    changes every value, like NCTI): compare it only within one zoo. For a single model report
+    the raw components instead (a ValueError says so).
+
+    Parameters
+    ----------
+    grtd_values : array-like of shape (K,)
+        GRTD of every model (already aggregated over stages).
+    lbtc_values : array-like of shape (K,)
+    n_foreground_classes : int >= 1
+    alpha, k0 : float
+        Gate slope and centre (defaults of METHODS.md 1.3; fit them with ``FusionGate``).
+
+    Returns
+    -------
+    scores : ndarray of shape (K,), in [0, 1]
+
+    Shape:
+        - grtd_values, lbtc_values: (K,)
+        - scores: (K,)
+    """
+    g, b, k_cls = _check_zoo_scores(grtd_values, lbtc_values, n_foreground_classes)
+    gamma = _gate(k_cls, alpha, k0)
+    return gamma * _minmax(-g) + (1.0 - gamma) * _minmax(b)
+
+
+DEFAULT_ALPHA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_K0_GRID = tuple(np.arange(0.5, 8.01, 0.5).tolist())
+
+
+class FusionGate:
+    """Gate of the task-adaptive fusion, fitted on a pilot set of targets (seed 001, Sec. 3).
+
+    ``fit`` chooses ``(alpha, k0)`` on the grid ``alpha_grid x k0_grid`` that maximises the mean,
+    over pilot targets, of ``scipy.stats.weightedtau(fuse(...), truth)`` (defaults of scipy:
+    hyperbolic weigher, both rank orders). The search is exhaustive and deterministic: ties
+    (within 1e-12) keep the first grid point in the order alpha ascending, then k0 ascending, so
+    the gentlest sufficient slope wins. Targets on which the fused score is constant (weighted
+    tau NaN) are left out of that target's mean. Default grids: ``alpha`` in
+    {0.25, 0.5, 1, 2, 4, 8}, ``k0`` in {0.5, 1.0, ..., 8.0}.
+
+    Before ``fit`` the gate uses the constructor's ``alpha`` and ``k0`` (METHODS.md defaults).
+
+    Attributes
+    ----------
+    alpha_, k0_ : float
+        Fitted gate parameters.
+    pilot_score_ : float
+        Mean weighted tau of the fitted gate on the pilot set.
+    """
+
+    def __init__(self, alpha: float = 1.0, k0: float = 2.0, *,
+                 alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+                 k0_grid: Sequence[float] = DEFAULT_K0_GRID):
+        self.alpha = alpha
+        self.k0 = k0
+        self.alpha_grid = alpha_grid
+        self.k0_grid = k0_grid
+
+    def fit(self, pilot) -> "FusionGate":
+        """Fit ``(alpha, k0)`` on ``pilot``: a sequence of
+        ``(grtd_values (K,), lbtc_values (K,), n_foreground_classes, truth (K,))`` targets,
+        ``truth`` being the fine-tuned performance (higher better) of the same K models."""
+        targets = []
+        for index, item in enumerate(pilot):
+            if len(item) != 4:
+                raise ValueError(f"pilot target {index} must be (grtd_values, lbtc_values, "
+                                 f"n_foreground_classes, truth), got {len(item)} items")
+            g, b, k_cls = _check_zoo_scores(*item[:3])
+            truth = check_features(np.asarray(item[3], dtype=np.float64).reshape(-1, 1),
+                                   name=f"truth of pilot target {index}")[:, 0]
+            if truth.shape != g.shape:
+                raise ValueError(f"pilot target {index}: truth has {truth.size} models but the "
+                                 f"scores have {g.size}")
+            targets.append((_minmax(-g), _minmax(b), k_cls, truth))
+        if not targets:
+            raise ValueError("pilot is empty: fitting the gate needs at least one target")
+        grid = [(a, k) for a in self.alpha_grid for k in self.k0_grid]
+        objective = np.array([self._mean_tau(targets, a, k) for a, k in grid])
+        best = int(np.argmax(objective >= objective.max() - 1e-12))
+        self.alpha_, self.k0_ = (float(v) for v in grid[best])
+        self.pilot_score_ = float(objective[best])
+        return self
+
+    @staticmethod
+    def _mean_tau(targets, alpha: float, k0: float) -> float:
+        taus = []
+        for g_hat, b_hat, k_cls, truth in targets:
+            gamma = _gate(k_cls, alpha, k0)
+            taus.append(weightedtau(gamma * g_hat + (1.0 - gamma) * b_hat, truth).statistic)
+        taus = np.asarray(taus)
+        return float(taus[~np.isnan(taus)].mean()) if (~np.isnan(taus)).any() else -np.inf
+
+    def _params(self) -> tuple[float, float]:
+        return getattr(self, "alpha_", self.alpha), getattr(self, "k0_", self.k0)
+
+    def gamma(self, n_foreground_classes: int) -> float:
+        """Weight of the global (GRTD) term for a target with this many foreground classes."""
+        if int(n_foreground_classes) != n_foreground_classes or n_foreground_classes < 1:
+            raise ValueError(f"n_foreground_classes must be a positive integer, got "
+                             f"{n_foreground_classes}")
+        return _gate(int(n_foreground_classes), *self._params())
+
+    def score_zoo(self, grtd_values, lbtc_values, n_foreground_classes: int) -> np.ndarray:
+        """Fused (K,) zoo-relative scores with this gate; see ``fuse``."""
+        alpha, k0 = self._params()
+        return fuse(grtd_values, lbtc_values, n_foreground_classes, alpha=alpha, k0=k0)
+
+
+def fit_gate(pilot_scores, pilot_truth) -> FusionGate:
+    """Fit a ``FusionGate`` on a pilot set (METHODS.md 1.3 interface).
+
+    Parameters
+    ----------
+    pilot_scores : sequence of (grtd_values (K,), lbtc_values (K,), n_foreground_classes)
+        One entry per pilot target.
+    pilot_truth : sequence of array-like (K,)
+        Fine-tuned performance of the same models on each pilot target (higher better).
+
+    Returns
+    -------
+    gate : FusionGate
+        Fitted; use ``gate.score_zoo(...)`` on new targets.
+    """
+    pilot_scores = list(pilot_scores)
+    pilot_truth = list(pilot_truth)
+    if len(pilot_scores) != len(pilot_truth):
+        raise ValueError(f"pilot_scores has {len(pilot_scores)} targets but pilot_truth has "
+                         f"{len(pilot_truth)}")
+    return FusionGate().fit([(*s, t) for s, t in zip(pilot_scores, pilot_truth)])

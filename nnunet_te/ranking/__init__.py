@@ -1,0 +1,1 @@
+"""Scoring a zoo with registry metrics and writing the ranking."""
