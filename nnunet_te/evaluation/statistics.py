@@ -14,7 +14,6 @@ al., "On dataset transferability in medical image classification").
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +127,7 @@ def _top1_truth(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def top1_relative_accuracy(scores, truth) -> float:
-    """Ground truth of the top-scored candidate relative to the best: ``truth[argmax s] / max truth``.
+    """Truth of the top-scored candidate relative to the best: ``truth[argmax s] / max truth``.
 
     1 means the score picks the best candidate. Ties in the top score are averaged over the tied
     candidates. Needs a positive ``max(truth)`` (accuracy, AUC, Dice).
@@ -226,7 +225,8 @@ def friedman(tau_table) -> tuple[float, float]:
 def nemenyi_cd(n_methods: int, n_targets: int, alpha: float = 0.05) -> float:
     """Nemenyi critical difference of average ranks (Demsar 2006).
 
-        CD = q_alpha * sqrt(K (K + 1) / (6 N)),  q_alpha = studentized_range.ppf(1 - alpha, K, inf) / sqrt(2)
+        CD = q_alpha * sqrt(K (K + 1) / (6 N))
+        q_alpha = studentized_range.ppf(1 - alpha, K, inf) / sqrt(2)
 
     (K = 3, alpha = 0.05: q = 2.343). Two methods whose average ranks differ by more than CD
     differ significantly.

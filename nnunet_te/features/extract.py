@@ -74,5 +74,4 @@ def extract_candidate_features(network: nn.Module, cases: Sequence[tuple[np.ndar
     features = sampler.result(n_foreground_classes=n_classes - 1)
     if source_head:
         features.source_probabilities = np.concatenate(source_parts)
-        features.source_stage = last_global
     return features

@@ -70,6 +70,6 @@ def pretrain_self_supervised(network: nn.Module, images: list[np.ndarray], *, ob
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     network.eval()
     return losses

@@ -102,14 +102,18 @@ class CandidateFeatures:
     ``global_stages[name] = (X (n, D), y (n,), groups (n,))``: class-balanced samples, groups
     is the case index. ``local_stages[name] = (patch features (M, P, D), patch labels (M, P))``
     around boundary anchors. ``source_probabilities`` (n, C_s) on the samples of
-    ``source_stage`` when the candidate has a trained segmentation head, else None.
+    the final global stage when the candidate has a trained segmentation head, else None.
     """
 
     n_foreground_classes: int
     global_stages: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     local_stages: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     source_probabilities: np.ndarray | None = None
-    source_stage: str | None = None
+
+    @property
+    def final_stage(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Samples of the last global stage: full-resolution decoder output, or penultimate layer."""
+        return self.global_stages[list(self.global_stages)[-1]]
 
 
 class StageSampler:

@@ -124,7 +124,8 @@ def warn_degenerate(message: str) -> None:
     warnings.warn(message, DegenerateInputWarning, stacklevel=3)
 
 
-def check_source_labels(source_labels, n_samples: int, *, name: str = "source_labels") -> np.ndarray:
+def check_source_labels(source_labels, n_samples: int, *,
+                        name: str = "source_labels") -> np.ndarray:
     """Return hard source-class predictions as an int64 vector of non-negative indices.
 
     Unlike target labels, source classes need not all occur (a 1000-class head rarely predicts

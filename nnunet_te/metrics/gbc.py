@@ -23,7 +23,8 @@ def gbc(features, labels, *, gaussian: str = "spherical", n_components: int = 64
 
     .. math::
         D_B(c_1, c_2) = \frac18 \sum_d \frac{(\mu_{1d} - \mu_{2d})^2}{s_d}
-        + \frac12\Big[\sum_d \log s_d - \tfrac12 \sum_d \log v_{1d} - \tfrac12 \sum_d \log v_{2d}\Big]
+        + \frac12\Big[\sum_d \log s_d - \tfrac12 \sum_d \log v_{1d}
+        - \tfrac12 \sum_d \log v_{2d}\Big]
 
     .. math:: \mathrm{GBC} = -\sum_{c_1 \ne c_2} e^{-D_B(c_1, c_2)} \quad\text{(ordered pairs)}
 

@@ -20,15 +20,19 @@ def ncti_components(features, labels) -> dict:
     Collapse on the Target Dataset Informs their Transferability", ICCV 2023), as
     BUserName/NCTI ``NCTI_Score``.
 
-    Features are reduced by PCA to ``k = min(64, n, D)`` components (exact solver); a
+    Features are reduced by PCA to ``k = min(64, n, D)`` components (scikit-learn 'auto'
+    solver as the reference, exact on its inputs; seeded with 0 in case 'auto' picks the
+    randomized solver on large inputs, where the unseeded reference is not reproducible); a
     linear discriminant is fitted with shrinkage ``s = exp(-sum of the first 32 PCA
     variances)``, or, when ``s`` underflows to <= 1e-10, the unshrunk SVD solver. Then
 
     - ``seli``: nuclear norm of the centred LDA projection (spread of the classes in the
       discriminant space; higher is better);
-    - ``ncc``: mean LDA posterior of the true class (nearest-centre classifier accuracy);
+    - ``ncc``: mean LDA posterior of the true class (a soft nearest-class-centre accuracy);
     - ``vc``: ``log sum_c ||P_c||_*``, P_c the LDA posteriors of the samples of class c
-      (variability collapse; lower is better).
+      (variability collapse; it enters the zoo score with a minus sign, but on its own it
+      has no direction: confident one-hot posteriors have a larger nuclear norm than uniform
+      ones).
 
     Combine over a zoo with :func:`ncti`.
 
@@ -43,7 +47,7 @@ def ncti_components(features, labels) -> dict:
     """
     X, y = check_features_labels(features, labels, min_samples_per_class=2)
     # The PCA variances set the shrinkage, so the estimator itself is needed here.
-    pca = PCA(n_components=min(_N_PCA, X.shape[0], X.shape[1]))
+    pca = PCA(n_components=min(_N_PCA, X.shape[0], X.shape[1]), random_state=0)
     Z = pca.fit_transform(X)
     shrinkage = max(np.exp(-pca.explained_variance_[:32].sum()), 1e-10)
     if shrinkage == 1e-10:

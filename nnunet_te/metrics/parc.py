@@ -9,7 +9,8 @@ from ._linalg import pca_transform
 from ._validation import check_features_labels, warn_degenerate
 
 
-def parc(features, labels, *, n_dims: int = 32, random_state: int = 1919) -> float:
+def parc(features, labels, *, n_dims: int = 32, random_state: int = 1919,
+         exact_label_ties: bool = False) -> float:
     r"""PARC (Bolya, Mittapalli and Hoffman, "Scalable Diverse Model Selection for Accessible
     Transfer Learning", NeurIPS 2021).
 
@@ -22,10 +23,15 @@ def parc(features, labels, *, n_dims: int = 32, random_state: int = 1919) -> flo
         \mathrm{PARC} = 100\,\rho_{\text{Spearman}}\big(
         \mathrm{triu}(1 - \operatorname{corr}(F)),\ \mathrm{triu}(1 - \operatorname{corr}(Y))\big)
 
-    where ``corr`` is the Pearson correlation between rows (samples). For one-hot labels
-    ``1 - corr(Y)`` is 0 within a class and a single constant between classes, so the label
-    side is the indicator ``y_i != y_j`` (same Spearman ranks). With the defaults this
+    where ``corr`` is the Pearson correlation between rows (samples). With the defaults this
     reproduces dbolya/parc ``PARC(n_dims=32)``.
+
+    For one-hot labels ``1 - corr(Y)`` is mathematically 0 within a class and one constant
+    between classes. In floating point the reference's within-class entries are 0 for some
+    classes and 2.2e-16 for others once C >= 3, and Spearman ranks that noise: the tie
+    structure, and the score (by ~1-4 % on the reference cases), depend on it. The default
+    keeps the reference's floating-point label matrix; ``exact_label_ties=True`` uses the
+    exact indicator ``y_i != y_j`` instead (identical for C = 2).
 
     Shape:
         - features: (n, D).
@@ -51,5 +57,11 @@ def parc(features, labels, *, n_dims: int = 32, random_state: int = 1919) -> flo
     if not np.all(np.isfinite(feature_side)):
         warn_degenerate("parc: some samples have constant reduced features; PARC is undefined")
         return float("nan")
-    label_side = (y[:, None] != y[None, :])[upper].astype(np.float64)
+    if exact_label_ties:
+        label_rdm = 1.0 - np.eye(int(y.max()) + 1)
+    else:
+        # Pairwise correlations of one-hot rows depend only on the two classes, so the C x C
+        # matrix carries the same rounding as the reference's n x n one.
+        label_rdm = 1.0 - np.corrcoef(np.eye(int(y.max()) + 1))
+    label_side = label_rdm[y[upper[0]], y[upper[1]]]
     return float(100.0 * spearmanr(feature_side, label_side)[0])

@@ -5,8 +5,10 @@ one entry here. Every entry reads a :class:`~nnunet_te.features.sampling.Candida
 segmentation candidates carry several global stages plus boundary patches; classification
 candidates carry a single global stage (the penultimate features).
 
-Metrics of features and labels are computed on every global stage and averaged (as GRTD is in
-seed 001). Zoo-relative metrics (the fused topology score, NCTI) compute per-candidate
+GRTD and CCFV read every global (decoder) stage, as in seed 001 and CCFV's paper; the baselines
+designed for image-level features read the final stage only: for segmentation that is the
+full-resolution decoder output the segmentation head sees, and it keeps their cost (NLEEP's
+mixture model, PARC's PCA) to one stage. Zoo-relative metrics (the fused topology score, NCTI) compute per-candidate
 components first and combine them over the zoo with ``combine``.
 """
 
@@ -19,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from nnunet_te.features.sampling import CandidateFeatures
-from nnunet_te.metrics import ccfv as _ccfv
 from nnunet_te.metrics import topology
+from nnunet_te.metrics.ccfv import ccfv
 from nnunet_te.metrics.evidence import logme
 from nnunet_te.metrics.gbc import gbc
 from nnunet_te.metrics.hscore import h_score, regularized_h_score
@@ -66,27 +68,28 @@ class Metric:
         return None
 
 
-def _per_stage(metric: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[CandidateFeatures], float]:
+def _final_stage(metric: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[CandidateFeatures], float]:
     def compute(features: CandidateFeatures) -> float:
-        return float(np.mean([metric(X, y) for X, y, _ in features.global_stages.values()]))
+        X, y, _ = features.final_stage
+        return float(metric(X, y))
     return compute
 
 
-def _source_labels(features: CandidateFeatures) -> np.ndarray:
-    return features.global_stages[features.source_stage][1]
+def _grtd(features: CandidateFeatures) -> float:
+    return float(np.mean([topology.grtd(X, y) for X, y, _ in features.global_stages.values()]))
 
 
 def _leep(features: CandidateFeatures) -> float:
-    return leep(features.source_probabilities, _source_labels(features))
+    return leep(features.source_probabilities, features.final_stage[1])
 
 
 def _nce(features: CandidateFeatures) -> float:
-    return nce(np.argmax(features.source_probabilities, axis=1), _source_labels(features))
+    return nce(np.argmax(features.source_probabilities, axis=1), features.final_stage[1])
 
 
 def _ccfv(features: CandidateFeatures) -> float:
     stages = list(features.global_stages.values())
-    return _ccfv.ccfv([X for X, _, _ in stages], [y for _, y, _ in stages],
+    return ccfv([X for X, _, _ in stages], [y for _, y, _ in stages],
                       [g for _, _, g in stages], mode="paper")
 
 
@@ -95,7 +98,7 @@ def _lbtc(features: CandidateFeatures) -> float:
 
 
 def _topology_components(features: CandidateFeatures) -> tuple[float, float]:
-    return _per_stage(topology.grtd)(features), _lbtc(features)
+    return _grtd(features), _lbtc(features)
 
 
 def _fuse_topology(components, zoo: list[CandidateFeatures]) -> np.ndarray:
@@ -108,41 +111,42 @@ def _ncti_combine(components, _zoo) -> np.ndarray:
 
 
 def _ncti_components(features: CandidateFeatures) -> dict:
-    per_stage = [ncti_components(X, y) for X, y, _ in features.global_stages.values()]
-    return {key: float(np.mean([c[key] for c in per_stage])) for key in per_stage[0]}
+    X, y, _ = features.final_stage
+    return ncti_components(X, y)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("topology", _topology_components, True, frozenset({SEGMENTATION}),
            "seed 001 fused score: gated mix of min-max(-GRTD) and min-max(LBTC) over the zoo",
            needs=frozenset({NEEDS_PATCHES, NEEDS_ZOO}), combine=_fuse_topology),
-    Metric("grtd", _per_stage(topology.grtd), False, frozenset({SEGMENTATION}),
+    Metric("grtd", _grtd, False, frozenset({SEGMENTATION}),
            "global representation topology divergence, mean over decoder stages"),
     Metric("lbtc", _lbtc, True, frozenset({SEGMENTATION}),
            "local boundary-aware topological consistency on encoder boundary patches",
            needs=frozenset({NEEDS_PATCHES})),
     Metric("ccfv", _ccfv, True, frozenset({SEGMENTATION}),
            "class consistency and feature variety (paper mode), sum over decoder stages"),
-    Metric("gbc_diagonal", _per_stage(lambda X, y: gbc(X, y, gaussian="diagonal")), True, BOTH,
+    Metric("gbc_diagonal", _final_stage(lambda X, y: gbc(X, y, gaussian="diagonal")), True, BOTH,
            "Gaussian Bhattacharyya coefficient, diagonal covariances"),
-    Metric("gbc_spherical", _per_stage(lambda X, y: gbc(X, y, gaussian="spherical")), True, BOTH,
+    Metric("gbc_spherical", _final_stage(lambda X, y: gbc(X, y, gaussian="spherical")), True, BOTH,
            "Gaussian Bhattacharyya coefficient, spherical covariances"),
     Metric("leep", _leep, True, BOTH, "log expected empirical prediction from the source head",
            needs=frozenset({NEEDS_SOURCE_HEAD})),
     Metric("nce", _nce, True, BOTH, "negative conditional entropy of source-head argmax labels",
            needs=frozenset({NEEDS_SOURCE_HEAD})),
-    Metric("nleep", _per_stage(nleep), True, BOTH, "LEEP on Gaussian-mixture pseudo source classes"),
-    Metric("logme", _per_stage(logme), True, BOTH, "log marginal evidence of a linear model"),
-    Metric("h_score", _per_stage(h_score), True, BOTH, "H-score"),
-    Metric("regularized_h_score", _per_stage(regularized_h_score), True, BOTH,
+    Metric("nleep", _final_stage(nleep), True, BOTH, "LEEP on Gaussian-mixture pseudo source classes"),
+    Metric("logme", _final_stage(logme), True, BOTH, "log marginal evidence of a linear model"),
+    Metric("h_score", _final_stage(h_score), True, BOTH, "H-score"),
+    Metric("regularized_h_score", _final_stage(regularized_h_score), True, BOTH,
            "H-score with Ledoit-Wolf shrinkage"),
-    Metric("transrate", _per_stage(transrate), True, BOTH, "coding-rate transferability"),
-    Metric("parc", _per_stage(parc), True, BOTH, "pairwise annotation representation comparison"),
-    Metric("sfda", _per_stage(sfda), True, BOTH, "self-challenging Fisher discriminant analysis"),
+    Metric("transrate", _final_stage(transrate), True, BOTH, "coding-rate transferability"),
+    Metric("parc", _final_stage(lambda X, y: parc(X, y, exact_label_ties=True)), True, BOTH,
+           "pairwise annotation representation comparison"),
+    Metric("sfda", _final_stage(sfda), True, BOTH, "self-challenging Fisher discriminant analysis"),
     Metric("ncti", _ncti_components, True, BOTH,
            "neural collapse transferability index (zoo-relative)",
            needs=frozenset({NEEDS_ZOO}), combine=_ncti_combine),
-    Metric("lp", _per_stage(lp_score), True, BOTH,
+    Metric("lp", _final_stage(lp_score), True, frozenset({CLASSIFICATION}),
            "S_LP of LP x FU: NCA + 5-NN probability of the true class"),
 ]}
 

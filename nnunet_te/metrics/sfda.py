@@ -68,7 +68,8 @@ def sfda(features, labels) -> float:
     1. Regularised FDA: within scatter ``S_w`` (prior-weighted biased class covariances),
        shrinkage ``lambda = max(exp(-5 * lambda_max(S_w)), 1e-10)`` (``lambda_max`` by a few
        power steps), ``S_w^lambda = (1-lambda) S_w + lambda tr(S_w)/D I``; class posteriors
-       ``p(y|x) = softmax_c(x^T S_w^{lambda,-1} mu_c - mu_c^T S_w^{lambda,-1} mu_c / 2 + log pi_c)``.
+       ``p(y|x) = softmax_c(x^T W mu_c - mu_c^T W mu_c / 2 + log pi_c)``,
+       ``W = (S_w^lambda)^-1``.
     2. ConfMix: ``q = softmax(p)`` (softened once more), and each sample of class c moves
        towards the mean of the other class means ``mu_{-c}``:
        ``x <- q_c(x) x + (1 - q_c(x)) mu_{-c}``.

@@ -11,18 +11,20 @@ from typing import Sequence
 
 import numpy as np
 from scipy.stats import weightedtau
+from threadpoolctl import threadpool_limits
 
-from ._graph import full_quantile, pairwise_distances, prim_mst
-from ._validation import check_features, check_features_labels, check_patches
+from ._graph import full_quantile, mst_edges, pairwise_distances, prim_mst
+from ._linalg import minmax
+from ._validation import check_features_labels, check_patches, check_zoo_scores
 
-LABEL_GRAPHS = ("max", "min", "constant")
+LABEL_GRAPHS = ("preserve", "max", "min", "constant")
 FORMS = ("divergence", "rtd_lite")
 
 # Patches per vectorised LBTC block: bounds the (block, P, P) distance array to ~32 MB.
 _LBTC_BLOCK_ENTRIES = 4_000_000
 
 
-def grtd(features, labels, *, label_graph: str = "max", lam: float = 1.0,
+def grtd(features, labels, *, label_graph: str = "preserve", lam: float = 1.0,
          form: str = "divergence", quantile: float = 0.9, normalize: bool = True) -> float:
     """Global Representation Topology Divergence of one feature stage (seed 001, Eq. 2-3).
 
@@ -31,7 +33,10 @@ def grtd(features, labels, *, label_graph: str = "max", lam: float = 1.0,
     - feature graph ``A_ij = ||x_i - x_j|| / q``, with ``q`` the ``quantile`` quantile of all
       n^2 entries of the distance matrix (diagonal included, linear interpolation, as
       RTD-Lite does); this makes the value invariant to the feature scale;
-    - label graph ``B_ij = 0`` if ``y_i == y_j``, else ``max(A_ij, lam)`` (``label_graph='max'``),
+    - label graph, default ``label_graph='preserve'``: ``B_ij = A_ij`` within a class and
+      ``max(A_ij, lam)`` between classes (feature distances preserved, every inter-class step
+      costs at least ``lam``); the three literal readings of METHODS.md 1.1 collapse every
+      class, ``B_ij = 0`` if ``y_i == y_j``, else ``max(A_ij, lam)`` (``'max'``),
       ``min(A_ij, lam)`` (``'min'``) or ``lam`` (``'constant'``).
 
     ``form='divergence'``: ``GRTD = |W(MST(A)) - W(MST(B))|``.
@@ -48,8 +53,9 @@ def grtd(features, labels, *, label_graph: str = "max", lam: float = 1.0,
     features : array-like of shape (n, D)
     labels : array-like of shape (n,)
         Class indices 0..C-1, every class present, C >= 2.
-    label_graph : {'max', 'min', 'constant'}
-        Reading of the paper's Eq. 2 (lost in extraction), see METHODS.md 1.1.
+    label_graph : {'preserve', 'max', 'min', 'constant'}
+        Reading of the paper's Eq. 2 (lost in extraction), see METHODS.md 1.1 and
+        docs/metrics.md for why 'preserve' is the default.
     lam : float > 0
         Inter-class penalty, in units of the ``quantile`` distance.
     form : {'divergence', 'rtd_lite'}
@@ -66,11 +72,24 @@ def grtd(features, labels, *, label_graph: str = "max", lam: float = 1.0,
         - labels: (n,) in [0, C)
         - score: scalar
 
+    Label sensitivity: the within-class zeros of B contract every class to one vertex, so
+    ``W(MST(B))`` only sees the smallest inter-class distances. With ``form='divergence'`` the
+    value therefore ignores the labels for ``label_graph='constant'`` (``W(MST(B)) = (C-1) lam``
+    always) and, for ``'max'``, whenever every class pair has some distance below ``lam``
+    (typical at ``lam = 1``, the 0.9-quantile distance). ``'min'`` and ``form='rtd_lite'``
+    (whose ``C = min(A, B)`` zeroes every within-class edge of A) respond to the labels only
+    through the C - 1 closest inter-class pairs: on the real reference features all three
+    collapsing readings give the same value for true and shuffled labels to 3 decimals.
+    ``'preserve'`` keeps within-class geometry, so ``W(MST(B)) - W(MST(A))`` grows with every
+    short inter-class edge the feature MST needs: it roughly halves on true vs shuffled labels.
+    With ``'preserve'``, ``C = A`` and the RTD-Lite form is half the divergence.
+
     Degenerate cases: if the ``quantile`` distance is 0 (more than ~(1 - quantile) of the pairs
     coincide) the largest distance is used as the scale instead; if all points coincide
     ``A = 0`` and, for example, ``label_graph='max'`` gives ``(C - 1) * lam / (n - 1)``.
-    Memory is one (n, n) float64 matrix (128 MB at n = 4096); time O(n^2 D) for the distances
-    plus O(n^2) per MST (two MSTs for 'divergence', three for 'rtd_lite').
+    Memory is one (n, n) float64 matrix (128 MB at n = 4096) plus one (n_c, n) block per class;
+    time O(n^2 D) for the distances, one O(n^2) Prim for MST(A) and one O(n^2) pass for the
+    closest pair of every two classes (the label-graph MSTs then live on C vertices).
     """
     X, y = check_features_labels(features, labels)
     if label_graph not in LABEL_GRAPHS:
@@ -86,24 +105,33 @@ def grtd(features, labels, *, label_graph: str = "max", lam: float = 1.0,
     scale = full_quantile(A, quantile) or A.max()
     if scale > 0:
         A /= scale
-    same_class = np.equal.outer(np.arange(y.max() + 1), y)
-
-    def label_row(v: int) -> np.ndarray:
-        if label_graph == "max":
-            row = np.maximum(A[v], lam)
-        elif label_graph == "min":
-            row = np.minimum(A[v], lam)
-        else:
-            row = np.full(n, float(lam))
-        np.copyto(row, 0.0, where=same_class[y[v]])
-        return row
+    if label_graph == "preserve":
+        w_a = prim_mst(A.__getitem__, n)[1].sum()
+        # Rows of B are built on demand so only A is held in memory.
+        w_b = prim_mst(lambda i: np.where(y == y[i], A[i], np.maximum(A[i], lam)), n)[1].sum()
+        value = (w_b - w_a) if form == "divergence" else 0.5 * (w_b - w_a)
+        return float(value / (n - 1)) if normalize else float(value)
+    # B and C = min(A, B) are 0 inside every class, so their MSTs first join each class at no
+    # cost and then connect the classes by their cheapest inter-class edges. Both weights are
+    # monotone functions of A, so those edges sit at the closest pair of each two classes: the
+    # exact MST weights come from the (C, C) matrix of closest-pair distances, no n x n Prim.
+    n_classes = int(y.max()) + 1
+    members = [np.flatnonzero(y == c) for c in range(n_classes)]
+    nearest = np.stack([A[rows].min(axis=0) for rows in members])
+    closest = np.stack([nearest[:, rows].min(axis=1) for rows in members], axis=1)
+    if label_graph == "max":
+        label_weights = np.maximum(closest, lam)
+    elif label_graph == "min":
+        label_weights = np.minimum(closest, lam)
+    else:
+        label_weights = np.full_like(closest, lam)
 
     w_a = prim_mst(A.__getitem__, n)[1].sum()
-    w_b = prim_mst(label_row, n)[1].sum()
+    w_b = mst_edges(label_weights)[1].sum()
     if form == "divergence":
         value = abs(w_a - w_b)
     else:
-        w_c = prim_mst(lambda v: np.minimum(A[v], label_row(v)), n)[1].sum()
+        w_c = mst_edges(np.minimum(closest, label_weights))[1].sum()
         value = 0.5 * ((w_a - w_c) + (w_b - w_c))
     return float(value / (n - 1)) if normalize else float(value)
 
@@ -112,7 +140,10 @@ def _patch_distances(F: np.ndarray) -> np.ndarray:
     """(m, P, P) Euclidean distances within each patch (Gram identity on patch-centred rows)."""
     Fc = F - F.mean(axis=1, keepdims=True)
     sq = np.einsum("mpd,mpd->mp", Fc, Fc)
-    dist = np.matmul(Fc, Fc.transpose(0, 2, 1))
+    # One tiny GEMM per patch: a threaded BLAS re-synchronises its threads on every call, which
+    # on a busy machine cost 6 s instead of 0.03 s for 256 patches.
+    with threadpool_limits(1, user_api="blas"):
+        dist = np.matmul(Fc, Fc.transpose(0, 2, 1))
     dist *= -2.0
     dist += sq[:, :, None]
     dist += sq[:, None, :]
@@ -134,8 +165,8 @@ def _patch_mst_parents(dist: np.ndarray) -> np.ndarray:
         best[rows, v] = np.inf
         candidate = dist[rows, v] + penalty
         closer = candidate < best
-        best[closer] = candidate[closer]
-        parent[closer] = np.broadcast_to(v[:, None], (m, P))[closer]
+        best = np.where(closer, candidate, best)
+        parent = np.where(closer, v[:, None], parent)
         v = np.argmin(best, axis=1)
     return parent
 
@@ -192,19 +223,10 @@ def lbtc(patch_features, patch_labels, *, excess: bool = False) -> float:
     return float(1.0 - leakage.mean())
 
 
-def _minmax(values: np.ndarray) -> np.ndarray:
-    span = values.max() - values.min()
-    if span == 0:
-        return np.full(values.shape, 0.5)
-    return (values - values.min()) / span
-
-
 def _check_zoo_scores(grtd_values, lbtc_values, n_foreground_classes) -> tuple[np.ndarray,
                                                                                 np.ndarray, int]:
-    g = check_features(np.asarray(grtd_values, dtype=np.float64).reshape(-1, 1),
-                       name="grtd_values")[:, 0]
-    b = check_features(np.asarray(lbtc_values, dtype=np.float64).reshape(-1, 1),
-                       name="lbtc_values")[:, 0]
+    g = check_zoo_scores(grtd_values, name="grtd_values")
+    b = check_zoo_scores(lbtc_values, name="lbtc_values")
     if g.shape != b.shape:
         raise ValueError(f"grtd_values has {g.size} models but lbtc_values has {b.size}")
     if g.size < 2:
@@ -253,7 +275,7 @@ def fuse(grtd_values, lbtc_values, n_foreground_classes: int, *, alpha: float = 
     """
     g, b, k_cls = _check_zoo_scores(grtd_values, lbtc_values, n_foreground_classes)
     gamma = _gate(k_cls, alpha, k0)
-    return gamma * _minmax(-g) + (1.0 - gamma) * _minmax(b)
+    return gamma * minmax(-g) + (1.0 - gamma) * minmax(b)
 
 
 DEFAULT_ALPHA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -299,12 +321,11 @@ class FusionGate:
                 raise ValueError(f"pilot target {index} must be (grtd_values, lbtc_values, "
                                  f"n_foreground_classes, truth), got {len(item)} items")
             g, b, k_cls = _check_zoo_scores(*item[:3])
-            truth = check_features(np.asarray(item[3], dtype=np.float64).reshape(-1, 1),
-                                   name=f"truth of pilot target {index}")[:, 0]
+            truth = check_zoo_scores(item[3], name=f"truth of pilot target {index}")
             if truth.shape != g.shape:
                 raise ValueError(f"pilot target {index}: truth has {truth.size} models but the "
                                  f"scores have {g.size}")
-            targets.append((_minmax(-g), _minmax(b), k_cls, truth))
+            targets.append((minmax(-g), minmax(b), k_cls, truth))
         if not targets:
             raise ValueError("pilot is empty: fitting the gate needs at least one target")
         grid = [(a, k) for a in self.alpha_grid for k in self.k0_grid]
