@@ -91,7 +91,9 @@ def _plot(zoo: ZooScores, primary: str, ranks: dict[str, np.ndarray], path: Path
     heat_ax.set_xticks(range(len(zoo.metrics)), [m.name for m in zoo.metrics], rotation=60, ha="right")
     heat_ax.set_yticks(range(len(names)), [""] * len(names))
     for (r, c), rank in np.ndenumerate(grid):
-        heat_ax.text(c, r, f"{rank:g}", ha="center", va="center", fontsize=7, color="white")
+        # viridis_r is light for good ranks: dark text there, light text on the dark cells.
+        colour = "black" if rank <= (len(names) + 1) / 2 else "white"
+        heat_ax.text(c, r, f"{rank:g}", ha="center", va="center", fontsize=7, color=colour)
     heat_ax.set_title("rank per metric (1 = best)")
     fig.colorbar(image, ax=heat_ax, fraction=0.03)
     fig.tight_layout()
