@@ -38,6 +38,16 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from nnunet_te.ranking.evaluate import evaluate_saved_ranking, read_truth, write_evaluation
+
+    rows = evaluate_saved_ranking(Path(args.ranking), read_truth(Path(args.truth)), seed=args.seed)
+    paths = write_evaluation(rows, Path(args.output) if args.output else Path(args.ranking).parent)
+    print(paths["md"].read_text())
+    print(f"written: {paths['csv']}, {paths['md']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-te", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -51,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-device", "--device", default=default_device(),
                       help="torch device, as nnUNetv2_train's -device (default: %(default)s)")
     demo.set_defaults(func=_demo)
+
+    evaluate = verbs.add_parser(
+        "evaluate", help="compare a ranking.json with fine-tuning results (weighted tau, regret, ...)")
+    evaluate.add_argument("ranking", help="ranking.json written by demo or rank")
+    evaluate.add_argument("truth", help="CSV with header 'candidate,<value>', higher = better")
+    evaluate.add_argument("-o", "--output", help="output folder (default: beside the ranking)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the Spearman permutation test")
+    evaluate.set_defaults(func=_evaluate)
 
     metrics = verbs.add_parser("metrics", help="list the transferability metrics")
     metrics.set_defaults(func=_metrics)

@@ -1,5 +1,6 @@
 """Scoring a zoo: ranks, directions, per-cell failures, zoo-relative combination, report files."""
 
+import csv
 import json
 
 import numpy as np
@@ -78,3 +79,28 @@ def test_report_files_agree(tmp_path):
     assert record["metrics"]["lower"]["ranks"] == {"a": 1.0, "b": 2.0}
     table = paths["md"].read_text().splitlines()
     assert table[2].startswith("| 1 | b | 3 (1) | 3 (2) |")
+
+
+def test_evaluate_verb_scores_a_saved_ranking_against_truth(tmp_path):
+    import subprocess
+    import sys
+
+    zoo = score_zoo({"a": candidate(1.0), "b": candidate(3.0), "c": candidate(2.0)},
+                    [HIGHER, LOWER], progress=False)
+    paths = write_ranking(zoo, tmp_path, primary="higher", metadata={"seed": 0})
+    truth = tmp_path / "truth.csv"
+    truth.write_text("candidate,dice\na,0.5\nb,0.9\nc,0.7\n")
+    proc = subprocess.run([sys.executable, "-m", "nnunet_te.cli", "evaluate", str(paths["json"]),
+                           str(truth)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["metric"]: r for r in csv.DictReader((tmp_path / "evaluation.csv").open())}
+    # 'higher' orders the candidates exactly as the truth does; 'lower' exactly reversed.
+    assert float(rows["higher"]["weighted_tau"]) == pytest.approx(1.0)
+    assert float(rows["higher"]["top1_regret"]) == 0.0
+    assert float(rows["lower"]["weighted_tau"]) == pytest.approx(-1.0)
+    assert float(rows["lower"]["top1_regret"]) == pytest.approx(0.4)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("candidate,dice\nzzz,0.1\n")
+    proc = subprocess.run([sys.executable, "-m", "nnunet_te.cli", "evaluate", str(paths["json"]),
+                           str(bad)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "not in the ranking: ['zzz']" in proc.stderr
