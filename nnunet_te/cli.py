@@ -48,6 +48,68 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from nnunet_te.nnunet.datasets import SOURCES, convert
+
+    if args.list or not args.source:
+        print("| source | dim | description |\n|---|---|---|")
+        for name, source in SOURCES.items():
+            print(f"| {name} | {source.dim}D | {source.description} |")
+        return 0
+    if args.d is None:
+        raise SystemExit("nnunet-te data: -d DATASET_ID is required to convert a source")
+    options = {"n_cases": args.cases, "seed": args.seed, "overwrite": args.overwrite}
+    if args.source_dir:
+        options["source_dir"] = args.source_dir
+    if args.full_resolution:
+        options["full_resolution"] = True
+    folder = convert(args.source, args.d, **options)
+    print(f"wrote {folder}\nnext: nnUNetv2_plan_and_preprocess -d {args.d} --verify_dataset_integrity")
+    return 0
+
+
+def _preprocessed_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(dataset folder, plans file, dataset.json) of a preprocessed dataset, checked to exist."""
+    from nnunet_te.nnunet.paths import preprocessed_dataset_dir
+
+    folder = preprocessed_dataset_dir(args.d)
+    plans, dataset_json = folder / f"{args.p}.json", folder / "dataset.json"
+    for path in (plans, dataset_json):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: run nnUNetv2_plan_and_preprocess -d {args.d} first")
+    return folder, plans, dataset_json
+
+
+def _riskmap(args: argparse.Namespace) -> int:
+    from nnunet_te.risk.compute import compute_dataset_risk_maps
+
+    folder, plans, dataset_json = _preprocessed_inputs(args)
+    out = compute_dataset_risk_maps(folder, plans, args.c, dataset_json, args.weights,
+                                    device=args.device, sigma=args.sigma, seed=args.seed,
+                                    overlays=args.overlays, overwrite=args.overwrite)
+    print(f"risk maps: {out}")
+    return 0
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    from nnunet_te.nnunet.weights import convert_for_pretrained_weights
+
+    _, plans, dataset_json = _preprocessed_inputs(args)
+    report = convert_for_pretrained_weights(args.checkpoint, plans, args.c, dataset_json,
+                                            args.output, seed=args.seed)
+    print(report)
+    print(f"wrote {args.output}\nuse: nnUNetv2_train {args.d} {args.c} FOLD -tr RiskWeightedTrainer "
+          f"-pretrained_weights {args.output}")
+    return 0
+
+
+def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """nnU-Net's own flags for a preprocessed dataset: -d, -c, -p."""
+    parser.add_argument("-d", required=True, help="dataset id or name (as nnUNetv2_train)")
+    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres or 2d")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-te", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -69,6 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-o", "--output", help="output folder (default: beside the ranking)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the Spearman permutation test")
     evaluate.set_defaults(func=_evaluate)
+
+    data = verbs.add_parser("data", help="convert bundled or shared real data into an nnU-Net raw dataset")
+    data.add_argument("source", nargs="?", help="data source (nnunet-te data --list)")
+    data.add_argument("-d", type=int, help="dataset id of the new DatasetXXX_Name")
+    data.add_argument("--list", action="store_true", help="list the sources and exit")
+    data.add_argument("--cases", type=int, help="convert a seeded subset of this many cases")
+    data.add_argument("--seed", type=int, default=0, help="seed of the subset (default: %(default)s)")
+    data.add_argument("--source-dir", help="folder of the source data (default: bundled or ../shared/data)")
+    data.add_argument("--full-resolution", action="store_true", help="2D EM sources: original PNG size")
+    data.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    data.set_defaults(func=_data)
+
+    riskmap = verbs.add_parser("riskmap", help="transfer-risk maps of a preprocessed dataset from a checkpoint")
+    _add_dataset_arguments(riskmap)
+    riskmap.add_argument("--weights", required=True, help="pre-trained checkpoint (nnU-Net, nnssl, state dict)")
+    riskmap.add_argument("--sigma", type=float, default=1.0, help="smoothing in voxels (default: %(default)s)")
+    riskmap.add_argument("--overlays", type=int, default=3, help="PNG overlays to write (default: %(default)s)")
+    riskmap.add_argument("--seed", type=int, default=0, help="seed of decoder init and mixture model")
+    riskmap.add_argument("--overwrite", action="store_true", help="recompute maps made with other settings")
+    riskmap.add_argument("-device", "--device", default=default_device(), help="torch device")
+    riskmap.set_defaults(func=_riskmap)
+
+    convert = verbs.add_parser("convert-weights",
+                               help="make any supported checkpoint loadable by nnUNetv2_train -pretrained_weights")
+    convert.add_argument("checkpoint", help="nnU-Net, nnssl/OpenMind or state-dict checkpoint (encoder-only is fine)")
+    _add_dataset_arguments(convert)
+    convert.add_argument("-o", "--output", required=True, help="converted checkpoint to write (never overwritten)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised decoder")
+    convert.set_defaults(func=_convert_weights)
 
     metrics = verbs.add_parser("metrics", help="list the transferability metrics")
     metrics.set_defaults(func=_metrics)

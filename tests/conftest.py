@@ -35,3 +35,30 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference_cases(reference_dir) -> list[dict]:
     return json.loads((reference_dir / "expected.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="session")
+def hippocampus_nnunet(tmp_path_factory):
+    """12 bundled hippocampus cases as nnU-Net dataset 991, through the real command lines:
+    ``nnunet-te data`` then ``nnUNetv2_plan_and_preprocess -c 3d_fullres``. Shared by every
+    end-to-end test (planning and preprocessing is the slow part). Tests that write into the
+    preprocessed folder must copy it first."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("nnunet")
+    folders = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    env.update({k: str(v) for k, v in folders.items()}, nnUNet_compile="f", nnUNet_def_n_proc="1",
+               nnUNet_n_proc_DA="1")
+    bin_dir = Path(sys.executable).parent
+    for command in (["nnunet-te", "data", "msd_hippocampus", "-d", "991", "--cases", "12"],
+                    ["nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1"]):
+        done = subprocess.run([str(bin_dir / command[0]), *command[1:]], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}"
+    return SimpleNamespace(root=root, env=env, bin=bin_dir, dataset_id=991,
+                           raw=next(folders["nnUNet_raw"].glob("Dataset991_*")),
+                           preprocessed=next(folders["nnUNet_preprocessed"].glob("Dataset991_*")),
+                           results=folders["nnUNet_results"])

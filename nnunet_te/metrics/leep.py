@@ -10,17 +10,29 @@ from ._validation import (check_features_labels, check_labels, check_probabiliti
                           check_source_labels)
 
 
+def leep_conditional(joint: np.ndarray) -> np.ndarray:
+    r"""Empirical conditional :math:`\hat P(y \mid z) = \hat P(y, z) / \sum_{y'} \hat P(y', z)`.
+
+    ``joint`` may be unnormalised (for example ``sum_{i: y_i = y} theta_iz`` accumulated over
+    several cases): the conditional does not depend on the scale.
+
+    Shape:
+        - joint: (C, C_s) non-negative, target classes by source classes.
+        - output: (C, C_s), columns sum to 1, or are all 0 for a source class with no mass.
+    """
+    marginal = joint.sum(axis=0)
+    # A source class that receives no mass on the target set has P(y|z) = 0/0; its theta
+    # column is all zero, so any finite value leaves the sum unchanged - use 0.
+    return np.divide(joint, marginal, out=np.zeros_like(joint), where=marginal > 0)
+
+
 def _expected_empirical_prediction(theta: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Return ``sum_z P(y_i|z) theta_iz`` for every sample (the argument of LEEP's log)."""
     n = theta.shape[0]
     joint = np.zeros((int(y.max()) + 1, theta.shape[1]), dtype=np.float64)
     np.add.at(joint, y, theta)
     joint /= n
-    marginal = joint.sum(axis=0)
-    # A source class that receives no mass on the target set has P(y|z) = 0/0; its theta
-    # column is all zero, so any finite value leaves the sum unchanged - use 0.
-    conditional = np.divide(joint, marginal, out=np.zeros_like(joint), where=marginal > 0)
-    return np.einsum("iz,iz->i", theta, conditional[y])
+    return np.einsum("iz,iz->i", theta, leep_conditional(joint)[y])
 
 
 def leep_per_sample(source_probabilities, labels) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""nnU-Net integration: datasets, weights, trainers, data plumbing."""

@@ -1,0 +1,87 @@
+"""RiskWeightedTrainer's options, set without editing code.
+
+Each option is read, in order of precedence, from an environment variable, from the entry
+``"nnunet_te"`` of the plans file (``{"nnunet_te": {"beta": 2.0, ...}}`` at the top level of
+``nnUNetPlans.json``), or falls back to its default:
+
+==================  ==========================  =========  =========================================
+option              environment variable        default    meaning
+==================  ==========================  =========  =========================================
+``beta``            ``nnUNet_te_beta``          1.0        weight scale: ``w = 1 + beta r``
+``weighting``       ``nnUNet_te_weighting``     linear     ``linear`` (1 + beta r) or ``exp`` (exp(beta r))
+``sigma``           ``nnUNet_te_sigma``         1.0        smoothing of -T (voxels) when maps are computed
+``refresh_every``   ``nnUNet_te_refresh_every`` 0          recompute maps from the current network every
+                                                           N epochs (0: never)
+``checkpoint``      ``nnUNet_te_risk_checkpoint`` ""       checkpoint the maps are computed from when
+                                                           missing ("": the network as initialised,
+                                                           i.e. the ``-pretrained_weights`` encoder)
+==================  ==========================  =========  =========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from nnunet_te.risk.maps import risk_weights
+
+#: Top-level key of the plans file holding option values.
+PLANS_KEY = "nnunet_te"
+#: Environment variable of each option.
+ENVIRONMENT = {
+    "beta": "nnUNet_te_beta",
+    "weighting": "nnUNet_te_weighting",
+    "sigma": "nnUNet_te_sigma",
+    "refresh_every": "nnUNet_te_refresh_every",
+    "checkpoint": "nnUNet_te_risk_checkpoint",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RiskOptions:
+    """Validated options of :class:`nnunet_te.nnunet.trainers.RiskWeightedTrainer`."""
+
+    beta: float = 1.0
+    weighting: str = "linear"
+    sigma: float = 1.0
+    refresh_every: int = 0
+    checkpoint: str = ""
+
+    def __post_init__(self):
+        risk_weights(np.zeros(1), beta=self.beta, weighting=self.weighting)  # raises on bad values
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0 (0 = never), got {self.refresh_every}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_options(plans: Mapping, environ: Mapping[str, str] = os.environ) -> RiskOptions:
+    """:class:`RiskOptions` from ``environ`` over ``plans[PLANS_KEY]`` over the defaults.
+
+    Raises ValueError naming the source for an unknown plans key or an unparsable value.
+    """
+    from_plans = dict(plans.get(PLANS_KEY, {}))
+    unknown = set(from_plans) - set(ENVIRONMENT)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} in the plans entry {PLANS_KEY!r}; "
+                         f"known: {sorted(ENVIRONMENT)}")
+    values = {}
+    for field in dataclasses.fields(RiskOptions):
+        variable = ENVIRONMENT[field.name]
+        if environ.get(variable, "") != "":
+            raw, source = environ[variable], f"environment variable {variable}"
+        elif field.name in from_plans:
+            raw, source = from_plans[field.name], f"plans entry {PLANS_KEY}.{field.name}"
+        else:
+            continue
+        try:
+            values[field.name] = type(field.default)(raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: cannot read {raw!r} as {type(field.default).__name__}") from err
+    return RiskOptions(**values)

@@ -1,0 +1,324 @@
+"""nnU-Net trainers: ``RiskWeightedTrainer`` and its few-shot and CPU-schedule variants.
+
+Use them like any nnU-Net trainer (``nnUNetv2_train D CONFIG FOLD -tr RiskWeightedTrainer``);
+``pip install`` makes nnU-Net find them (``trainers/__init__.py``).
+
+- ``RiskWeightedTrainer``: fine-tunes with the transfer-risk-weighted loss (METHODS.md 1.7). The
+  per-case risk maps travel through nnU-Net's data loading with every spatial augmentation
+  (:mod:`nnunet_te.nnunet.dataloading`); the weights ``w = 1 + beta r`` (or ``exp(beta r)``) go
+  into :class:`~nnunet_te.risk.loss.RiskWeightedDeepSupervisionLoss` in both the training and the
+  validation step, so the logged validation loss is the same loss as the training loss. Options:
+  :mod:`nnunet_te.nnunet.options` (environment variables or a plans entry).
+- ``<Base>_k{K}s{S}`` for Base in ``RiskWeightedTrainer``, ``nnUNetTrainer`` (the plain baseline),
+  K in :data:`FEW_SHOT_K`, S in :data:`FEW_SHOT_SEEDS`: K training cases of the fold drawn with
+  seed S; the fold's validation cases are kept.
+- ``<name>_cpu`` for each of the above: a smoke-run schedule (:class:`CpuSchedule`).
+
+Every variant writes its own results folder (nnU-Net names it after the class).
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_te.nnunet.dataloading import RiskMapDataset, RiskMapTransforms, split_risk_channel
+from nnunet_te.nnunet.few_shot import few_shot_cases
+from nnunet_te.nnunet.options import read_options
+from nnunet_te.risk.compute import compute_dataset_risk_maps
+from nnunet_te.risk.loss import RiskWeightedDeepSupervisionLoss
+from nnunet_te.risk.maps import risk_weights
+from nnunet_te.risk.storage import case_map_path, file_sha256, read_manifest, risk_folder
+
+#: Few-shot sizes and seeds with a generated class each.
+FEW_SHOT_K = (1, 2, 3, 5, 10, 20)
+FEW_SHOT_SEEDS = (0, 1, 2)
+
+
+class _LossWithBoundWeights(nn.Module):
+    """Gives a weighted loss nnU-Net's ``loss(output, target)`` call signature.
+
+    The trainer binds the batch's weight map around the base class's ``train_step`` /
+    ``validation_step``, which therefore run unchanged (autocast, gradient scaling and clipping,
+    the online Dice counts).
+    """
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+        self.weights = None
+
+    @contextmanager
+    def bound(self, weights: torch.Tensor):
+        self.weights = weights
+        try:
+            yield
+        finally:
+            self.weights = None
+
+    def forward(self, outputs, targets):
+        if self.weights is None:
+            raise RuntimeError("risk-weighted loss called without a weight map; call it inside bound()")
+        return self.loss(outputs, targets, self.weights)
+
+
+def _plain_network(network: nn.Module) -> nn.Module:
+    """The module under nnU-Net's DDP / torch.compile wrappers."""
+    network = getattr(network, "module", network)
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+class RiskWeightedTrainer(nnUNetTrainer):
+    """nnU-Net trainer whose loss weights every voxel by its transfer risk (METHODS.md 1.7).
+
+    Risk maps are stored per case beside nnU-Net's data (:func:`nnunet_te.risk.storage.risk_folder`).
+    At train start, before any data loader starts, the trainer checks that every case of the split
+    has an up-to-date map (a map whose shape differs from its case raises) and computes the maps
+    when they are missing: from the checkpoint in ``nnUNet_te_risk_checkpoint`` if set, else from
+    the network as initialised, i.e. the weights ``-pretrained_weights`` loaded just before
+    (without its segmentation head, which nnU-Net never transfers: the maps then use mixture
+    posteriors as pseudo source classes). Maps are computed once for all cases of the dataset and
+    configuration and shared by every run on it. The options and the maps' provenance are logged
+    and written to ``risk_options.json`` in the fold's output folder.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.risk_options = read_options(self.plans_manager.plans)
+        self.risk_folder = None  # -> on_train_start
+
+    # ---- loss and the two steps -------------------------------------------------------------
+    def _build_loss(self):
+        if self.label_manager.has_regions:
+            raise ValueError("RiskWeightedTrainer does not support region-based training: its loss is "
+                             "softmax cross-entropy + soft Dice over classes")
+        return _LossWithBoundWeights(RiskWeightedDeepSupervisionLoss(
+            ignore_label=self.label_manager.ignore_label, batch_dice=self.configuration_manager.batch_dice))
+
+    def _weights_from_batch(self, batch: dict) -> torch.Tensor:
+        """Take the risk channel out of ``batch['data']`` and map it to loss weights on the device."""
+        risk = split_risk_channel(batch).pop("risk")
+        weights = risk_weights(risk.numpy(), beta=self.risk_options.beta,
+                               weighting=self.risk_options.weighting)
+        return torch.from_numpy(weights).to(self.device, non_blocking=True)
+
+    def train_step(self, batch: dict) -> dict:
+        with self.loss.bound(self._weights_from_batch(batch)):
+            return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with self.loss.bound(self._weights_from_batch(batch)):
+            return super().validation_step(batch)
+
+    # ---- data: nnU-Net's own get_dataloaders, fed with risk-carrying datasets and transforms -----
+    def get_tr_and_val_datasets(self):
+        return tuple(RiskMapDataset(d, self.risk_folder) for d in super().get_tr_and_val_datasets())
+
+    @classmethod
+    def get_training_transforms(cls, *args, **kwargs):
+        return RiskMapTransforms(super().get_training_transforms(*args, **kwargs))
+
+    @classmethod
+    def get_validation_transforms(cls, *args, **kwargs):
+        return RiskMapTransforms(super().get_validation_transforms(*args, **kwargs))
+
+    # ---- maps at train start -----------------------------------------------------------------
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self._prepare_risk_maps()
+        super().on_train_start()
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        every = self.risk_options.refresh_every
+        if every and self.current_epoch % every == 0 and self.current_epoch < self.num_epochs:
+            self._refresh_risk_maps()
+
+    def _prepare_risk_maps(self) -> None:
+        """Check data and maps of every case of the split, compute missing maps, record options."""
+        options = self.risk_options
+        self.print_to_log_file(f"RiskWeightedTrainer options: {options.as_dict()}")
+        train_cases, val_cases = self.do_split()
+        cases = sorted(set(train_cases) | set(val_cases))
+        shapes = self._case_shapes(cases)
+        shared = risk_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
+        missing = self._check_maps(shared, shapes)
+        if missing:
+            self._compute_shared_maps(len(missing))
+            missing = self._check_maps(shared, shapes)
+            if missing:
+                raise RuntimeError(f"risk maps still missing after computing them, e.g. {missing[0]!r}")
+        manifest = read_manifest(shared) or {}
+        self._check_checkpoint_matches(manifest)
+        self.risk_folder = self._run_folder(shared) if options.refresh_every else shared
+        record = {"options": options.as_dict(), "risk_folder": str(self.risk_folder),
+                  "maps": manifest.get("settings", {})}
+        self.print_to_log_file(f"risk maps: {self.risk_folder} (computed with {record['maps']})")
+        save_json(record, join(self.output_folder, "risk_options.json"), sort_keys=False)
+
+    def _case_shapes(self, cases: list[str]) -> dict[str, tuple[int, ...]]:
+        """Spatial shape of every preprocessed case; a clear error when files are missing."""
+        folder = Path(self.preprocessed_dataset_folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"preprocessed data folder {folder} does not exist; run "
+                                    f"`nnUNetv2_plan_and_preprocess -d DATASET -c {self.configuration_name}`")
+        present = set(self.dataset_class.get_identifiers(str(folder)))
+        absent = [c for c in cases if c not in present or not (folder / f"{c}.pkl").is_file()]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} case(s) of the split lack preprocessed files in {folder}, "
+                                    f"e.g. {absent[0]!r}; re-run `nnUNetv2_plan_and_preprocess`")
+        dataset = self.dataset_class(str(folder), cases)
+        return {c: tuple(dataset.load_case(c)[0].shape[1:]) for c in cases}
+
+    @staticmethod
+    def _check_maps(folder: Path, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """Cases without a map in ``folder``; raises ValueError listing stale maps (shape differs)."""
+        missing, stale = [], []
+        for case, shape in shapes.items():
+            path = case_map_path(folder, case)
+            if not path.is_file():
+                missing.append(case)
+            elif tuple(np.load(path, mmap_mode="r").shape) != shape:
+                stale.append(case)
+        if stale:
+            raise ValueError(f"{len(stale)} risk map(s) in {folder} are stale (shape differs from the "
+                             f"preprocessed case), e.g. {stale[0]!r}; recompute them with `nnunet-te riskmap "
+                             f"-d DATASET -c CONFIGURATION --weights CHECKPOINT --overwrite` or delete {folder}")
+        return missing
+
+    def _compute_shared_maps(self, n_missing: int) -> None:
+        checkpoint = self.risk_options.checkpoint or self._save_initial_network()
+        self.print_to_log_file(f"{n_missing} risk map(s) missing: computing the maps of all cases from "
+                               f"{checkpoint} (sigma {self.risk_options.sigma})")
+        compute_dataset_risk_maps(
+            self.preprocessed_dataset_folder_base,
+            join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json"),
+            self.configuration_name, self.dataset_json, checkpoint, device=str(self.device),
+            sigma=self.risk_options.sigma, progress=False)
+
+    def _save_initial_network(self) -> str:
+        """Save the network as initialised, minus its (never pre-trained) segmentation head."""
+        path = join(self.output_folder, "risk_source_network.pth")
+        weights = {k: v for k, v in _plain_network(self.network).state_dict().items() if ".seg_layers." not in k}
+        torch.save({"network_weights": weights}, path)
+        return path
+
+    def _check_checkpoint_matches(self, manifest: dict) -> None:
+        """With ``nnUNet_te_risk_checkpoint`` set, existing maps must come from that checkpoint."""
+        wanted = self.risk_options.checkpoint
+        stored = manifest.get("settings", {}).get("checkpoint_sha256")
+        if wanted and stored and file_sha256(wanted) != stored:
+            raise ValueError(f"risk maps were computed from {manifest['settings'].get('checkpoint')}, not from "
+                             f"nnUNet_te_risk_checkpoint={wanted}; recompute them with `nnunet-te riskmap ... "
+                             f"--overwrite` or unset the variable to use the stored maps")
+
+    # ---- refreshing the maps from the current network ----------------------------------------
+    def _run_folder(self, shared: Path) -> Path:
+        """This run's copy of the maps (refreshing must not change other runs' maps); kept on resume."""
+        folder = Path(self.output_folder) / "risk_maps"
+        if not folder.is_dir():
+            shutil.copytree(shared, folder, ignore=shutil.ignore_patterns("overlays", ".*"))
+        return folder
+
+    def _refresh_risk_maps(self) -> None:
+        """Recompute the maps from the current network into a staging folder, then move them into
+        this run's folder one file at a time (atomic renames: augmentation workers reading a map
+        see the old or the new one, never half a file)."""
+        staging = Path(self.output_folder) / "risk_refresh"
+        data_link = staging / self.configuration_manager.data_identifier
+        staging.mkdir(exist_ok=True)
+        if not data_link.exists():
+            data_link.symlink_to(Path(self.preprocessed_dataset_folder).resolve(), target_is_directory=True)
+        checkpoint = join(self.output_folder, "risk_refresh_network.pth")
+        torch.save({"network_weights": _plain_network(self.network).state_dict()}, checkpoint)
+        self.print_to_log_file(f"epoch {self.current_epoch}: refreshing risk maps from the current network")
+        new = compute_dataset_risk_maps(
+            staging, join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json"),
+            self.configuration_name, self.dataset_json, checkpoint, device=str(self.device),
+            sigma=self.risk_options.sigma, overlays=0, overwrite=True, progress=False)
+        for path in Path(new).glob("*.npy"):
+            path.replace(Path(self.risk_folder) / path.name)
+
+
+class FewShotSplit:
+    """Trainer mixin: train on ``few_shot_k`` of the fold's training cases drawn with
+    ``few_shot_seed`` (:func:`nnunet_te.nnunet.few_shot.few_shot_cases`); the fold's validation
+    cases stay. The choice is written to ``few_shot_split.json`` in the fold's output folder."""
+
+    few_shot_k: int
+    few_shot_seed: int
+
+    def do_split(self):
+        train_cases, val_cases = super().do_split()
+        chosen = few_shot_cases(train_cases, self.few_shot_k, self.few_shot_seed)
+        save_json({"k": self.few_shot_k, "seed": self.few_shot_seed, "fold": self.fold, "train": chosen,
+                   "val": list(val_cases), "fold_train": sorted(train_cases)},
+                  join(self.output_folder, "few_shot_split.json"), sort_keys=False)
+        return chosen, val_cases
+
+
+class CpuSchedule:
+    """Trainer mixin for smoke runs and benchmarks on CPU: 2 epochs of 5 training and 2
+    validation iterations, a checkpoint after every epoch (so ``--c`` resumes after a crash), and
+    a final validation on the first :attr:`num_final_validation_cases` validation cases only."""
+
+    num_final_validation_cases = 2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 5
+        self.num_val_iterations_per_epoch = 2
+        self.save_every = 1
+        self._trim_validation = False
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self._trim_validation = True
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self._trim_validation = False
+
+    def do_split(self):
+        train_cases, val_cases = super().do_split()
+        if self._trim_validation:
+            val_cases = val_cases[:self.num_final_validation_cases]
+        return train_cases, val_cases
+
+
+__all__ = ["RiskWeightedTrainer", "FEW_SHOT_K", "FEW_SHOT_SEEDS"]
+
+
+def _define(name: str, bases: tuple, doc: str, **attributes) -> None:
+    """Create trainer class ``name`` in this module, where nnU-Net's lookup (through the shim
+    module's star import) and pickle find it by name."""
+    globals()[name] = type(name, bases, {"__module__": __name__, "__qualname__": name, "__doc__": doc,
+                                         **attributes})
+    __all__.append(name)
+
+
+def _define_variants() -> None:
+    for base in (RiskWeightedTrainer, nnUNetTrainer):
+        plain = [(base.__name__, (base,), {}, base.__name__)]
+        few_shot = [(f"{base.__name__}_k{k}s{s}", (FewShotSplit, base), {"few_shot_k": k, "few_shot_seed": s},
+                     f"{base.__name__} on {k} training case(s) of the fold drawn with seed {s}.")
+                    for k in FEW_SHOT_K for s in FEW_SHOT_SEEDS]
+        for name, bases, attributes, doc in plain + few_shot:
+            if name != base.__name__:
+                _define(name, bases, doc, **attributes)
+            _define(f"{name}_cpu", (CpuSchedule, *bases), f"{doc.rstrip('.')} with the CPU smoke-run schedule.",
+                    **attributes)
+
+
+_define_variants()

@@ -1,0 +1,376 @@
+"""Pre-trained weights in the formats users have, loaded into nnU-Net networks.
+
+Formats (``Checkpoint.format``):
+
+- ``nnunet``: an nnU-Net trainer checkpoint, a dict with ``network_weights`` plus ``init_args``
+  (plans, configuration, fold, dataset_json), ``trainer_name``, ``current_epoch``, ...
+- ``nnssl``: an nnssl / OpenMind checkpoint, ``network_weights`` plus ``nnssl_adaptation_plan``
+  (``architecture_plans.arch_class_name``, ``pretrain_num_input_channels``, ``key_to_encoder``,
+  ``key_to_stem``, ``keys_to_in_proj``, ``recommended_downstream_patchsize``).
+- ``monai``: a state dict of a MONAI network, bare or under ``state_dict`` / ``model``. Recognised
+  by MONAI's block naming: ``.adn.`` (the activation-dropout-norm blocks of ``Convolution`` and
+  ``ResidualUnit``, used by ``UNet`` and ``BasicUNet``) or the ``swinViT.`` prefix (``SwinUNETR``).
+- ``state_dict``: any other mapping of names to tensors, bare or under ``state_dict`` / ``model``.
+
+Files are read with ``torch.load(weights_only=True)``, which cannot run code from the file; the
+numpy scalars nnU-Net stores in its logs are the only extra types allowed. ``trust_pickle=True``
+falls back to full unpickling for files from a trusted source that hold other Python objects.
+``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed.
+
+Loading rules (``load_pretrained``):
+
+- by name and shape; nothing is loaded silently with another shape;
+- dynamic_network_architectures U-Nets hold the encoder twice (``encoder.*`` and
+  ``decoder.encoder.*``, the same modules): a checkpoint holding one copy fills both;
+- the input projection (``keys_to_in_proj``, or the first convolution) of a 1-channel checkpoint
+  is repeated over the network's N input channels and divided by N, so an image replicated N times
+  gives the pre-trained first-layer activation exactly; any other channel difference is an error;
+- ``seg_layers`` are loaded only when the class count matches;
+- if no encoder tensor loads, the architectures differ: ``ValueError("architecture mismatch")``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+FORMATS = ("nnunet", "nnssl", "monai", "state_dict")
+ACCEPTED = ("nnU-Net trainer checkpoint (dict with 'network_weights'), nnssl/OpenMind checkpoint "
+            "('network_weights' + 'nnssl_adaptation_plan'), MONAI network state dict, or a bare "
+            "state dict (optionally under 'state_dict' or 'model')")
+NNSSL_PLAN_FIELDS = ("pretrain_num_input_channels", "key_to_encoder", "key_to_stem",
+                     "keys_to_in_proj", "recommended_downstream_patchsize")
+# The only non-tensor globals nnU-Net checkpoints hold: numpy scalars in the training log.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # renamed in numpy 2
+_NUMPY_SAFE_GLOBALS = [np.dtype, _NUMPY_CORE.multiarray.scalar,
+                       *{type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"}]
+
+
+@dataclass
+class Checkpoint:
+    """Weights read from a file, with what the file says about them.
+
+    ``state_dict``: {name: tensor} without ``module.`` / ``_orig_mod.`` prefixes.
+    ``metadata``: ``trainer_name``, ``plans``, ``configuration``, ``dataset_json``, ``fold``,
+    ``current_epoch`` (nnunet); ``arch_class_name`` and ``NNSSL_PLAN_FIELDS`` (nnssl);
+    ``monai_network`` when recognisable (monai).
+    ``encoder_only``: every tensor belongs to a U-Net encoder (``encoder.*`` / ``decoder.encoder.*``).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    metadata: dict = field(default_factory=dict)
+    encoder_only: bool = False
+    source: str = "<memory>"
+
+
+@dataclass
+class LoadReport:
+    """What ``load_pretrained`` did with each tensor.
+
+    ``loaded``: network keys now holding checkpoint values; ``adapted``: loaded keys whose value
+    was transformed, with how; ``skipped``: checkpoint keys not loaded, with why; ``missing``:
+    network keys not loaded (they keep their initialisation).
+    """
+
+    source: str
+    checkpoint_format: str
+    loaded: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def head_loaded(self) -> bool:
+        """True when the checkpoint's segmentation head was loaded (its class count matched)."""
+        return any(".seg_layers." in key for key in self.loaded)
+
+    def __str__(self) -> str:
+        total = len(self.loaded) + len(self.missing)
+        lines = [f"loaded {len(self.loaded)}/{total} network tensors from {self.checkpoint_format} "
+                 f"checkpoint {self.source}"]
+        if self.adapted:
+            lines.append(f"  adapted {len(self.adapted)}: {sorted(set(self.adapted.values()))}")
+        if self.skipped:
+            reasons = Counter(reason.split(":")[0] for reason in self.skipped.values())
+            lines.append(f"  skipped {len(self.skipped)} checkpoint tensors: {dict(reasons)}")
+        if self.missing:
+            groups = Counter(".".join(key.split(".")[:2]) for key in self.missing)
+            lines.append(f"  {len(self.missing)} network tensors keep their initialisation: {dict(groups)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form, with the counts first."""
+        return {"n_loaded": len(self.loaded), "n_adapted": len(self.adapted),
+                "n_skipped": len(self.skipped), "n_missing": len(self.missing), **asdict(self)}
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove DataParallel's leading ``module.`` and torch.compile's ``_orig_mod.`` anywhere."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _is_state_dict(obj) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _monai_network(keys: list[str]) -> str | None:
+    """The MONAI network a state dict comes from, judged by MONAI's module names, else None."""
+    if any(k.startswith("swinViT.") for k in keys):
+        return "SwinUNETR"
+    if not any(".adn." in k for k in keys):
+        return None
+    if any(k.startswith("model.") for k in keys):
+        return "UNet"
+    if any(k.startswith("conv_0.") for k in keys):
+        return "BasicUNet"
+    return "unknown MONAI network"
+
+
+def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
+    """Recognise the format of an already loaded checkpoint object (see the module docstring)."""
+    if not isinstance(obj, Mapping):
+        hint = " (a whole pickled module: save module.state_dict() instead)" if isinstance(obj, nn.Module) else ""
+        raise ValueError(f"{source}: not a checkpoint, it holds a {type(obj).__name__}{hint}; accepted: {ACCEPTED}")
+    metadata: dict = {}
+    if "network_weights" in obj:
+        weights = obj["network_weights"]
+        if "nnssl_adaptation_plan" in obj:
+            fmt, plan = "nnssl", obj["nnssl_adaptation_plan"]
+            metadata["arch_class_name"] = plan.get("architecture_plans", {}).get("arch_class_name")
+            metadata.update({name: plan.get(name) for name in NNSSL_PLAN_FIELDS})
+        else:
+            fmt, init_args = "nnunet", obj.get("init_args") or {}
+            metadata = {"trainer_name": obj.get("trainer_name"), "current_epoch": obj.get("current_epoch"),
+                        **{k: init_args.get(k) for k in ("plans", "configuration", "fold", "dataset_json")}}
+    else:
+        wrapped = [k for k in ("state_dict", "model") if _is_state_dict(obj.get(k))]
+        weights = obj[wrapped[0]] if wrapped else obj
+        fmt = "state_dict"
+    if not _is_state_dict(weights):
+        raise ValueError(f"{source}: no state dict (a non-empty mapping of names to tensors) found; "
+                         f"top-level keys {sorted(map(str, obj))[:8]}; accepted: {ACCEPTED}")
+    state_dict = {_strip_wrappers(k): v for k, v in weights.items()}
+    if fmt == "state_dict" and (monai := _monai_network(list(state_dict))):
+        fmt, metadata = "monai", {"monai_network": monai}
+    encoder_only = all(k.startswith(("encoder.", "decoder.encoder.")) for k in state_dict)
+    return Checkpoint(state_dict, fmt, metadata, encoder_only, source)
+
+
+def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
+                    trust_pickle: bool = False) -> Checkpoint:
+    """Read a weights file in any of ``FORMATS``.
+
+    Uses ``torch.load(weights_only=True)`` (plus numpy scalars); ``trust_pickle=True`` allows full
+    unpickling, which can execute code from the file: only for files from a trusted source.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything that is not a
+    checkpoint, naming the problem and the accepted formats.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if trust_pickle:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+                obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[-1][:300]
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused the file ({first_line}). "
+                         "If it is a checkpoint from a trusted source holding other Python objects, "
+                         f"pass trust_pickle=True. Accepted: {ACCEPTED}") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({str(err).splitlines()[0][:200]}); "
+                         f"accepted: {ACCEPTED}") from err
+    return parse_checkpoint(obj, str(path))
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The plain module inside DataParallel/DDP and torch.compile wrappers."""
+    network = getattr(network, "module", network)
+    return getattr(network, "_orig_mod", network)
+
+
+def _renamed_to_network(checkpoint: Checkpoint, network: nn.Module, target_keys: set[str]) -> dict:
+    """Checkpoint tensors under the network's names.
+
+    Applies the nnssl plan's ``key_to_stem`` / ``key_to_encoder`` when the network calls these
+    parts differently, adds the ``encoder.`` prefix to a state dict saved from ``network.encoder``
+    alone, and copies ``encoder.*`` into the ``decoder.encoder.*`` alias.
+    """
+    source = dict(checkpoint.state_dict)
+    renames = [(checkpoint.metadata.get(name), getattr(network, name, None))
+               for name in ("key_to_stem", "key_to_encoder")]
+    for old, new in renames:
+        if old and new and old != new:
+            source = {new + k[len(old):] if k.startswith(old + ".") else k: v for k, v in source.items()}
+    if (hasattr(network, "key_to_encoder") and not any(k in target_keys for k in source)
+            and any(f"encoder.{k}" in target_keys for k in source)):
+        source = {f"encoder.{k}": v for k, v in source.items()}
+    for key in target_keys:
+        alias = key.removeprefix("decoder.")
+        if key.startswith("decoder.encoder.") and key not in source and alias in source:
+            source[key] = source[alias]
+    return source
+
+
+def _in_proj_weights(network: nn.Module, checkpoint: Checkpoint, target: dict) -> set[str]:
+    """Network keys of the input-projection weights (both encoder copies)."""
+    prefixes = list(getattr(network, "keys_to_in_proj", ())) + list(checkpoint.metadata.get("keys_to_in_proj") or ())
+    if not prefixes:  # not a dynamic_network_architectures network: its first convolution
+        first_conv = next((k for k, v in target.items() if k.endswith(".weight") and v.ndim >= 3), None)
+        prefixes = [first_conv.removesuffix(".weight")] if first_conv else []
+    keys = {f"{p}.weight" for p in prefixes} | {f"decoder.{p}.weight" for p in prefixes}
+    return keys & set(target)
+
+
+def _repeat_input_channels(key: str, value: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, str]:
+    """(C_out, 1, *k) stem weight -> (C_out, N, *k) divided by N; other channel counts are an error."""
+    c_ckpt, c_net = value.shape[1], shape[1]
+    if value.shape[:1] + value.shape[2:] != shape[:1] + shape[2:] or c_ckpt != 1:
+        raise ValueError(f"input channel mismatch at {key}: checkpoint {tuple(value.shape)} "
+                         f"({c_ckpt} input channels), network {tuple(shape)} ({c_net}); only a "
+                         "1-channel checkpoint can be repeated over N input channels")
+    repeated = value.repeat(1, c_net, *([1] * (value.ndim - 2))) / c_net
+    return repeated, f"input channels repeated 1 -> {c_net}, scaled 1/{c_net}"
+
+
+def load_pretrained(network: nn.Module, checkpoint: Checkpoint | str | Path, *,
+                    encoder_only: bool | None = None, require_full_encoder: bool = True,
+                    report: bool = True) -> LoadReport:
+    """Load what fits of ``checkpoint`` into ``network`` in place; return the ``LoadReport``.
+
+    ``encoder_only``: load only encoder tensors (both copies); default: the checkpoint's
+    ``encoder_only`` flag (an encoder-only file loads nothing else anyway).
+    ``require_full_encoder``: for dynamic_network_architectures U-Nets, every encoder tensor must
+    load, else ``ValueError`` (a half-loaded encoder is almost always a wrong checkpoint).
+    ``report``: print the report summary. Raises ``ValueError`` on an input-channel mismatch or
+    when no encoder tensor loads ("architecture mismatch"); the network is unchanged then.
+    """
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = read_checkpoint(checkpoint)
+    module = _unwrap(network)
+    target = module.state_dict()
+    source = _renamed_to_network(checkpoint, module, set(target))
+    in_proj = _in_proj_weights(module, checkpoint, target)
+    encoder_root = getattr(module, "key_to_encoder", "").split(".")[0]
+    is_encoder = (lambda k: k.startswith((f"{encoder_root}.", f"decoder.{encoder_root}."))) if encoder_root \
+        else (lambda k: True)
+    only_encoder = checkpoint.encoder_only if encoder_only is None else encoder_only
+    result = LoadReport(checkpoint.source, checkpoint.format)
+    new_values = {}
+    for key, value in source.items():
+        if key not in target:
+            result.skipped[key] = "not in network"
+        elif only_encoder and not is_encoder(key):
+            result.skipped[key] = "encoder_only: decoder tensor not loaded"
+        elif value.shape == target[key].shape:
+            new_values[key] = value
+        elif key in in_proj and value.ndim == target[key].ndim:
+            new_values[key], result.adapted[key] = _repeat_input_channels(key, value, target[key].shape)
+        elif ".seg_layers." in key:
+            result.skipped[key] = f"seg_layers: class count differs ({value.shape[0]} vs {target[key].shape[0]})"
+        else:
+            result.skipped[key] = (f"shape mismatch: checkpoint {tuple(value.shape)} "
+                                   f"vs network {tuple(target[key].shape)}")
+    encoder_keys = [k for k in target if is_encoder(k)]
+    loaded_encoder = [k for k in encoder_keys if k in new_values]
+    if not loaded_encoder:
+        raise ValueError(f"architecture mismatch: no encoder tensor of {type(module).__name__} found in "
+                         f"{checkpoint.source} ({checkpoint.format}); expected keys like "
+                         f"{encoder_keys[:3]}, found {list(checkpoint.state_dict)[:3]}")
+    if encoder_root and require_full_encoder and len(loaded_encoder) < len(encoder_keys):
+        absent = [k for k in encoder_keys if k not in new_values]
+        raise ValueError(f"checkpoint {checkpoint.source} misses or mismatches {len(absent)} of "
+                         f"{len(encoder_keys)} encoder tensors, e.g. "
+                         f"{[(k, result.skipped.get(k, 'missing')) for k in absent[:3]]}; "
+                         "pass require_full_encoder=False to load it partially")
+    module.load_state_dict({**target, **new_values})
+    result.loaded = sorted(new_values)
+    result.missing = sorted(set(target) - set(new_values))
+    if report:
+        print(result)
+    return result
+
+
+def _load_json_or_dict(value: str | Path | dict) -> dict:
+    return dict(value) if isinstance(value, Mapping) else load_json(str(value))
+
+
+def network_for_configuration(plans_file_or_dict: str | Path | dict, configuration: str,
+                              dataset_json: str | Path | dict, *, checkpoint: Checkpoint | str | Path | None = None,
+                              deep_supervision: bool = False, seed: int = 0,
+                              device: str | torch.device = "cpu") -> tuple[nn.Module, LoadReport | None]:
+    """Build the network nnU-Net trains for ``configuration`` of these plans, then load ``checkpoint``.
+
+    Same classes and arguments as ``nnUNetTrainer.build_network_architecture`` (nnunetv2's
+    ``get_network_from_plans`` with nnU-Net's He initialisation); input channels and output heads
+    come from ``dataset_json`` through nnU-Net's label manager. The random initialisation (the part
+    the checkpoint does not cover, e.g. the decoder) is drawn after ``torch.manual_seed(seed)``
+    inside ``torch.random.fork_rng``, so it is reproducible and the caller's RNG is left alone.
+    Deep supervision adds no parameters, so the state dict is the same either way.
+    """
+    plans_manager = PlansManager(_load_json_or_dict(plans_file_or_dict))
+    if configuration not in plans_manager.available_configurations:
+        raise ValueError(f"configuration {configuration!r} not in the plans; available: "
+                         f"{plans_manager.available_configurations}")
+    configuration_manager = plans_manager.get_configuration(configuration)
+    dataset = _load_json_or_dict(dataset_json)
+    n_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset)
+    n_outputs = plans_manager.get_label_manager(dataset).num_segmentation_heads
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = get_network_from_plans(
+            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import, n_inputs, n_outputs,
+            allow_init=True, deep_supervision=deep_supervision)
+    load_report = load_pretrained(network, checkpoint) if checkpoint is not None else None
+    return network.to(device), load_report
+
+
+def convert_for_pretrained_weights(checkpoint_path: str | Path, plans_file: str | Path | dict,
+                                   configuration: str, dataset_json: str | Path | dict,
+                                   out_path: str | Path, *, seed: int = 0) -> LoadReport:
+    """Write a file the stock ``nnUNetv2_train ... -pretrained_weights FILE`` accepts.
+
+    nnU-Net's loader demands every non-``seg_layers`` tensor of the target network with its exact
+    shape. This builds that network (``network_for_configuration``, decoder seeded with ``seed``),
+    loads the checkpoint partially (encoder-only, nnssl, other input channels, MONAI, ...) and
+    saves ``{'network_weights': state dict}`` to ``out_path`` plus the load report as
+    ``<out_path stem>_load_report.json`` beside it. Refuses to overwrite either file.
+
+    The segmentation head is saved only when it came from the checkpoint: a seeded random head
+    would look like a source head to the risk maps (which use a real head's softmax when there
+    is one), and nnU-Net's loader never copies ``seg_layers`` anyway.
+    """
+    out_path = Path(out_path)
+    report_path = out_path.with_name(f"{out_path.stem}_load_report.json")
+    for path in (out_path, report_path):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; remove it or choose another output path")
+    network, load_report = network_for_configuration(plans_file, configuration, dataset_json,
+                                                     checkpoint=read_checkpoint(checkpoint_path), seed=seed)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {key: value for key, value in network.state_dict().items()
+               if load_report.head_loaded or ".seg_layers." not in key}
+    torch.save({"network_weights": weights}, out_path)
+    report_path.write_text(json.dumps({"configuration": configuration, "seed": seed,
+                                       **load_report.to_dict()}, indent=1))
+    return load_report

@@ -1,0 +1,171 @@
+"""Risk-weighted segmentation loss with nnU-Net's deep supervision (METHODS.md 1.7 step 4).
+
+Pure torch, device-agnostic: the trainer builds :class:`RiskWeightedDeepSupervisionLoss` in
+``_build_loss`` and passes the patch's weight map ``w = 1 + beta * r`` (or ``exp(beta * r)``)
+along with the network outputs and targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: nnU-Net's soft-Dice smoothing (``nnUNetTrainer._build_loss``): keeps an empty class finite.
+DICE_SMOOTH = 1e-5
+
+
+def _check_shapes(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> None:
+    if logits.ndim < 3:
+        raise ValueError(f"logits must be (B, C, *spatial) with 1-3 spatial axes, got shape "
+                         f"{tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits need at least 2 classes (background + foreground), got "
+                         f"{logits.shape[1]}")
+    expected = (logits.shape[0], 1, *logits.shape[2:])
+    for name, tensor in (("target", target), ("weights", weights)):
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name} must have shape (B, 1, *spatial) = {expected} to match "
+                             f"logits {tuple(logits.shape)}, got {tuple(tensor.shape)}")
+
+
+def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, *,
+                       ignore_label: int | None = None, dice_weight: float = 1.0,
+                       batch_dice: bool = False) -> torch.Tensor:
+    r"""Risk-weighted cross-entropy normalised by foreground size, plus weighted soft Dice.
+
+    Per image ``b`` of the batch (seed 003, METHODS.md 1.7 step 4):
+
+    .. math::
+        \mathrm{CE}_b = \frac{1}{|FG_b| + 1} \sum_p w_p\, \mathrm{CE}_p, \qquad
+        \mathrm{Dice}_b = -\frac{1}{C-1} \sum_{c \ge 1}
+            \frac{2\,TP_{bc} + s}{2\,TP_{bc} + FP_{bc} + FN_{bc} + s},
+
+    with :math:`TP_{bc} = \sum_p w_p\, \pi_{pc}\, [y_p = c]`,
+    :math:`FP_{bc} = \sum_p w_p\, \pi_{pc}\, [y_p \ne c]`,
+    :math:`FN_{bc} = \sum_p w_p\, (1 - \pi_{pc})\, [y_p = c]`, :math:`\pi` = softmax(logits),
+    :math:`|FG_b|` the number of ground-truth foreground pixels (label > 0, not ignored) of
+    the patch, and ``s = 1e-5`` as in nnU-Net. The loss is
+    ``mean_b(CE_b) + dice_weight * mean_b(Dice_b)``.
+
+    The Dice term follows nnU-Net's ``MemoryEfficientSoftDiceLoss`` (foreground classes only,
+    negative Dice, same smoothing), so with all weights 1 the loss is exactly
+    ``mean_b(n_b / (|FG_b| + 1) * CE_mean_b) + MemoryEfficientSoftDiceLoss(...)``.
+    Dice is per image by default (``batch_dice=False``) because the paper defines the loss per
+    image; ``batch_dice=True`` pools TP/FP/FN over the batch first, as nnU-Net does for
+    configurations whose plans set ``batch_dice`` (pass ``configuration_manager.batch_dice``
+    to match stock nnU-Net).
+
+    Shape:
+        - logits: (B, C, *spatial) raw network output, C >= 2 (class 0 = background).
+        - target: (B, 1, *spatial) integer labels in [0, C) (nnU-Net's layout) or
+          ``ignore_label``.
+        - weights: (B, 1, *spatial) float, >= 0 (not checked: the check would synchronise
+          the GPU every iteration).
+        - output: scalar tensor.
+
+    Ignored pixels get weight 0 in both terms and do not count as foreground. An
+    all-background patch gives a finite loss and finite gradients (``|FG| + 1 >= 1``; the Dice
+    smoothing keeps empty classes finite).
+    """
+    _check_shapes(logits, target, weights)
+    spatial = tuple(range(1, logits.ndim - 1))
+    labels = target[:, 0].long()
+    w = weights[:, 0].float()
+    if ignore_label is not None:
+        valid = labels != ignore_label
+        w = w * valid
+        # Any class will do under weight 0; 0 keeps the one-hot and CE indices in range and
+        # keeps ignored pixels out of the foreground count.
+        labels = torch.where(valid, labels, 0)
+
+    n_foreground = (labels > 0).sum(spatial)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    ce_per_image = (w * ce).sum(spatial) / (n_foreground + 1)
+
+    if dice_weight == 0:
+        return ce_per_image.mean()
+    probabilities = torch.softmax(logits.float(), dim=1)[:, 1:]
+    with torch.no_grad():
+        onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+    w = w[:, None]
+    sum_axes = tuple(range(2, logits.ndim))
+    intersect = (probabilities * onehot * w).sum(sum_axes)
+    sum_pred = (probabilities * w).sum(sum_axes)
+    sum_gt = (onehot * w).sum(sum_axes)
+    if batch_dice:
+        intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
+    dice = (2 * intersect + DICE_SMOOTH) / (sum_gt + sum_pred + DICE_SMOOTH).clamp_min(1e-8)
+    return ce_per_image.mean() - dice_weight * dice.mean()
+
+
+def deep_supervision_weights(n_outputs: int) -> tuple[float, ...]:
+    """nnU-Net's deep-supervision weights: ``1/2^i`` per output (highest resolution first),
+    0 for the lowest resolution, normalised to sum 1 (``nnUNetTrainer._build_loss``).
+
+    A single output gets weight 1. nnU-Net's DDP work-around (1e-6 instead of 0) is not needed
+    here: these weights only scale loss terms.
+    """
+    if n_outputs < 1:
+        raise ValueError(f"need at least one output, got {n_outputs}")
+    if n_outputs == 1:
+        return (1.0,)
+    raw = [0.5 ** i for i in range(n_outputs - 1)] + [0.0]
+    return tuple(r / sum(raw) for r in raw)
+
+
+def downsample_weights(weights: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Bring a (B, 1, *spatial) weight map to ``spatial_shape`` by area averaging.
+
+    Area (average) pooling keeps the mean weight of the pixels each low-resolution output
+    pixel stands for, so a constant map stays constant and no high-risk pixel is dropped (as
+    nearest-neighbour subsampling would).
+    """
+    if tuple(weights.shape[2:]) == tuple(spatial_shape):
+        return weights
+    return F.interpolate(weights.float(), size=tuple(spatial_shape), mode="area")
+
+
+class RiskWeightedDeepSupervisionLoss(nn.Module):
+    """:func:`risk_weighted_loss` over nnU-Net's deep-supervision outputs.
+
+    ``forward(outputs, targets, weights)``: ``outputs`` and ``targets`` are lists ordered as
+    nnU-Net produces them (highest resolution first; targets already downsampled by nnU-Net's
+    ``DownsampleSegForDSTransform``), ``weights`` is the full-resolution (B, 1, *spatial) map.
+    The map is area-downsampled to every output (:func:`downsample_weights`) and the
+    per-output losses are combined with :func:`deep_supervision_weights`. Without deep
+    supervision, pass single tensors for ``outputs`` and ``targets``.
+    """
+
+    def __init__(self, *, ignore_label: int | None = None, dice_weight: float = 1.0,
+                 batch_dice: bool = False):
+        super().__init__()
+        self.ignore_label = ignore_label
+        self.dice_weight = dice_weight
+        self.batch_dice = batch_dice
+
+    def _single(self, logits, target, weights):
+        return risk_weighted_loss(logits, target, weights, ignore_label=self.ignore_label,
+                                  dice_weight=self.dice_weight, batch_dice=self.batch_dice)
+
+    def forward(self, outputs, targets, weights: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            if not isinstance(targets, torch.Tensor):
+                raise ValueError("outputs is a single tensor but targets is a list: pass both "
+                                 "as lists (deep supervision) or both as tensors")
+            return self._single(outputs, targets, weights)
+        if len(outputs) != len(targets):
+            raise ValueError(f"{len(outputs)} outputs but {len(targets)} targets")
+        if tuple(weights.shape[2:]) != tuple(outputs[0].shape[2:]):
+            raise ValueError(f"weights must be at the resolution of the first (highest "
+                             f"resolution) output {tuple(outputs[0].shape[2:])}, got "
+                             f"{tuple(weights.shape[2:])}")
+        total = 0.0
+        for factor, logits, target in zip(deep_supervision_weights(len(outputs)), outputs,
+                                          targets):
+            if factor != 0.0:
+                total = total + factor * self._single(
+                    logits, target, downsample_weights(weights, logits.shape[2:]))
+        return total

@@ -1,0 +1,220 @@
+"""Pre-trained weights: format detection, partial loads, stem repetition and the converter.
+
+Small checkpoints of every format are built here (nothing can be downloaded); networks come from
+nnU-Net-shaped plans with tiny feature counts so every test runs in well under a second.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+from nnunet_te.features.models import build_unet
+from nnunet_te.nnunet.weights import (
+    convert_for_pretrained_weights, load_pretrained, network_for_configuration, parse_checkpoint, read_checkpoint,
+)
+
+DNA = "dynamic_network_architectures.architectures.unet."
+
+
+def _plans(architecture: str = "PlainConvUNet") -> dict:
+    """nnU-Net plans (as written by the planner) with one tiny 3d_fullres configuration."""
+    arch_kwargs = {
+        "n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+        **({"n_conv_per_stage": [2, 2, 2]} if architecture == "PlainConvUNet" else {"n_blocks_per_stage": [1, 2, 2]}),
+    }
+    configuration = {
+        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [34, 50, 36],
+        "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [False], "batch_dice": False,
+        "architecture": {"network_class_name": DNA + architecture, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+    }
+    return {"dataset_name": "Dataset004_Hippocampus", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "label_manager": "LabelManager",
+            "configurations": {"3d_fullres": configuration}}
+
+
+def _dataset_json(n_channels: int = 1, n_labels: int = 3) -> dict:
+    return {"channel_names": {str(i): f"MRI{i}" for i in range(n_channels)},
+            "labels": {"background": 0, **{f"c{i}": i for i in range(1, n_labels)}},
+            "numTraining": 6, "file_ending": ".nii.gz"}
+
+
+def _pretrained(architecture: str = "PlainConvUNet", n_labels: int = 3, seed: int = 123):
+    """A 'pre-trained' network: the target architecture with other (seeded) weights."""
+    network, _ = network_for_configuration(_plans(architecture), "3d_fullres", _dataset_json(1, n_labels), seed=seed)
+    return network
+
+
+def _encoder(state_dict: dict) -> dict:
+    return {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
+
+
+def test_nnunet_checkpoint_loads_everything_and_keeps_metadata(tmp_path):
+    source = _pretrained()
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": source.state_dict(), "optimizer_state": {}, "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": _plans(), "configuration": "3d_fullres", "fold": 0,
+                              "dataset_json": _dataset_json(), "device": torch.device("cpu")},
+                "current_epoch": 3, "_best_ema": np.float64(0.5),
+                "logging": {"mean_fg_dice": [np.float64(0.4), np.float32(0.5)]}}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.format == "nnunet" and not checkpoint.encoder_only
+    assert checkpoint.metadata["trainer_name"] == "nnUNetTrainer"
+    assert checkpoint.metadata["configuration"] == "3d_fullres"
+    target, report = network_for_configuration(_plans(), "3d_fullres", _dataset_json(), checkpoint=checkpoint)
+    assert not report.missing and not report.skipped
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    assert set(report.to_dict()) >= {"n_loaded", "loaded", "skipped", "missing"}
+    assert "loaded" in str(report)
+
+
+def test_nnssl_encoder_only_fills_both_copies_and_decoder_keeps_seeded_init(tmp_path):
+    source = _pretrained("ResidualEncoderUNet")
+    weights = _encoder(source.state_dict())
+    path = tmp_path / "nnssl.pth"
+    torch.save({"network_weights": weights, "nnssl_adaptation_plan": {
+        "architecture_plans": {"arch_class_name": "ResEncL"}, "pretrain_num_input_channels": 1,
+        "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem",
+        "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+        "recommended_downstream_patchsize": [16, 16, 16]}}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.format == "nnssl" and checkpoint.encoder_only
+    assert checkpoint.metadata["arch_class_name"] == "ResEncL"
+    assert checkpoint.metadata["key_to_stem"] == "encoder.stem"
+
+    fresh, _ = network_for_configuration(_plans("ResidualEncoderUNet"), "3d_fullres", _dataset_json(), seed=7)
+    target, report = network_for_configuration(_plans("ResidualEncoderUNet"), "3d_fullres", _dataset_json(),
+                                               checkpoint=checkpoint, seed=7)
+    state = target.state_dict()
+    for key, value in weights.items():
+        assert torch.equal(state[key], value) and torch.equal(state[f"decoder.{key}"], value), key
+    decoder_keys = [k for k in state if k.startswith("decoder.") and not k.startswith("decoder.encoder.")]
+    assert decoder_keys and set(decoder_keys) <= set(report.missing)
+    for key in decoder_keys:
+        assert torch.equal(state[key], fresh.state_dict()[key]), f"{key} not at its seeded init"
+
+
+def test_stem_repeat_keeps_first_layer_activation(tmp_path):
+    source = _pretrained()
+    path = tmp_path / "one_channel.pth"
+    torch.save(source.state_dict(), path)
+    target, report = network_for_configuration(_plans(), "3d_fullres", _dataset_json(n_channels=3),
+                                               checkpoint=path)
+    assert len(report.adapted) == 4  # conv and its all_modules alias, in both encoder copies
+    image = torch.randn(1, 1, 8, 8, 8)
+    stem_key = "encoder.stages.0.0.convs.0.conv"
+    one = source.get_submodule(stem_key)(image)
+    three = target.get_submodule(stem_key)(image.repeat(1, 3, 1, 1, 1))
+    torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_channel_count_is_an_error(tmp_path):
+    two_channel, _ = network_for_configuration(_plans(), "3d_fullres", _dataset_json(n_channels=2))
+    path = tmp_path / "two.pth"
+    torch.save(two_channel.state_dict(), path)
+    target, _ = network_for_configuration(_plans(), "3d_fullres", _dataset_json(n_channels=3))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match="input channel mismatch"):
+        load_pretrained(target, path)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_seg_layers_skipped_when_class_count_differs():
+    checkpoint = {"state_dict": _pretrained(n_labels=5).state_dict()}
+    target, report = network_for_configuration(_plans(), "3d_fullres", _dataset_json(n_labels=3),
+                                               checkpoint=parse_checkpoint(checkpoint))
+    assert report.skipped and all(".seg_layers." in k and v.startswith("seg_layers") for k, v in report.skipped.items())
+
+
+def test_dataparallel_and_compile_prefixes_are_stripped(tmp_path):
+    source = _pretrained()
+    path = tmp_path / "dp.pth"
+    torch.save({"model": {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.format == "state_dict" and set(checkpoint.state_dict) == set(source.state_dict())
+    target, report = network_for_configuration(_plans(), "3d_fullres", _dataset_json(), checkpoint=checkpoint)
+    assert not report.missing
+
+
+def test_monai_state_dict_is_recognised_and_loads_into_monai_but_not_nnunet(tmp_path):
+    monai_net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
+    path = tmp_path / "monai.pt"
+    torch.save(monai_net.state_dict(), path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.format == "monai" and checkpoint.metadata["monai_network"] == "UNet"
+    other = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
+    report = load_pretrained(other, checkpoint, report=False)
+    assert not report.missing
+    nnunet_net, _ = network_for_configuration(_plans(), "3d_fullres", _dataset_json())
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        load_pretrained(nnunet_net, checkpoint)
+
+
+def test_other_architecture_and_missing_encoder_keys_are_errors():
+    resenc = parse_checkpoint(_pretrained("ResidualEncoderUNet").state_dict())
+    plain, _ = network_for_configuration(_plans(), "3d_fullres", _dataset_json())
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        load_pretrained(plain, resenc)
+    partial = dict(_encoder(_pretrained().state_dict()))
+    dropped = [k for k in partial if k.startswith("encoder.stages.2.")]
+    for key in dropped:
+        del partial[key]
+    with pytest.raises(ValueError, match=f"misses or mismatches {2 * len(dropped)} of"):
+        load_pretrained(plain, parse_checkpoint(partial))
+    report = load_pretrained(plain, parse_checkpoint(partial), require_full_encoder=False, report=False)
+    assert set(dropped) <= set(report.missing)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "tensor"])
+def test_non_checkpoint_files_are_errors(tmp_path, content):
+    path = tmp_path / "file.pth"
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+        match = "not a checkpoint, it holds a Tensor"
+    else:
+        path.write_bytes(content)
+        match = "not a PyTorch checkpoint|refused the file"
+    with pytest.raises(ValueError, match=match):
+        read_checkpoint(path)
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "absent.pth")
+
+
+def test_converted_file_loads_with_nnunets_own_loader(tmp_path):
+    plans, dataset_json = tmp_path / "plans.json", tmp_path / "dataset.json"
+    plans.write_text(json.dumps(_plans("ResidualEncoderUNet")))
+    dataset_json.write_text(json.dumps(_dataset_json(n_channels=2)))
+    encoder_only = tmp_path / "encoder.pth"
+    torch.save({"network_weights": _encoder(_pretrained("ResidualEncoderUNet").state_dict())}, encoder_only)
+    out = tmp_path / "converted.pth"
+    report = convert_for_pretrained_weights(encoder_only, plans, "3d_fullres", dataset_json, out)
+    assert report.adapted and json.loads((tmp_path / "converted_load_report.json").read_text())["n_loaded"] > 0
+    trainer_network, _ = network_for_configuration(plans, "3d_fullres", dataset_json, seed=99)
+    load_pretrained_weights(trainer_network, str(out), verbose=False)
+    saved = torch.load(out, weights_only=True)["network_weights"]
+    for key, value in trainer_network.state_dict().items():
+        if ".seg_layers." not in key:
+            assert torch.equal(value, saved[key]), key
+    with pytest.raises(FileExistsError):
+        convert_for_pretrained_weights(encoder_only, plans, "3d_fullres", dataset_json, out)
+
+
+def test_build_unet_checkpoint_loads_into_same_build():
+    source = build_unet("PlainConvUNet", dim=2, features_per_stage=(4, 8), num_classes=2, seed=1)
+    target = build_unet("PlainConvUNet", dim=2, features_per_stage=(4, 8), num_classes=2, seed=2)
+    report = load_pretrained(target, parse_checkpoint(source.state_dict()), report=False)
+    assert not report.missing and all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
