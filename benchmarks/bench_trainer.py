@@ -40,39 +40,44 @@ def prepare_dataset(workdir: Path, n_cases: int) -> dict[str, str]:
     return env
 
 
-def build_trainer(trainer_class, preprocessed: Path):
+def build_trainer(name: str):
+    """The trainer ``nnUNetv2_train`` would build for fold 0 (same lookup), ready to train."""
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.run.run_training import get_trainer_from_args
 
-    trainer = trainer_class(load_json(preprocessed / "nnUNetPlans.json"), "3d_fullres", 0,
-                            load_json(preprocessed / "dataset.json"), device=torch.device("cpu"))
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, name, device=torch.device("cpu"))
     trainer.on_train_start()
     return trainer
 
 
-def time_steps(trainer, batches: list[dict], repeats: int) -> list[float]:
-    """Seconds per ``train_step`` over the same batches (first pass is warm-up, not counted)."""
+def time_steps(trainers: dict, batches: dict[str, list[dict]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per ``train_step`` over the same batches, trainers alternating batch by batch so
+    that drifts of the machine's speed hit both alike (first pass is warm-up, not counted)."""
     import copy
 
-    times = []
+    times = {name: [] for name in trainers}
     for r in range(repeats + 1):
-        for batch in batches:
-            fresh = copy.deepcopy(batch)  # the risk trainer pops its channel out of the batch
-            start = time.perf_counter()
-            trainer.train_step(fresh)
-            if r:
-                times.append(time.perf_counter() - start)
+        for i in range(len(next(iter(batches.values())))):
+            for name, trainer in trainers.items():
+                fresh = copy.deepcopy(batches[name][i])  # the risk trainer pops its channel out
+                start = time.perf_counter()
+                trainer.train_step(fresh)
+                if r:
+                    times[name].append(time.perf_counter() - start)
     return times
 
 
-def time_iterations(trainer, n: int) -> list[float]:
-    """Seconds per whole iteration: next batch from the loader (augmentation) + train_step."""
-    times = []
-    for _ in range(n + 1):
-        start = time.perf_counter()
-        trainer.train_step(next(trainer.dataloader_train))
-        times.append(time.perf_counter() - start)
-    return times[1:]
+def time_iterations(trainers: dict, n: int) -> dict[str, list[float]]:
+    """Seconds per whole iteration (next batch from the loader, with augmentation, + train_step),
+    trainers alternating; the first iteration of each is warm-up."""
+    times = {name: [] for name in trainers}
+    for i in range(n + 1):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_step(next(trainer.dataloader_train))
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -89,18 +94,15 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_dataset(workdir, args.cases)
     import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from nnunet_te.nnunet.trainers import RiskWeightedTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
     preprocessed = next((workdir / "nnUNet_preprocessed").glob(f"Dataset{DATASET_ID}_*"))
     maps = preprocessed / "nnUNetPlans_3d_fullres__risk"
     had_maps = maps.is_dir() and any(maps.glob("*.npy"))
     start = time.perf_counter()
-    risk_trainer = build_trainer(RiskWeightedTrainer, preprocessed)
+    risk_trainer = build_trainer("RiskWeightedTrainer")
     map_seconds = None if had_maps else (time.perf_counter() - start) / args.cases
-    plain_trainer = build_trainer(nnUNetTrainer, preprocessed)
+    plain_trainer = build_trainer("nnUNetTrainer")
 
     batches = [next(risk_trainer.dataloader_train) for _ in range(args.steps)]
     plain_batches = []
@@ -108,25 +110,22 @@ def main() -> None:
         plain = dict(batch)
         plain["data"] = batch["data"][:, :-1]
         plain_batches.append(plain)
-    torch.manual_seed(0)
-    plain_steps = time_steps(plain_trainer, plain_batches, args.repeats)
-    torch.manual_seed(0)
-    risk_steps = time_steps(risk_trainer, batches, args.repeats)
-    plain_iters = time_iterations(plain_trainer, args.iterations)
-    risk_iters = time_iterations(risk_trainer, args.iterations)
+    trainers = {"plain": plain_trainer, "risk": risk_trainer}
+    steps = time_steps(trainers, {"plain": plain_batches, "risk": batches}, args.repeats)
+    iterations = time_iterations(trainers, args.iterations)
 
     patch = list(risk_trainer.configuration_manager.patch_size)
     batch_size = risk_trainer.configuration_manager.batch_size
-    rows = [("train_step on identical batches", statistics.median(plain_steps), statistics.median(risk_steps)),
-            ("whole iteration (loading + augmentation + step)", statistics.median(plain_iters),
-             statistics.median(risk_iters))]
+    rows = [(what, statistics.median(times["plain"]), statistics.median(times["risk"]))
+            for what, times in (("train_step on identical batches", steps),
+                                ("whole iteration (loading + augmentation + step)", iterations))]
     lines = [
         START, "## RiskWeightedTrainer vs nnUNetTrainer",
         "",
         f"`benchmarks/bench_trainer.py --cases {args.cases} --steps {args.steps} --repeats {args.repeats} "
         f"--iterations {args.iterations}`: real MSD hippocampus cases, nnU-Net 3d_fullres plan "
         f"(patch {patch}, batch {batch_size}), fold 0, CPU, augmentation in-process (nnUNet_n_proc_DA=0), "
-        "medians.",
+        "medians, the two trainers alternating.",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average at start {os.getloadavg()[0]:.1f}",

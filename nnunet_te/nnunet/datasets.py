@@ -156,6 +156,20 @@ def convert_msd_hippocampus(dataset_id: int, *, source_dir: str | Path | None = 
         description="Cite: Simpson et al. 2019, arXiv 1902.09063; Antonelli et al., Nat. Commun. 2022")
 
 
+def _write_png_dataset(dataset_id: int, name: str, all_cases: list[str],
+                       read: Callable[[str], tuple[np.ndarray, np.ndarray]], *, n_cases: int | None,
+                       seed: int, record: dict, **dataset_options) -> Path:
+    """A 2D dataset of PNG pairs; ``read(case)`` returns (image, binary mask)."""
+
+    def write_case(case: str, image_path: Path, label_path: Path) -> None:
+        _write_png_pair(*read(case), image_path, label_path)
+
+    return _write_dataset(
+        dataset_id, name, _select_cases(all_cases, n_cases, seed), write_case, file_ending=".png",
+        record={**record, "n_cases": n_cases, "seed": seed, "n_available": len(all_cases)},
+        overwrite_image_reader_writer="NaturalImage2DIO", **dataset_options)
+
+
 def convert_epfl_em(dataset_id: int, target: str, *, source_dir: str | Path | None = None,
                     full_resolution: bool = False, n_cases: int | None = None, seed: int = 0,
                     raw_root: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -190,17 +204,12 @@ def convert_epfl_em(dataset_id: int, target: str, *, source_dir: str | Path | No
             index = all_cases.index(case)
             return images[index], masks[index]
 
-    def write_case(case: str, image_path: Path, label_path: Path) -> None:
-        _write_png_pair(*read(case), image_path, label_path)
-
-    return _write_dataset(
-        dataset_id, f"EPFLEM_{target}", _select_cases(all_cases, n_cases, seed), write_case,
-        file_ending=".png", labels={"background": 0, target: 1},
-        channel="EM",
+    return _write_png_dataset(
+        dataset_id, f"EPFLEM_{target}", all_cases, read, n_cases=n_cases, seed=seed,
+        labels={"background": 0, target: 1}, channel="EM",
         record={"source": f"epfl_em_{target}", "source_dir": str(source),
-                "full_resolution": full_resolution, "n_cases": n_cases, "seed": seed,
-                "n_available": len(all_cases)},
-        raw_root=raw_root, overwrite=overwrite, overwrite_image_reader_writer="NaturalImage2DIO",
+                "full_resolution": full_resolution},
+        raw_root=raw_root, overwrite=overwrite,
         reference="https://www.epfl.ch/labs/cvlab/data/data-em/",
         license="EPFL CVLab EM dataset; extra labels from a public U-Net repository (MIT); research use",
         description="Cite: Lucchi et al., MICCAI 2011 / TPAMI 2012")
@@ -235,17 +244,11 @@ def convert_isbi2012(dataset_id: int, *, source_dir: str | Path | None = None,
             index = int(case.removeprefix("isbi_"))
             return images[index], membrane[index]
 
-    def write_case(case: str, image_path: Path, label_path: Path) -> None:
-        _write_png_pair(*read(case), image_path, label_path)
-
-    return _write_dataset(
-        dataset_id, "ISBI2012Membranes", _select_cases(all_cases, n_cases, seed), write_case,
-        file_ending=".png", labels={"background": 0, "membrane": 1},
-        channel="EM",
-        record={"source": "isbi2012", "source_dir": str(source),
-                "full_resolution": full_resolution, "n_cases": n_cases, "seed": seed,
-                "n_available": len(all_cases)},
-        raw_root=raw_root, overwrite=overwrite, overwrite_image_reader_writer="NaturalImage2DIO",
+    return _write_png_dataset(
+        dataset_id, "ISBI2012Membranes", all_cases, read, n_cases=n_cases, seed=seed,
+        labels={"background": 0, "membrane": 1}, channel="EM",
+        record={"source": "isbi2012", "source_dir": str(source), "full_resolution": full_resolution},
+        raw_root=raw_root, overwrite=overwrite,
         reference="https://imagej.net/events/isbi-2012-segmentation-challenge",
         license="ISBI 2012 challenge data; research use",
         description="Cite: Cardona et al., PLoS Biol 2010; Arganda-Carreras et al., Front. Neuroanat. 2015")
@@ -267,17 +270,15 @@ def convert_jsrt_lungs(dataset_id: int, *, source_dir: str | Path | None = None,
         images, lungs, case_names = npz["images"], npz["masks_binary"].any(axis=1), list(npz["case_ids"])
     all_cases = [str(c) for c in case_names]
 
-    def write_case(case: str, image_path: Path, label_path: Path) -> None:
+    def read(case: str) -> tuple[np.ndarray, np.ndarray]:
         index = all_cases.index(case)
-        _write_png_pair(images[index], lungs[index], image_path, label_path)
+        return images[index], lungs[index]
 
-    return _write_dataset(
-        dataset_id, "JSRTLungs", _select_cases(all_cases, n_cases, seed), write_case,
-        file_ending=".png", labels={"background": 0, "lung": 1},
-        channel="X-ray",
-        record={"source": "jsrt_lungs", "source_dir": str(source),
-                "n_cases": n_cases, "seed": seed, "n_available": len(all_cases)},
-        raw_root=raw_root, overwrite=overwrite, overwrite_image_reader_writer="NaturalImage2DIO",
+    return _write_png_dataset(
+        dataset_id, "JSRTLungs", all_cases, read, n_cases=n_cases, seed=seed,
+        labels={"background": 0, "lung": 1}, channel="X-ray",
+        record={"source": "jsrt_lungs", "source_dir": str(source)},
+        raw_root=raw_root, overwrite=overwrite,
         reference="http://db.jsrt.or.jp/eng.php", license="JSRT / SCR: research use, no redistribution",
         description="Cite: Shiraishi et al., AJR 2000; van Ginneken et al., MedIA 2006")
 
