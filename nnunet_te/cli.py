@@ -103,6 +103,33 @@ def _convert_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(args: argparse.Namespace) -> int:
+    from nnunet_te.features.sampling import SamplingConfig
+    from nnunet_te.ranking.rank import prepare_training, rank_zoo, run_training
+
+    sampling = SamplingConfig(**({"max_points_per_stage": args.points} if args.points else {}))
+    rates = {} if args.consistency_rates is None else {"consistency_rates": args.consistency_rates}
+    result = rank_zoo(args.d, args.c, Path(args.zoo), plans=args.p, metrics=args.metrics,
+                      out_dir=args.output, seed=args.seed, device=args.device, sampling=sampling,
+                      cache_dir=args.cache_dir, max_cases=args.cases, **rates)
+    print(result.paths["md"].read_text())
+    for name, reason in result.candidate_errors.items():
+        print(f"error: candidate {name!r} not ranked: {reason}", file=sys.stderr)
+    for (metric, candidate), reason in result.scores.errors.items():
+        print(f"note: {metric} not computed for {candidate}: {reason}")
+    for name, timing in result.metadata["timings"].items():
+        print(f"{name}: features {timing['extraction_seconds']:.1f} s, metrics "
+              f"{timing['metric_total_seconds']:.1f} s")
+    print(f"ranking by {result.primary} in {result.out_dir}")
+    if args.train is None:
+        return 0
+    plan = prepare_training(result, args.d, args.c, args.train, plans=args.p, seed=args.seed,
+                            device=args.device, overwrite_maps=args.overwrite_maps)
+    print(f"chosen: {plan.candidate}\nweights: {plan.weights}\nrisk maps: {plan.risk_maps}\n"
+          f"ranking copied to {plan.ranking_copy}\ntrain with:\n  {plan.command_line}")
+    return run_training(plan) if args.run else 0
+
+
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """nnU-Net's own flags for a preprocessed dataset: -d, -c, -p."""
     parser.add_argument("-d", required=True, help="dataset id or name (as nnUNetv2_train)")
@@ -160,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", required=True, help="converted checkpoint to write (never overwritten)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised decoder")
     convert.set_defaults(func=_convert_weights)
+
+    rank = verbs.add_parser("rank", help="rank a zoo of pre-trained checkpoints on a preprocessed dataset")
+    _add_dataset_arguments(rank)
+    rank.add_argument("--zoo", required=True, help="zoo file (YAML or JSON, see docs/ranking.md)")
+    rank.add_argument("--metrics", nargs="+", help="registry metrics to compute (default: every segmentation "
+                                                   "metric computable; list: nnunet-te metrics)")
+    rank.add_argument("-o", "--output", help="output folder, refused if it holds a ranking (default: a new "
+                                             "timestamped folder in $nnUNet_results/DatasetXXX/"
+                                             "nnunet_te_ranking__PLANS__CONFIG/)")
+    rank.add_argument("--cases", type=int, help="rank on a seeded subset of this many training cases")
+    rank.add_argument("--points", type=int, help="sampled voxels per stage (default: 2048)")
+    rank.add_argument("--consistency-rates", nargs="*", type=float,
+                      help="bottleneck dropout rates of the consistency score; given without values: "
+                           "skip it (default: rank.CONSISTENCY_RATES, METHODS.md 1.8)")
+    rank.add_argument("--cache-dir", help="feature cache (default: feature_cache/ in the ranking root)")
+    rank.add_argument("--seed", type=int, default=0, help="seed of sampling and random decoders")
+    rank.add_argument("-device", "--device", default=default_device(), help="torch device")
+    rank.add_argument("--train", metavar="FOLD", help="then prepare RiskWeightedTrainer on FOLD with the "
+                                                      "best nnU-Net/nnssl candidate and print the command")
+    rank.add_argument("--run", action="store_true", help="with --train: start nnUNetv2_train")
+    rank.add_argument("--overwrite-maps", action="store_true",
+                      help="with --train: replace risk maps computed from another checkpoint")
+    rank.set_defaults(func=_rank)
 
     metrics = verbs.add_parser("metrics", help="list the transferability metrics")
     metrics.set_defaults(func=_metrics)

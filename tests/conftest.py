@@ -41,11 +41,10 @@ def reference_cases(reference_dir) -> list[dict]:
 def hippocampus_nnunet(tmp_path_factory):
     """12 bundled hippocampus cases as nnU-Net dataset 991, through the real command lines:
     ``nnunet-te data`` then ``nnUNetv2_plan_and_preprocess -c 3d_fullres``. Shared by every
-    end-to-end test (planning and preprocessing is the slow part). Tests that write into the
-    preprocessed folder must copy it first."""
+    end-to-end test (planning and preprocessing is the slow part) and never written to: tests
+    that train, rank or compute maps work on :func:`copy_nnunet_tree`."""
     import subprocess
     import sys
-    from types import SimpleNamespace
 
     root = tmp_path_factory.mktemp("nnunet")
     folders = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
@@ -58,7 +57,26 @@ def hippocampus_nnunet(tmp_path_factory):
         done = subprocess.run([str(bin_dir / command[0]), *command[1:]], env=env, cwd=root,
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}"
-    return SimpleNamespace(root=root, env=env, bin=bin_dir, dataset_id=991,
-                           raw=next(folders["nnUNet_raw"].glob("Dataset991_*")),
-                           preprocessed=next(folders["nnUNet_preprocessed"].glob("Dataset991_*")),
-                           results=folders["nnUNet_results"])
+    return _tree(root, env)
+
+
+def _tree(root: Path, env: dict):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(root=root, env=env, dataset_id=991,
+                           raw=next((root / "nnUNet_raw").glob("Dataset991_*")),
+                           preprocessed=next((root / "nnUNet_preprocessed").glob("Dataset991_*")),
+                           results=root / "nnUNet_results")
+
+
+def copy_nnunet_tree(shared, root: Path):
+    """A private copy of ``hippocampus_nnunet`` under ``root`` (raw and preprocessed data, empty
+    results) with the environment pointing at it, for tests that write."""
+    import shutil
+
+    for name in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(shared.root / name, root / name)
+    (root / "nnUNet_results").mkdir()
+    env = {**shared.env, **{name: str(root / name) for name in
+                            ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    return _tree(root, env)

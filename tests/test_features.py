@@ -14,7 +14,7 @@ from nnunet_te.features.sampling import (
     boundary_anchor_indices,
     class_balanced_indices,
     labels_on_grid,
-    patches_at,
+    patch_indices,
 )
 
 
@@ -59,7 +59,8 @@ def test_boundary_patches_straddle_a_boundary_and_avoid_ignored_voxels(cases):
     anchors = boundary_anchor_indices(grid, 64, 5, np.random.default_rng(0))
     assert anchors.size == 64
     coords = np.stack(np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij")).astype(float)
-    feats, patch_labels = patches_at(coords, grid, anchors, 5)
+    idx = patch_indices(anchors, grid.shape, 5)
+    feats, patch_labels = coords.reshape(3, -1).T[idx], grid.ravel()[idx]
     assert feats.shape == (64, 125, 3) and patch_labels.shape == (64, 125)
     # The centre of every patch is its anchor; every patch holds two classes and no padding.
     assert np.array_equal(feats[:, 62].astype(int), np.stack(np.unravel_index(anchors, grid.shape), 1))

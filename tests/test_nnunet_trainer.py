@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import copy_nnunet_tree
 
 import nnunet_te_trainers
 from nnunet_te.nnunet.dataloading import RiskDataLoader
@@ -223,7 +224,7 @@ def _nnssl_encoder_checkpoint(preprocessed: Path, path: Path) -> Path:
 def test_cli_end_to_end_convert_train_crash_resume_riskmap_predict(hippocampus_nnunet, tmp_path):
     import SimpleITK as sitk
 
-    ds = hippocampus_nnunet
+    ds = copy_nnunet_tree(hippocampus_nnunet, tmp_path / "tree")
     env = {**ds.env, "nnUNet_te_beta": "1.0"}
     log = tmp_path / "cli.log"
     started = time.time()

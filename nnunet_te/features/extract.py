@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.special import softmax
 from torch import nn
 
-from nnunet_te.features.hooks import stage_outputs, unet_stage_modules
-from nnunet_te.features.sampling import IGNORE, CandidateFeatures, SamplingConfig, StageSampler
+from nnunet_te.features.hooks import unet_stage_modules
+from nnunet_te.features.sampling import IGNORE, CandidateFeatures, SamplingConfig
+from nnunet_te.features.sliding import extract_dataset_features
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -30,7 +30,9 @@ def pad_to_multiple(image: np.ndarray, labels: np.ndarray, multiple: int
 
 
 def split_stages(network: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """(global stages, local stages) to hook, following seed 001.
+    """(global stages, local stages) to hook in a dynamic_network_architectures U-Net, following
+    seed 001. Other networks (e.g. MONAI) pass their own name -> module dicts to
+    :func:`~nnunet_te.features.sliding.extract_dataset_features`.
 
     Global: every decoder stage. Local: the encoder stages between full resolution and the
     bottleneck, where boundaries are still resolved but features are already abstract.
@@ -45,33 +47,22 @@ def extract_candidate_features(network: nn.Module, cases: Sequence[tuple[np.ndar
                                *, n_classes: int, config: SamplingConfig,
                                source_head: bool = False,
                                device: torch.device | str = "cpu") -> CandidateFeatures:
-    """Hook a U-Net, run it on every case and sample its stage features.
+    """Seed 001's stages of a U-Net, each case seen whole in one window.
 
     Shape:
         cases: sequence of (image (C, *spatial), labels (*spatial)) with labels in 0..n_classes-1
         or IGNORE; spatial sizes must suit the network's strides (see ``pad_to_multiple``).
 
-    With ``source_head=True`` the softmax of the network's output at the sampled voxels of the
-    full-resolution decoder stage is returned as source-class probabilities (for LEEP / NCE).
+    The window is the largest case extent per axis, so every case is one forward pass (smaller
+    cases are zero-padded at the end to it); for nnU-Net's patch size and sliding windows call
+    :func:`~nnunet_te.features.sliding.extract_dataset_features`. With ``source_head=True``
+    the softmax of the network's output at the sampled voxels of the full-resolution decoder
+    stage is returned as source-class probabilities (for LEEP / NCE).
     """
     global_modules, local_modules = split_stages(network)
-    modules = {**global_modules, **local_modules}
-    if source_head:
-        modules["output"] = network
-    sampler = StageSampler(len(cases), n_classes, global_modules, local_modules, config)
-    network.to(device)
-    last_global = list(global_modules)[-1]
-    source_parts = []
-    for case_index, (image, labels) in enumerate(cases):
-        maps = stage_outputs(network, image, modules, device)
-        sampler.add_case(case_index, maps, labels)
-        if source_head:
-            logits = maps["output"]
-            if logits.shape[1:] != maps[last_global].shape[1:]:
-                raise ValueError("the network output grid differs from its last decoder stage")
-            idx = sampler.sampled_indices(case_index, last_global)
-            source_parts.append(softmax(logits.reshape(logits.shape[0], -1).T[idx].astype(np.float64), axis=1))
-    features = sampler.result(n_foreground_classes=n_classes - 1)
-    if source_head:
-        features.source_probabilities = np.concatenate(source_parts)
-    return features
+    patch = np.max([labels.shape for _, labels in cases], axis=0)
+    return extract_dataset_features(
+        network, global_modules, local_modules,
+        [(f"case_{i}", image, labels) for i, (image, labels) in enumerate(cases)],
+        patch_size=tuple(int(p) for p in patch), n_classes=n_classes, config=config,
+        source_head=source_head, device=device, progress=False)

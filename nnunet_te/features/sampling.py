@@ -62,27 +62,32 @@ def boundary_anchor_indices(label_grid: np.ndarray, n_anchors: int, patch_size: 
     return np.sort(rng.choice(candidates, size=take, replace=False))
 
 
-def patches_at(feature_map: np.ndarray, label_grid: np.ndarray, anchors: np.ndarray,
-               patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut cubic patches centred on ``anchors`` out of a feature map and its label grid.
+def patch_indices(anchors: np.ndarray, grid_shape: tuple[int, ...], patch_size: int) -> np.ndarray:
+    """Flat grid indices of the cubic patches centred on ``anchors``.
 
     Shape:
-        feature_map: (D, *grid); label_grid: grid; anchors: (M,) flat indices into grid.
-        returns: features (M, P, D) and labels (M, P), P = patch_size ** ndim.
+        anchors: (M,) flat indices into ``grid_shape`` (from :func:`boundary_anchor_indices`,
+        so every patch lies inside the grid). returns: (M, P), P = patch_size ** ndim, in
+        C order of the patch offsets (the centre is column P // 2).
     """
+    ndim = len(grid_shape)
     half = patch_size // 2
-    centres = np.stack(np.unravel_index(anchors, label_grid.shape), axis=1)
-    offsets = np.stack(np.meshgrid(*[np.arange(-half, half + 1)] * label_grid.ndim,
-                                   indexing="ij"), axis=-1).reshape(-1, label_grid.ndim)
+    centres = np.stack(np.unravel_index(anchors, grid_shape), axis=1).reshape(-1, ndim)
+    offsets = np.stack(np.meshgrid(*[np.arange(-half, half + 1)] * ndim, indexing="ij"),
+                       axis=-1).reshape(-1, ndim)
     coords = centres[:, None, :] + offsets[None]
-    flat = np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), label_grid.shape)
-    features = feature_map.reshape(feature_map.shape[0], -1).T[flat]
-    return features, label_grid.ravel()[flat]
+    return np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), grid_shape)
 
 
 @dataclass
 class SamplingConfig:
-    """How many points the metrics see. Defaults follow METHODS.md 1.0 and 1.2."""
+    """How many points the metrics see. Defaults follow METHODS.md 1.0 and 1.2.
+
+    The consistency settings bound what the label-free consistency score keeps (METHODS.md
+    1.8): up to ``consistency_windows_per_case`` sliding windows per case are predicted again
+    under perturbation, and of each window up to ``consistency_voxels_per_window`` voxels of
+    the union foreground mask are kept (the only voxels the score reads).
+    """
 
     max_points_per_stage: int = 2048
     max_anchors_per_stage: int = 1024
@@ -90,6 +95,8 @@ class SamplingConfig:
     patch_size_2d: int = 7
     patch_size_3d: int = 5
     seed: int = 0
+    consistency_windows_per_case: int = 4
+    consistency_voxels_per_window: int = 4096
 
     def patch_size(self, ndim: int) -> int:
         return self.patch_size_2d if ndim == 2 else self.patch_size_3d
@@ -103,21 +110,52 @@ class CandidateFeatures:
     is the case index. ``local_stages[name] = (patch features (M, P, D), patch labels (M, P))``
     around boundary anchors. ``source_probabilities`` (n, C_s) on the samples of
     the final global stage when the candidate has a trained segmentation head, else None.
+    ``consistency[rate] = (p_unperturbed (B, K), p_perturbed (B, K))``: foreground
+    probabilities of B windows without and with bottleneck channel dropout at ``rate``, each
+    row holding up to K voxels of the window's union foreground mask and padded with zeros
+    (outside the mask, so ignored by ``effective_invariance``); empty when not extracted.
     """
 
     n_foreground_classes: int
     global_stages: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     local_stages: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     source_probabilities: np.ndarray | None = None
+    consistency: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def final_stage(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Samples of the last global stage: full-resolution decoder output, or penultimate layer."""
         return self.global_stages[list(self.global_stages)[-1]]
 
+    @classmethod
+    def concatenate(cls, parts: list[CandidateFeatures]) -> CandidateFeatures:
+        """Join per-case features (same stages, rates and head) into one candidate's features.
+
+        Raises ValueError when no case produced a boundary patch at some local stage.
+        """
+        if not parts:
+            raise ValueError("no cases to concatenate")
+        first = parts[0]
+        out = cls(n_foreground_classes=first.n_foreground_classes)
+        for name in first.global_stages:
+            out.global_stages[name] = tuple(np.concatenate(a) for a in
+                                            zip(*(p.global_stages[name] for p in parts)))
+        for name in first.local_stages:
+            F, L = (np.concatenate(a) for a in zip(*(p.local_stages[name] for p in parts)))
+            if F.shape[0] == 0:
+                raise ValueError(f"no boundary anchors found at stage {name}: the labels have no "
+                                 "class boundary far enough from the image border")
+            out.local_stages[name] = (F, L)
+        if first.source_probabilities is not None:
+            out.source_probabilities = np.concatenate([p.source_probabilities for p in parts])
+        for rate in first.consistency:
+            out.consistency[rate] = tuple(np.concatenate(a) for a in
+                                          zip(*(p.consistency[rate] for p in parts)))
+        return out
+
 
 class StageSampler:
-    """Accumulates the samples of every case for one candidate, case by case.
+    """Decides, from the labels only, which stage-grid voxels of every case are sampled.
 
     Per-case random generators are derived from ``(seed, case index, stage index)`` so the
     same voxels are drawn for every candidate whose stage grids agree, whatever the order in
@@ -129,48 +167,36 @@ class StageSampler:
         self.config = config
         self.global_names = list(global_names)
         self.local_names = list(local_names)
+        overlap = set(self.global_names) & set(self.local_names)
+        if overlap:
+            raise ValueError(f"stages {sorted(overlap)} are both global and local")
         self.per_class = max(1, config.max_points_per_stage // (n_cases * n_classes))
         self.anchors_per_case = max(1, min(config.anchors_per_case,
                                            config.max_anchors_per_stage // n_cases))
-        self._global = {name: [] for name in self.global_names}
-        self._local = {name: [] for name in self.local_names}
-        self._indices: dict[tuple[int, str], np.ndarray] = {}
 
     def _rng(self, case_index: int, stage: str) -> np.random.Generator:
         stage_index = (self.global_names + self.local_names).index(stage)
         return np.random.default_rng([self.config.seed, case_index, stage_index])
 
-    def add_case(self, case_index: int, stage_maps: dict[str, np.ndarray],
-                 label_map: np.ndarray) -> None:
-        """Sample one case. ``stage_maps[name]`` is (D, *grid); ``label_map`` is full resolution."""
+    def select(self, case_index: int, label_map: np.ndarray,
+               grid_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Sampled voxels of one case at every stage.
+
+        Shape:
+            label_map: (*spatial) full resolution; grid_shapes[name]: the stage's grid.
+            returns {name: (flat grid indices, labels)}: global stages (n,), (n,);
+            local stages (M, P), (M, P) (boundary patches, P = patch_size ** ndim).
+        """
+        out = {}
         for name in self.global_names:
-            fmap = stage_maps[name]
-            grid = labels_on_grid(label_map, fmap.shape[1:])
+            grid = labels_on_grid(label_map, grid_shapes[name])
             idx = class_balanced_indices(grid, self.per_class, self._rng(case_index, name))
-            self._indices[(case_index, name)] = idx
-            X = fmap.reshape(fmap.shape[0], -1).T[idx]
-            self._global[name].append((X, grid.ravel()[idx], np.full(idx.size, case_index)))
+            out[name] = (idx, grid.ravel()[idx])
         for name in self.local_names:
-            fmap = stage_maps[name]
-            grid = labels_on_grid(label_map, fmap.shape[1:])
+            grid = labels_on_grid(label_map, grid_shapes[name])
             size = self.config.patch_size(grid.ndim)
             anchors = boundary_anchor_indices(grid, self.anchors_per_case, size,
                                               self._rng(case_index, name))
-            self._local[name].append(patches_at(fmap, grid, anchors, size))
-
-    def sampled_indices(self, case_index: int, stage: str) -> np.ndarray:
-        """Flat grid indices sampled for ``case_index`` at a global stage (for source heads)."""
-        return self._indices[(case_index, stage)]
-
-    def result(self, n_foreground_classes: int) -> CandidateFeatures:
-        out = CandidateFeatures(n_foreground_classes=n_foreground_classes)
-        for name, parts in self._global.items():
-            X, y, g = (np.concatenate(a) for a in zip(*parts))
-            out.global_stages[name] = (X, y, g)
-        for name, parts in self._local.items():
-            F, L = (np.concatenate(a) for a in zip(*parts))
-            if F.shape[0] == 0:
-                raise ValueError(f"no boundary anchors found at stage {name}: the labels have no "
-                                 "class boundary far enough from the image border")
-            out.local_stages[name] = (F, L)
+            idx = patch_indices(anchors, grid.shape, size)
+            out[name] = (idx, grid.ravel()[idx])
         return out

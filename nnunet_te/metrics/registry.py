@@ -23,6 +23,7 @@ import numpy as np
 from nnunet_te.features.sampling import CandidateFeatures
 from nnunet_te.metrics import topology
 from nnunet_te.metrics.ccfv import ccfv
+from nnunet_te.metrics.consistency import effective_invariance
 from nnunet_te.metrics.evidence import logme
 from nnunet_te.metrics.gbc import gbc
 from nnunet_te.metrics.hscore import h_score, regularized_h_score
@@ -37,10 +38,11 @@ SEGMENTATION = "segmentation"
 CLASSIFICATION = "classification"
 BOTH = frozenset({SEGMENTATION, CLASSIFICATION})
 
-# What an entry needs beyond features: labels are always needed.
+# What an entry needs beyond features: labels are always needed, except by "consistency".
 NEEDS_PATCHES = "boundary_patches"
 NEEDS_SOURCE_HEAD = "source_probabilities"
 NEEDS_ZOO = "zoo"
+NEEDS_CONSISTENCY = "consistency_predictions"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Metric:
             return "needs boundary patches (segmentation targets only)"
         if NEEDS_SOURCE_HEAD in self.needs and features.source_probabilities is None:
             return "needs a trained source head"
+        if NEEDS_CONSISTENCY in self.needs and not features.consistency:
+            return "needs consistency predictions (extract with consistency rates)"
         return None
 
 
@@ -97,6 +101,11 @@ def _lbtc(features: CandidateFeatures) -> float:
     return float(np.mean([topology.lbtc(F, L) for F, L in features.local_stages.values()]))
 
 
+def _consistency(features: CandidateFeatures) -> float:
+    return float(np.mean([effective_invariance(p0, p1)["score"]
+                          for p0, p1 in features.consistency.values()]))
+
+
 def _topology_components(features: CandidateFeatures) -> tuple[float, float]:
     return _grtd(features), _lbtc(features)
 
@@ -126,6 +135,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            needs=frozenset({NEEDS_PATCHES})),
     Metric("ccfv", _ccfv, True, frozenset({SEGMENTATION}),
            "class consistency and feature variety (paper mode), sum over decoder stages"),
+    Metric("consistency", _consistency, True, frozenset({SEGMENTATION}),
+           "label-free (seed 004): effective invariance under bottleneck channel dropout, "
+           "mean over rates", needs=frozenset({NEEDS_CONSISTENCY})),
     Metric("gbc_diagonal", _final_stage(lambda X, y: gbc(X, y, gaussian="diagonal")), True, BOTH,
            "Gaussian Bhattacharyya coefficient, diagonal covariances"),
     Metric("gbc_spherical", _final_stage(lambda X, y: gbc(X, y, gaussian="spherical")), True, BOTH,

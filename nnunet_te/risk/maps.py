@@ -12,8 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from nnunetv2.inference.sliding_window_prediction import (compute_gaussian,
-                                                          compute_steps_for_sliding_window)
 from scipy.ndimage import gaussian_filter
 from scipy.special import softmax
 from sklearn.decomposition import PCA
@@ -21,6 +19,7 @@ from sklearn.mixture import GaussianMixture
 from torch import nn
 
 from nnunet_te.features.hooks import stage_outputs, unet_stage_modules
+from nnunet_te.features.sliding import sliding_windows, window_gaussian
 from nnunet_te.metrics._validation import check_random_state
 from nnunet_te.metrics.leep import leep_conditional
 
@@ -293,15 +292,9 @@ def case_outputs(network: nn.Module, image: np.ndarray, *, patch_size: Sequence[
 
     # numpy pads with 0 in "constant" mode, like nnU-Net pads its tensors
     padded, unpad = pad_nd_image(image, patch, "constant", None, True)
-    steps = compute_steps_for_sliding_window(padded.shape[-len(patch):], patch, step_size)
-    gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10,
-                                dtype=torch.float32, device=torch.device("cpu")).numpy()
-    leading = [range(padded.shape[1])] if len(patch) < len(spatial) else []
+    gaussian = window_gaussian(patch)
     accumulator = norm = None
-    for start in np.ndindex(*[len(r) for r in leading], *[len(s) for s in steps]):
-        index = [leading[0][start[0]]] if leading else []
-        index += [slice(steps[a][i], steps[a][i] + patch[a])
-                  for a, i in enumerate(start[len(leading):])]
+    for index in sliding_windows(padded.shape[1:], patch, step_size=step_size):
         window = padded[(slice(None), *index)]
         out = stage_outputs(network, window, {"out": module}, device)["out"]
         if accumulator is None:

@@ -27,7 +27,7 @@ def risk_folder(preprocessed_dataset_dir: str | os.PathLike, data_identifier: st
     return Path(preprocessed_dataset_dir) / f"{data_identifier}__risk"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename it into place, so a crash
     leaves either the old file or the new one, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def save_case_map(folder: str | os.PathLike, case_id: str, array: np.ndarray) ->
     if not np.isfinite(array).all():
         raise ValueError(f"risk map of case {case_id!r} contains NaN or inf")
     path = case_map_path(folder, case_id)
-    _atomic_write(path, lambda handle: np.save(handle, array.astype(np.float16)))
+    atomic_write(path, lambda handle: np.save(handle, array.astype(np.float16)))
     return path
 
 
@@ -91,7 +91,7 @@ def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     ids), ``shapes`` ({case: spatial shape} of the stored maps) and ``created``."""
     path = Path(folder) / MANIFEST
     text = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    _atomic_write(path, lambda handle: handle.write(text))
+    atomic_write(path, lambda handle: handle.write(text))
     return path
 
 

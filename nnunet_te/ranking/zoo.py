@@ -1,0 +1,358 @@
+"""A model zoo: the candidate encoders to rank, read from a YAML or JSON file, and their networks.
+
+Zoo file (YAML or JSON, one top-level key)::
+
+    candidates:
+      - name: openmind_mae            # unique; names the candidate in every output and error
+        checkpoint: weights/mae.pth   # relative paths are relative to the zoo file
+        format: nnssl                 # optional: nnunet | nnssl | monai | state_dict (auto-detected)
+        notes: ResEnc-L, MAE on OpenMind
+      - name: monai_basicunet
+        checkpoint: weights/basicunet.pt
+        architecture:                 # required for MONAI checkpoints
+          class: monai.networks.nets.BasicUNet
+          kwargs: {features: [32, 32, 64, 128, 256, 32]}
+
+Networks (:func:`candidate_network`):
+
+- ``nnunet``, ``nnssl`` and ``state_dict`` candidates without ``architecture`` are loaded into the
+  network nnU-Net builds from the target's plans (:func:`nnunet_te.nnunet.weights.network_for_configuration`);
+  what the checkpoint does not cover (the decoder of an encoder-only checkpoint) is initialised
+  randomly with a fixed seed, as in seed 001.
+- A candidate with ``architecture`` is built from that class with ``kwargs``;
+  ``in_channels``, ``out_channels`` (and ``spatial_dims`` where the class takes it) default to the
+  target's input channels, class count and configuration dimension.
+
+Stages hooked (``encoder.<i>``: i = 0 is full resolution, the last the bottleneck;
+``decoder.<s>``: s = 0 lowest resolution, the last the finest decoder stage). Global stages (every
+metric's class-balanced samples) are the decoder stages; local stages (boundary patches) are the
+encoder stages strictly between full resolution and the bottleneck
+(:func:`nnunet_te.features.extract.split_stages`), for MONAI networks only the first two of them
+(strides 2 and 4: their depth is fixed, not adapted to the target by nnU-Net's plans, and deeper
+grids of small targets leave no room for boundary patches):
+
+- dynamic_network_architectures U-Nets: encoder ``encoder.stages[i]``, decoder ``decoder.stages[s]``;
+- ``monai.networks.nets.BasicUNet``: encoder ``conv_0``, ``down_1`` .. ``down_4``; decoder
+  ``upcat_4`` .. ``upcat_1``;
+- ``monai.networks.nets.UNet``: encoder = the down block of each nested level
+  (``model.0``, ``model.1.submodule.0``, ...), then the innermost (bottom) block; decoder = the up
+  block of each level except the outermost, which outputs the logits (it is the head);
+- ``monai.networks.nets.SwinUNETR``: encoder ``encoder1`` .. ``encoder4``, ``encoder10``; decoder
+  ``decoder5`` .. ``decoder1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from nnunet_te.nnunet.weights import (FORMATS, Checkpoint, LoadReport, load_pretrained,
+                                      network_for_configuration, read_checkpoint)
+from nnunet_te.risk.storage import file_sha256
+
+ZOO_KEYS = {"candidates"}
+CANDIDATE_KEYS = {"name", "checkpoint", "format", "architecture", "notes"}
+ARCHITECTURE_KEYS = {"class", "kwargs"}
+
+
+class CandidateError(ValueError):
+    """A zoo candidate that cannot be used; the message starts with the candidate's name."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"candidate {name!r}: {reason}")
+        self.candidate = name
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One zoo entry. ``checkpoint`` is absolute; ``format`` None means auto-detect."""
+
+    name: str
+    checkpoint: Path
+    format: str | None = None
+    architecture: dict | None = None
+    notes: str = ""
+
+    def content_hash(self) -> str:
+        """sha256 over the checkpoint's bytes and the architecture spec: the identity of the
+        candidate's features (a renamed or moved file keeps its cached features)."""
+        digest = hashlib.sha256(file_sha256(self.checkpoint).encode())
+        digest.update(json.dumps(self.architecture, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "checkpoint": str(self.checkpoint), "format": self.format,
+                "architecture": self.architecture, "notes": self.notes}
+
+
+def _load_zoo_file(path: Path) -> object:
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"zoo file {path}: invalid JSON ({err})") from err
+    import yaml  # YAML is a superset of JSON, so any other suffix is read as YAML
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"zoo file {path}: invalid YAML ({err})") from err
+
+
+def _candidate(entry: object, index: int, base: Path) -> Candidate:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"zoo entry {index}: expected a mapping with 'name' and 'checkpoint', got {entry!r}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"zoo entry {index}: 'name' is missing or not a non-empty string")
+    unknown = set(entry) - CANDIDATE_KEYS
+    if unknown:
+        raise CandidateError(name, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(CANDIDATE_KEYS)}")
+    if not entry.get("checkpoint"):
+        raise CandidateError(name, "'checkpoint' is missing")
+    checkpoint = Path(str(entry["checkpoint"])).expanduser()
+    checkpoint = checkpoint if checkpoint.is_absolute() else (base / checkpoint)
+    if not checkpoint.is_file():
+        raise CandidateError(name, f"checkpoint file not found: {checkpoint}")
+    fmt = entry.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise CandidateError(name, f"unknown format {fmt!r}; choose from {FORMATS} or leave it out to auto-detect")
+    architecture = entry.get("architecture")
+    if architecture is not None:
+        if not isinstance(architecture, Mapping) or not isinstance(architecture.get("class"), str):
+            raise CandidateError(name, "'architecture' must be a mapping with 'class' (a dotted import path, "
+                                       "e.g. monai.networks.nets.BasicUNet) and optional 'kwargs'")
+        if set(architecture) - ARCHITECTURE_KEYS or not isinstance(architecture.get("kwargs", {}), Mapping):
+            raise CandidateError(name, f"'architecture' takes only {sorted(ARCHITECTURE_KEYS)}, kwargs a mapping")
+        architecture = {"class": architecture["class"], "kwargs": dict(architecture.get("kwargs") or {})}
+    elif fmt == "monai":
+        raise CandidateError(name, "MONAI checkpoints need 'architecture: {class: monai.networks.nets.<Net>, "
+                                   "kwargs: {...}}' (a state dict does not say how to build its network)")
+    return Candidate(name.strip(), checkpoint.resolve(), fmt, architecture, str(entry.get("notes") or ""))
+
+
+def read_zoo(path: str | Path) -> list[Candidate]:
+    """Read and validate a zoo file (YAML, or JSON for a ``.json`` suffix).
+
+    Raises ``FileNotFoundError`` for a missing zoo file and ``ValueError`` (``CandidateError``
+    naming the candidate where there is one) for an empty zoo, unknown keys, duplicate names,
+    missing checkpoint files, unknown formats and MONAI entries without ``architecture``.
+    Checkpoints are not opened here: a file that does not load fails in :func:`candidate_network`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"zoo file not found: {path}")
+    spec = _load_zoo_file(path)
+    if not isinstance(spec, Mapping) or set(spec) - ZOO_KEYS:
+        raise ValueError(f"zoo file {path}: expected one top-level key 'candidates' (a list), got "
+                         f"{sorted(spec) if isinstance(spec, Mapping) else type(spec).__name__}")
+    entries = spec.get("candidates") or []
+    if not isinstance(entries, list):
+        raise ValueError(f"zoo file {path}: 'candidates' must be a list")
+    if not entries:
+        raise ValueError(f"zoo file {path} lists no candidates: the zoo is empty, nothing to rank")
+    candidates = [_candidate(entry, i, path.parent) for i, entry in enumerate(entries)]
+    seen: set[str] = set()
+    for candidate in candidates:
+        if candidate.name in seen:
+            raise CandidateError(candidate.name, f"duplicate name in {path}; names must be unique")
+        seen.add(candidate.name)
+    return candidates
+
+
+# ---- stage hooks per network class ---------------------------------------------------------------
+def _basic_unet_stages(network: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    encoder = [network.conv_0, network.down_1, network.down_2, network.down_3, network.down_4]
+    return encoder, [network.upcat_4, network.upcat_3, network.upcat_2, network.upcat_1]
+
+
+def _monai_unet_stages(network: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    from monai.networks.layers.simplelayers import SkipConnection
+
+    # MONAI's UNet nests each level as Sequential(down, SkipConnection(next level), up).
+    encoder, up = [], []
+    block = network.model
+    while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
+        encoder.append(block[0])
+        up.append(block[2])
+        block = block[1].submodule
+    encoder.append(block)
+    return encoder, up[1:][::-1]
+
+
+def _swin_unetr_stages(network: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    encoder = [network.encoder1, network.encoder2, network.encoder3, network.encoder4, network.encoder10]
+    return encoder, [network.decoder5, network.decoder4, network.decoder3, network.decoder2, network.decoder1]
+
+
+def _dynamic_unet_stages(network: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    return list(network.encoder.stages), list(network.decoder.stages)
+
+
+def _total_strides(strides, ndim: int) -> tuple[int, ...]:
+    """Per-axis product of per-stage strides (each an int or a per-axis sequence)."""
+    per_stage = [[int(s)] * ndim if isinstance(s, int) else [int(v) for v in s] for s in strides]
+    return tuple(math.prod(axis) for axis in zip(*per_stage))
+
+
+# class name -> (stage lister, total down-sampling per axis for an input of ndim axes)
+_STAGES = {
+    "BasicUNet": (_basic_unet_stages, lambda net, ndim: (16,) * ndim),
+    "UNet": (_monai_unet_stages, lambda net, ndim: _total_strides(net.strides, ndim)),
+    "SwinUNETR": (_swin_unetr_stages, lambda net, ndim: (32,) * ndim),
+    "PlainConvUNet": (_dynamic_unet_stages, lambda net, ndim: _total_strides(net.encoder.strides, ndim)),
+    "ResidualEncoderUNet": (_dynamic_unet_stages, lambda net, ndim: _total_strides(net.encoder.strides, ndim)),
+}
+
+
+def stage_modules(network: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module], nn.Module]:
+    """(global, local, bottleneck) modules to hook, named ``decoder.<s>`` / ``encoder.<i>``
+    (module docstring); the bottleneck (last encoder stage) is where the consistency score drops
+    channels."""
+    kind = type(network).__name__
+    if kind not in _STAGES:
+        raise TypeError(f"no stage hooks defined for {kind}; supported: {sorted(_STAGES)}")
+    encoder, decoder = _STAGES[kind][0](network)
+    local = encoder[1:-1] or encoder[-1:]
+    if not hasattr(network, "key_to_encoder"):
+        # MONAI networks down-sample by a fixed 16-32 whatever the target (nnU-Net's plans adapt
+        # their depth to the patch): below stride 4 their grids are too coarse for boundary patches.
+        local = local[:2]
+    return ({f"decoder.{s}": m for s, m in enumerate(decoder)},
+            {f"encoder.{encoder.index(m)}": m for m in local}, encoder[-1])
+
+
+def window_size(network: nn.Module, patch_size) -> tuple[int, ...]:
+    """``patch_size`` rounded up per axis to a multiple of ``network``'s total down-sampling.
+
+    nnU-Net's patch sizes already suit the plans' networks (unchanged); MONAI networks
+    down-sample by a fixed factor regardless of the plans.
+    """
+    multiple = _STAGES[type(network).__name__][1](network, len(patch_size))
+    return tuple(int(math.ceil(p / m) * m) for p, m in zip(patch_size, multiple))
+
+
+# ---- building and loading a candidate's network ----------------------------------------------------
+class CandidateNetwork(NamedTuple):
+    """A loaded candidate: its network, the stages to hook (:func:`stage_modules`) and the load report."""
+
+    network: nn.Module
+    global_modules: dict[str, nn.Module]
+    local_modules: dict[str, nn.Module]
+    load_report: LoadReport
+    bottleneck: nn.Module
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a candidate's network must fit: input channels, classes, spatial dimension."""
+
+    n_inputs: int
+    n_classes: int
+    ndim: int
+    configuration: str
+    patch_size: tuple[int, ...]
+
+
+def target_for(plans: dict, configuration: str, dataset_json: dict) -> Target:
+    """The :class:`Target` of a configuration of nnU-Net plans and a dataset.json."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    if configuration not in manager.available_configurations:
+        raise ValueError(f"configuration {configuration!r} not in the plans; available: "
+                         f"{manager.available_configurations}")
+    config = manager.get_configuration(configuration)
+    return Target(determine_num_input_channels(manager, config, dataset_json),
+                  manager.get_label_manager(dataset_json).num_segmentation_heads,
+                  len(config.patch_size), configuration, tuple(int(p) for p in config.patch_size))
+
+
+def _checkpoint_input_channels(checkpoint: Checkpoint) -> int | None:
+    """Input channels the checkpoint was trained with, when it says so (nnssl plan)."""
+    value = checkpoint.metadata.get("pretrain_num_input_channels")
+    return int(value) if value is not None else None
+
+
+def _architecture_network(candidate: Candidate, target: Target, seed: int) -> nn.Module:
+    module_name, _, class_name = candidate.architecture["class"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CandidateError(candidate.name, f"architecture class {candidate.architecture['class']!r} "
+                                             f"cannot be imported ({err})") from err
+    if class_name not in _STAGES:
+        raise CandidateError(candidate.name, f"no stage hooks defined for {class_name}; "
+                                             f"supported: {sorted(_STAGES)}")
+    kwargs = dict(candidate.architecture["kwargs"])
+    accepted = inspect.signature(cls).parameters
+    defaults = {"in_channels": target.n_inputs, "out_channels": target.n_classes,
+                "spatial_dims": target.ndim}
+    for key, value in defaults.items():
+        if key in accepted:
+            kwargs.setdefault(key, value)
+    if kwargs.get("in_channels", target.n_inputs) != target.n_inputs:
+        raise CandidateError(candidate.name, f"input channels differ: the architecture takes "
+                                             f"{kwargs['in_channels']}, the dataset has {target.n_inputs}")
+    if kwargs.get("spatial_dims", target.ndim) != target.ndim:
+        raise CandidateError(candidate.name, f"spatial_dims {kwargs['spatial_dims']} does not match the "
+                                             f"{target.ndim}D configuration {target.configuration!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the parts the checkpoint does not cover are reproducible
+        try:
+            return cls(**kwargs)
+        except Exception as err:  # any constructor complaint is a property of this zoo entry
+            raise CandidateError(candidate.name, f"{class_name}(**{kwargs}) failed: {err}") from err
+
+
+def candidate_network(candidate: Candidate, plans: dict, configuration: str, dataset_json: dict, *,
+                      seed: int = 0, device: str | torch.device = "cpu") -> CandidateNetwork:
+    """Build and load one candidate's network for a target; return it with its hooks and report.
+
+    Every failure raises :class:`CandidateError` naming the candidate: an unreadable file, a
+    format other than the one declared, a MONAI checkpoint without ``architecture``, input
+    channels other than the dataset's (checked from the nnssl plan or the architecture before the
+    network is built, otherwise by the loader's shape check), or weights that do not fit.
+    """
+    target = target_for(plans, configuration, dataset_json)
+    try:
+        checkpoint = read_checkpoint(candidate.checkpoint)
+    except Exception as err:  # torch's unpickler raises anything (IndexError, ...) on a corrupt file
+        raise CandidateError(candidate.name, f"checkpoint does not load: {type(err).__name__}: {err}") from err
+    if candidate.format is not None and checkpoint.format != candidate.format:
+        raise CandidateError(candidate.name, f"declared format {candidate.format!r} but the file is a "
+                                             f"{checkpoint.format!r} checkpoint")
+    if checkpoint.format == "monai" and candidate.architecture is None:
+        raise CandidateError(candidate.name, f"{checkpoint.metadata.get('monai_network')} state dict needs "
+                                             "'architecture: {class: monai.networks.nets.<Net>, kwargs: {...}}'")
+    pretrained_channels = _checkpoint_input_channels(checkpoint)
+    if pretrained_channels not in (None, 1, target.n_inputs):
+        raise CandidateError(candidate.name, f"input channels differ: pre-trained on {pretrained_channels}, "
+                                             f"the dataset has {target.n_inputs}")
+    try:
+        if candidate.architecture is None:
+            network, report = network_for_configuration(plans, configuration, dataset_json,
+                                                        checkpoint=checkpoint, seed=seed)
+        else:
+            network = _architecture_network(candidate, target, seed)
+            report = load_pretrained(network, checkpoint, report=False)
+    except CandidateError:
+        raise
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise CandidateError(candidate.name, str(err)) from err
+    network.to(device).eval()
+    global_modules, local_modules, bottleneck = stage_modules(network)
+    return CandidateNetwork(network, global_modules, local_modules, report, bottleneck)
