@@ -23,6 +23,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from docs_section import write_section
+
 import numpy as np
 from scipy import ndimage
 
@@ -31,7 +33,6 @@ from nnunet_te.metrics.topology import grtd, lbtc
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NNUNET_TE_SHARED", ROOT.parent / "shared"))
-START, END = "<!-- bench_metrics:start -->", "<!-- bench_metrics:end -->"
 
 
 def class_features(rng, dim):
@@ -103,16 +104,6 @@ def blas_threads() -> str:
         return "unknown (threadpoolctl missing)"
 
 
-def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else "# Performance\n\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096, help="points for GRTD")
@@ -166,7 +157,7 @@ def main(argv=None) -> int:
     body = "\n".join(lines)
     print(body)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_section(args.output, body)
+    write_section(args.output, "bench_metrics", body)
     return 0
 
 

@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from docs_section import write_section
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-START, END = "<!-- bench_ranking:start -->", "<!-- bench_ranking:end -->"
 DATASET_ID = 989
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     per_iteration, epoch = epoch_seconds(args.iterations)
 
     lines = [
-        START, "## Ranking a zoo vs fine-tuning",
+        "## Ranking a zoo vs fine-tuning",
         "",
         f"`benchmarks/bench_ranking.py --cases {args.cases} --iterations {args.iterations}`: "
         f"{len(timings)} candidates (4 nnU-Net checkpoints, 2 nnssl encoder-only, 2 MONAI BasicUNet) on "
@@ -152,16 +153,10 @@ def main() -> None:
         f"({per_iteration:.2f} s per training iteration x 250, plus 50 validation iterations); "
         f"ranking / epoch = {total / epoch:.2f} (goal < 1)",
         f"- peak resident memory of the process: {peak_mb:.0f} MB",
-        END,
     ]
     section = "\n".join(lines)
     print(section)
-    text = args.output.read_text() if args.output.exists() else "# Performance\n"
-    if START in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    args.output.write_text(text)
+    write_section(args.output, "bench_ranking", section)
 
 
 if __name__ == "__main__":

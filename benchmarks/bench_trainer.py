@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from docs_section import write_section
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-START, END = "<!-- bench_trainer:start -->", "<!-- bench_trainer:end -->"
 DATASET_ID = 990
 
 
@@ -120,7 +121,7 @@ def main() -> None:
             for what, times in (("train_step on identical batches", steps),
                                 ("whole iteration (loading + augmentation + step)", iterations))]
     lines = [
-        START, "## RiskWeightedTrainer vs nnUNetTrainer",
+        "## RiskWeightedTrainer vs nnUNetTrainer",
         "",
         f"`benchmarks/bench_trainer.py --cases {args.cases} --steps {args.steps} --repeats {args.repeats} "
         f"--iterations {args.iterations}`: real MSD hippocampus cases, nnU-Net 3d_fullres plan "
@@ -142,15 +143,9 @@ def main() -> None:
     else:
         lines.append("Risk maps were already stored in the work folder; run without --workdir to time them.")
     lines.append("Goal: overhead <= 5% per iteration.")
-    lines.append(END)
     section = "\n".join(lines)
     print(section)
-    text = args.output.read_text() if args.output.exists() else "# Performance\n"
-    if START in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    args.output.write_text(text)
+    write_section(args.output, "bench_trainer", section)
 
 
 if __name__ == "__main__":

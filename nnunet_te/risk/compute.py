@@ -101,8 +101,7 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
     ``sigma`` the smoothing of :func:`~nnunet_te.risk.maps.risk_map` in voxels (not applied
     across slices for a 2D configuration); ``seed`` for the network's random parts and the
     mixture; ``max_fit_points`` pixels to fit the mixture on (GMM source only: its fit
-    dominates the run time there: about 1.3 s for 5000 points and 7 s for 20000 with
-    32-channel features on 2 CPU cores); ``overlays`` PNGs (image, label, risk) written to ``<folder>/overlays/``.
+    dominates the run time there and grows linearly with this number); ``overlays`` PNGs (image, label, risk) written to ``<folder>/overlays/``.
 
     Resuming: a run with the same settings (manifest) skips cases whose maps are stored and
     reuses cached network outputs. Different settings raise ValueError unless
