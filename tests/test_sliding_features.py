@@ -36,10 +36,10 @@ def unet(architecture="PlainConvUNet", seed=0):
                       seed=seed).eval()
 
 
-def extract(net, cases, patch=PATCH, **kwargs):
+def extract(net, cases, patch=PATCH, config=CONFIG, **kwargs):
     g, loc = split_stages(net)
     return extract_dataset_features(net, g, loc, cases, patch_size=patch, n_classes=3,
-                                    config=CONFIG, progress=False, **kwargs)
+                                    config=config, progress=False, **kwargs)
 
 
 def count_forwards(net):
@@ -193,6 +193,22 @@ def test_consistency_is_one_for_a_dropout_invariant_confident_network(cases):
     p0, p1 = invariant.consistency[0.4]
     assert np.array_equal(p0, p1) and (p0 > 0.5).any()
     assert metric.compute(invariant) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_consistency_case_budget_picks_the_same_cases_for_every_network(cases):
+    from dataclasses import replace
+
+    one_case = replace(CONFIG, consistency_cases=1)
+    a = extract(unet(seed=0), cases, config=one_case, consistency_rates=(0.2,))
+    b = extract(unet("ResidualEncoderUNet", seed=1), cases, config=one_case, consistency_rates=(0.2,))
+    assert a.consistency[0.2][0].shape == b.consistency[0.2][0].shape == (2, 512)  # 1 case x 2 windows
+    full = extract(unet(seed=0), cases, consistency_rates=(0.2,))
+    # the budgeted case's rows are exactly that case's rows of the unbudgeted run
+    matches = [np.array_equal(a.consistency[0.2][0], full.consistency[0.2][0][2 * i:2 * i + 2])
+               for i in range(3)]
+    assert sum(matches) == 1
+    with pytest.raises(ValueError, match="consistency_cases must be >= 1"):
+        extract(unet(), cases, config=replace(CONFIG, consistency_cases=0), consistency_rates=(0.2,))
 
 
 def test_memory_is_bounded_by_the_samples_not_the_case(cases):

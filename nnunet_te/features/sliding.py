@@ -22,8 +22,8 @@ whole-image forward pass. With smaller windows a feature differs from the whole-
 the Gaussian blend of windows that saw different context (zero padding at window borders,
 instance norm statistics over the window): the same approximation nnU-Net's predictor makes.
 
-Label-free consistency (METHODS.md 1.8, seed 004): for up to
-``config.consistency_windows_per_case`` windows per case (seeded choice), the window is
+Label-free consistency (METHODS.md 1.8, seed 004): in up to ``config.consistency_cases``
+cases and for up to ``config.consistency_windows_per_case`` windows of each (seeded choices), the window is
 predicted again with channel dropout on the bottleneck output at every rate. Foreground
 probability is ``1 - softmax(logits)[0]`` (binary and multi-class alike; sigmoid/region
 outputs are not supported). Each window is one "patch" of ``effective_invariance``; only
@@ -237,6 +237,7 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
     if source_head or rates:
         modules[OUTPUT] = network
     sampler = StageSampler(len(cases), n_classes, global_modules, local_modules, config)
+    consistency_cases = _consistency_cases(len(cases), config.consistency_cases, seed) if rates else set()
     last_global = list(global_modules)[-1]
     network.to(device).eval()
     geometry = channels = None
@@ -265,7 +266,8 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
             part = _case_features(network, modules, sampler, geometry, case_index, case_id,
                                   image, labels, patch=patch, n_classes=n_classes,
                                   last_global=last_global, source_head=source_head,
-                                  rates=rates, bottleneck=bottleneck, seed=seed, config=config,
+                                  rates=rates if case_index in consistency_cases else (),
+                                  bottleneck=bottleneck, seed=seed, config=config,
                                   step_size=step_size, device=device)
             if cache is not None:
                 cache.store_case(key, case_index, case_id, part)
@@ -276,6 +278,15 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
     if cache is not None:
         cache.store(key, features)
     return features
+
+
+def _consistency_cases(n_cases: int, budget: int, seed: int) -> set[int]:
+    """Indices of the cases predicted again for the consistency score (seeded, labels unused)."""
+    if budget < 1:
+        raise ValueError(f"consistency_cases must be >= 1, got {budget}")
+    chosen = np.random.default_rng([seed, _CONSISTENCY_STREAM]).choice(
+        n_cases, size=min(budget, n_cases), replace=False)
+    return set(chosen.tolist())
 
 
 @torch.no_grad()
