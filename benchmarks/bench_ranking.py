@@ -120,6 +120,7 @@ def main() -> None:
 
     zoo = write_zoo(preprocessed, workdir / "zoo")
     out = workdir / f"ranking_{time.strftime('%Y%m%d_%H%M%S')}"
+    loads = [os.getloadavg()[0]]
     start = time.perf_counter()
     result = rank_zoo(DATASET_ID, "3d_fullres", zoo, out_dir=out, cache_dir=out / "cache", device="cpu")
     total = time.perf_counter() - start
@@ -127,7 +128,9 @@ def main() -> None:
     extraction = sum(t["extraction_seconds"] for t in timings.values())
     metrics = sum(t["metric_total_seconds"] for t in timings.values())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loads.append(os.getloadavg()[0])
     per_iteration, epoch = epoch_seconds(args.iterations)
+    loads.append(os.getloadavg()[0])
 
     lines = [
         "## Ranking a zoo vs fine-tuning",
@@ -137,8 +140,9 @@ def main() -> None:
         f"{args.cases} real MSD hippocampus cases, 3d_fullres plan, every segmentation metric, no feature "
         "cache, CPU.",
         "",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-        f"load average at start {os.getloadavg()[0]:.1f}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; 1-minute "
+        f"load average at the start of the ranking, of the epoch timing and at the end: "
+        f"{', '.join(f'{x:.1f}' for x in loads)} (above 2, other work shared the cores)",
         "",
         "| candidate | feature extraction (s) | metric compute (s) |",
         "|---|---|---|",
@@ -153,6 +157,10 @@ def main() -> None:
         f"({per_iteration:.2f} s per training iteration x 250, plus 50 validation iterations); "
         f"ranking / epoch = {total / epoch:.2f} (goal < 1)",
         f"- peak resident memory of the process: {peak_mb:.0f} MB",
+        f"- extraction includes the consistency score's extra forward passes: "
+        f"{len(result.metadata['consistency_rates'])} dropout rates x up to "
+        f"{result.metadata['sampling']['consistency_windows_per_case']} windows in each of up to "
+        f"{result.metadata['sampling']['consistency_cases']} cases",
     ]
     section = "\n".join(lines)
     print(section)

@@ -105,8 +105,10 @@ def _convert_weights(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     from nnunet_te.features.sampling import SamplingConfig
-    from nnunet_te.ranking.rank import prepare_training, rank_zoo, run_training
+    from nnunet_te.ranking.rank import check_trainer, prepare_training, rank_zoo, run_training
 
+    if args.train is not None:
+        check_trainer(args.tr)
     sampling = SamplingConfig(**({"max_points_per_stage": args.points} if args.points else {}))
     rates = {} if args.consistency_rates is None else {"consistency_rates": args.consistency_rates}
     result = rank_zoo(args.d, args.c, Path(args.zoo), plans=args.p, metrics=args.metrics,
@@ -123,7 +125,7 @@ def _rank(args: argparse.Namespace) -> int:
     print(f"ranking by {result.primary} in {result.out_dir}")
     if args.train is None:
         return 0
-    plan = prepare_training(result, args.d, args.c, args.train, plans=args.p, seed=args.seed,
+    plan = prepare_training(result, args.d, args.c, args.train, plans=args.p, trainer=args.tr, seed=args.seed,
                             device=args.device, overwrite_maps=args.overwrite_maps)
     print(f"chosen: {plan.candidate}\nweights: {plan.weights}\nrisk maps: {plan.risk_maps}\n"
           f"ranking copied to {plan.ranking_copy}\ntrain with:\n  {plan.command_line}")
@@ -223,3 +225,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    rank.add_argument("-tr", default="RiskWeightedTrainer",
+                      help="with --train: RiskWeightedTrainer or a variant, e.g. RiskWeightedTrainer_k5s0_cpu "
+                           "(default: %(default)s)")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import nnssl_checkpoint, nnunet_checkpoint, write_zoo
 from conftest import copy_nnunet_tree
 
 import nnunet_te_trainers
@@ -21,7 +22,7 @@ from nnunet_te.nnunet.dataloading import RiskDataLoader
 from nnunet_te.nnunet.few_shot import few_shot_cases
 from nnunet_te.nnunet.options import RiskOptions, read_options
 from nnunet_te.nnunet.trainers import FewShotSplit, RiskWeightedTrainer
-from nnunet_te.risk.storage import save_case_map
+from nnunet_te.risk.storage import file_sha256, read_manifest, save_case_map
 
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
@@ -168,6 +169,7 @@ def test_options_environment_over_plans_over_defaults():
     ({}, {"nnUNet_te_beta": "much"}, "nnUNet_te_beta"),
     ({"nnunet_te": {"betta": 1}}, {}, "unknown option"),
     ({}, {"nnUNet_te_refresh_every": "-1"}, "refresh_every"),
+    ({}, {"nnUNet_te_zoo": "/nonexistent/zoo.yaml"}, "nnUNet_te_zoo: /nonexistent/zoo.yaml is not a file"),
 ])
 def test_bad_options_fail_clearly(plans, env, message):
     with pytest.raises(ValueError, match=message):
@@ -202,24 +204,6 @@ def _train_until_second_epoch_then_kill(args, env, log: Path):
     assert process.returncode != 0, f"training ended before the simulated crash:\n{log.read_text()[-3000:]}"
 
 
-def _nnssl_encoder_checkpoint(preprocessed: Path, path: Path) -> Path:
-    """A small OpenMind/nnssl-style checkpoint: encoder-only weights of the plans' architecture
-    (seeded) with an adaptation plan, as nnssl saves them."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans = PlansManager(json.loads((preprocessed / "nnUNetPlans.json").read_text()))
-    configuration = plans.get_configuration("3d_fullres")
-    torch.manual_seed(123)
-    network = RiskWeightedTrainer.build_network_architecture(plans, configuration, 1, 3, False)
-    encoder = {k: v for k, v in network.state_dict().items() if k.startswith("encoder.")}
-    torch.save({"network_weights": encoder, "nnssl_adaptation_plan": {
-        "architecture_plans": {"arch_class_name": configuration.network_arch_class_name},
-        "pretrain_num_input_channels": 1, "key_to_encoder": "encoder.stages",
-        "key_to_stem": "encoder.stages.0", "keys_to_in_proj": list(network.keys_to_in_proj),
-        "recommended_downstream_patchsize": list(configuration.patch_size)}}, path)
-    return path
-
-
 @pytest.mark.slow
 def test_cli_end_to_end_convert_train_crash_resume_riskmap_predict(hippocampus_nnunet, tmp_path):
     import SimpleITK as sitk
@@ -228,7 +212,7 @@ def test_cli_end_to_end_convert_train_crash_resume_riskmap_predict(hippocampus_n
     env = {**ds.env, "nnUNet_te_beta": "1.0"}
     log = tmp_path / "cli.log"
     started = time.time()
-    checkpoint = _nnssl_encoder_checkpoint(ds.preprocessed, tmp_path / "openmind_encoder.pth")
+    checkpoint = nnssl_checkpoint(ds.preprocessed, tmp_path / "openmind_encoder.pth")
     converted = tmp_path / "converted.pth"
     _run(["nnunet-te", "convert-weights", str(checkpoint), "-d", "991", "-c", "3d_fullres", "-o", str(converted)],
          env, log)
@@ -270,3 +254,48 @@ def test_cli_end_to_end_convert_train_crash_resume_riskmap_predict(hippocampus_n
         assert prediction.shape == sitk.GetArrayFromImage(sitk.ReadImage(image)).shape
         assert set(np.unique(prediction)) <= {0, 1, 2}
     print(f"end to end: {time.time() - started:.0f} s")
+
+
+@pytest.mark.slow
+def test_trainer_ranks_a_zoo_at_first_start_and_keeps_the_choice_on_resume(hippocampus_nnunet, tmp_path):
+
+    ds = copy_nnunet_tree(hippocampus_nnunet, tmp_path / "tree")
+    log = tmp_path / "zoo.log"
+    encoder = nnssl_checkpoint(ds.preprocessed, tmp_path / "openmind_encoder.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    zoo = write_zoo(tmp_path / "zoo.yaml", [
+        {"name": "openmind", "checkpoint": str(encoder)},
+        {"name": "nnunet", "checkpoint": str(nnunet_checkpoint(ds.preprocessed, "3d_fullres", tmp_path / "n.pth"))},
+        {"name": "broken", "checkpoint": str(corrupt)}])
+    # shared maps of another checkpoint already exist: the run must neither use nor touch them
+    other = tmp_path / "other.pth"
+    _run(["nnunet-te", "convert-weights", str(nnssl_checkpoint(ds.preprocessed, tmp_path / "o.pth", seed=7)),
+          "-d", "991", "-c", "3d_fullres", "-o", str(other), "--seed", "7"], ds.env, log)
+    _run(["nnunet-te", "riskmap", "-d", "991", "-c", "3d_fullres", "--weights", str(other), "--overlays", "0",
+          "-device", "cpu"], ds.env, log)
+    shared = ds.preprocessed / "nnUNetPlans_3d_fullres__risk"
+    shared_manifest = read_manifest(shared)
+
+    trainer = "RiskWeightedTrainer_k3s0_cpu"
+    train = ["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
+    env = {**ds.env, "nnUNet_te_zoo": str(zoo)}
+    _train_until_second_epoch_then_kill(train, env, log)
+    _run(train + ["--c"], env, log)
+
+    fold = ds.results / ds.raw.name / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    choice = json.loads((fold / "nnunet_te_zoo_choice.json").read_text())
+    split = json.loads((fold / "few_shot_split.json").read_text())
+    ranking = json.loads((fold / "nnunet_te_ranking.json").read_text())
+    assert sorted(ranking["ranking"]) == ["nnunet", "openmind"] and "broken" in ranking["candidate_errors"]
+    assert choice["chosen"] == ranking["ranking"][0]
+    assert choice["training_cases"] == ranking["cases"] == sorted(split["train"])  # no validation case
+    rankings_made = list((ds.results / ds.raw.name).glob("nnunet_te_ranking__*/*/ranking.json"))
+    assert len(rankings_made) == 1, rankings_made  # the resume did not rank again
+    assert "keeping the zoo choice of the first start" in (log.read_text())
+
+    used = json.loads((fold / "risk_options.json").read_text())
+    assert used["maps"]["checkpoint_sha256"] == choice["weights_sha256"] == file_sha256(choice["weights"])
+    assert Path(used["risk_folder"]).is_relative_to(fold)
+    assert read_manifest(shared) == shared_manifest

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_nnunet_tree
 import torch
+from checkpoints import (BASIC_UNET, basic_unet_checkpoint, nnssl_checkpoint, nnunet_checkpoint,
+                         plans_and_dataset, write_zoo)
+from conftest import copy_nnunet_tree
 
-from nnunet_te.ranking.rank import check_classes_present, rank_zoo
+from nnunet_te.ranking.rank import rank_zoo
 from nnunet_te.ranking.zoo import (CandidateError, candidate_network, read_zoo, stage_modules,
                                    window_size)
+from nnunet_te.risk.storage import file_sha256
 
 BIN = Path(sys.executable).parent
 
@@ -25,62 +28,6 @@ def _run(command: list[str], env: dict, cwd: Path, check: bool = True) -> subpro
     if check:
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-4000:]}"
     return done
-
-
-def _write_zoo(path: Path, entries: list[dict]) -> Path:
-    path.write_text(json.dumps({"candidates": entries}) if path.suffix == ".json"
-                    else "candidates:\n" + "".join(
-                        "  - " + "\n    ".join(f"{k}: {json.dumps(v)}" for k, v in e.items()) + "\n"
-                        for e in entries))
-    return path
-
-
-# ---- small checkpoints of each format, built from the target's plans ----------------------------
-def _plans(preprocessed: Path) -> tuple[dict, dict]:
-    return (json.loads((preprocessed / "nnUNetPlans.json").read_text()),
-            json.loads((preprocessed / "dataset.json").read_text()))
-
-
-def _nnunet_checkpoint(preprocessed: Path, configuration: str, path: Path, seed: int = 5) -> Path:
-    """nnU-Net trainer-style checkpoint of the plans' architecture (seeded weights)."""
-    from nnunet_te.nnunet.weights import network_for_configuration
-
-    plans, dataset = _plans(preprocessed)
-    network, _ = network_for_configuration(plans, configuration, dataset, seed=seed)
-    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 3,
-                "init_args": {"plans": plans, "configuration": configuration, "fold": 0,
-                              "dataset_json": dataset}}, path)
-    return path
-
-
-def _nnssl_checkpoint(preprocessed: Path, path: Path, *, in_channels: int = 1) -> Path:
-    """nnssl/OpenMind-style encoder-only checkpoint with its adaptation plan."""
-    from nnunet_te.nnunet.weights import network_for_configuration
-
-    plans, dataset = _plans(preprocessed)
-    dataset = {**dataset, "channel_names": {str(i): "MRI" for i in range(in_channels)}}
-    network, _ = network_for_configuration(plans, "3d_fullres", dataset, seed=11)
-    encoder = {k: v for k, v in network.state_dict().items() if k.startswith("encoder.")}
-    configuration = plans["configurations"]["3d_fullres"]
-    torch.save({"network_weights": encoder, "nnssl_adaptation_plan": {
-        "architecture_plans": {"arch_class_name": configuration["architecture"]["network_class_name"]},
-        "pretrain_num_input_channels": in_channels, "key_to_encoder": "encoder.stages",
-        "key_to_stem": "encoder.stages.0", "keys_to_in_proj": list(network.keys_to_in_proj),
-        "recommended_downstream_patchsize": configuration["patch_size"]}}, path)
-    return path
-
-
-BASIC_UNET = {"class": "monai.networks.nets.BasicUNet", "kwargs": {"features": [4, 4, 8, 8, 16, 4]}}
-
-
-def _basic_unet_checkpoint(path: Path, spatial_dims: int, in_channels: int = 1) -> Path:
-    from monai.networks.nets import BasicUNet
-
-    torch.manual_seed(3)
-    network = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=3,
-                        features=BASIC_UNET["kwargs"]["features"])
-    torch.save(network.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +48,12 @@ def nnunet_env(tree_3d, monkeypatch):
 # ---- zoo files -----------------------------------------------------------------------------------
 def test_read_zoo_yaml_and_json_resolve_paths_and_detect_mistakes(tmp_path):
     (tmp_path / "a.pth").write_bytes(b"x")
-    zoo = read_zoo(_write_zoo(tmp_path / "zoo.yaml", [
+    zoo = read_zoo(write_zoo(tmp_path / "zoo.yaml", [
         {"name": "a", "checkpoint": "a.pth", "notes": "n"},
         {"name": "m", "checkpoint": str(tmp_path / "a.pth"), "format": "monai", "architecture": BASIC_UNET}]))
     assert [c.name for c in zoo] == ["a", "m"] and zoo[0].checkpoint == (tmp_path / "a.pth").resolve()
     assert zoo[1].architecture["kwargs"]["features"] == [4, 4, 8, 8, 16, 4]
-    assert read_zoo(_write_zoo(tmp_path / "zoo.json", [{"name": "a", "checkpoint": "a.pth"}]))[0].name == "a"
+    assert read_zoo(write_zoo(tmp_path / "zoo.json", [{"name": "a", "checkpoint": "a.pth"}]))[0].name == "a"
     # the hash follows the bytes and the architecture, not the name
     assert zoo[0].content_hash() != zoo[1].content_hash()
 
@@ -120,7 +67,7 @@ def test_read_zoo_yaml_and_json_resolve_paths_and_detect_mistakes(tmp_path):
     }
     for label, (entries, message) in cases.items():
         with pytest.raises(ValueError, match=message):
-            read_zoo(_write_zoo(tmp_path / f"{label}.yaml", entries))
+            read_zoo(write_zoo(tmp_path / f"{label}.yaml", entries))
 
 
 def test_monai_stage_hooks_fire_and_windows_fit():
@@ -144,24 +91,29 @@ def test_monai_stage_hooks_fire_and_windows_fit():
     assert list(stage_modules(swin)[1]) == ["encoder.1", "encoder.2"]  # MONAI: strides 2 and 4 only
 
 
-def test_missing_class_is_named():
-    class Cases:
-        def __len__(self):
-            return 2
-
-        def labels(self, index):
-            return np.array([[0, 1], [1, 0]])
-
-    with pytest.raises(ValueError, match=r"class\(es\) 2 \(Posterior\)"):
-        check_classes_present(Cases(), 3, {"background": 0, "Anterior": 1, "Posterior": 2})
+def test_class_missing_from_every_sampled_case_is_named_before_extraction(nnunet_env, tmp_path):
+    """Real hippocampus cases whose dataset.json declares a third foreground class no case has."""
+    dataset_json = nnunet_env / "dataset.json"
+    original = dataset_json.read_text()
+    declared = json.loads(original)
+    declared["labels"]["Tail"] = 3
+    zoo = write_zoo(tmp_path / "zoo.json", [{"name": "monai", "architecture": BASIC_UNET,
+                                              "checkpoint": str(basic_unet_checkpoint(tmp_path / "b.pt", 3))}])
+    try:
+        dataset_json.write_text(json.dumps(declared))
+        with pytest.raises(ValueError, match=r"class\(es\) 3 \(Tail\) occur in none of the 2 sampled cases"):
+            rank_zoo(nnunet_env.name, "3d_fullres", zoo, max_cases=2, out_dir=tmp_path / "out", progress=False)
+    finally:
+        dataset_json.write_text(original)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- bad candidates ------------------------------------------------------------------------------
 def test_input_channel_mismatch_names_the_candidate(nnunet_env, tmp_path):
-    plans, dataset = _plans(nnunet_env)
-    nnssl = _nnssl_checkpoint(nnunet_env, tmp_path / "two_channels.pth", in_channels=2)
-    basic = _basic_unet_checkpoint(tmp_path / "basic2.pt", 3, in_channels=2)
-    zoo = read_zoo(_write_zoo(tmp_path / "zoo.yaml", [
+    plans, dataset = plans_and_dataset(nnunet_env)
+    nnssl = nnssl_checkpoint(nnunet_env, tmp_path / "two_channels.pth", in_channels=2)
+    basic = basic_unet_checkpoint(tmp_path / "basic2.pt", 3, in_channels=2)
+    zoo = read_zoo(write_zoo(tmp_path / "zoo.yaml", [
         {"name": "ssl_2ch", "checkpoint": str(nnssl)},
         {"name": "basic_2ch", "checkpoint": str(basic), "architecture": BASIC_UNET},
         {"name": "basic_kwargs_2ch", "checkpoint": str(basic),
@@ -208,19 +160,19 @@ def _check_ranking(out: Path, scored: list[str]) -> dict:
 def test_cli_rank_3d_zoo_of_three_formats_then_prepare_training(tree_3d, tmp_path):
     root, env, preprocessed = tree_3d
     (tmp_path / "corrupt.pth").write_bytes(b"this is not a checkpoint")
-    zoo = _write_zoo(tmp_path / "zoo.yaml", [
-        {"name": "nnunet_ckpt", "checkpoint": str(_nnunet_checkpoint(preprocessed, "3d_fullres",
+    zoo = write_zoo(tmp_path / "zoo.yaml", [
+        {"name": "nnunet_ckpt", "checkpoint": str(nnunet_checkpoint(preprocessed, "3d_fullres",
                                                                      tmp_path / "nnunet.pth"))},
-        {"name": "openmind_ssl", "checkpoint": str(_nnssl_checkpoint(preprocessed, tmp_path / "ssl.pth")),
+        {"name": "openmind_ssl", "checkpoint": str(nnssl_checkpoint(preprocessed, tmp_path / "ssl.pth")),
          "format": "nnssl", "notes": "encoder only"},
-        {"name": "monai_basic", "checkpoint": str(_basic_unet_checkpoint(tmp_path / "basic.pt", 3)),
+        {"name": "monai_basic", "checkpoint": str(basic_unet_checkpoint(tmp_path / "basic.pt", 3)),
          "architecture": BASIC_UNET},
         {"name": "broken", "checkpoint": str(tmp_path / "corrupt.pth")}])
     out = tmp_path / "ranking"
     done = _run(["nnunet-te", "rank", "-d", "991", "-c", "3d_fullres", "--zoo", str(zoo), "-o", str(out),
                  "--cases", "3", "--points", "600", "--seed", "3", "-device", "cpu", "--consistency-rates", "0.2",
-                 "--train", "0"],
-                env, tmp_path)
+                 "--train", "0", "-tr", "RiskWeightedTrainer_cpu", "--run"],
+                {**env, "nnUNet_n_proc_DA": "0"}, tmp_path)
     record = _check_ranking(out, ["nnunet_ckpt", "openmind_ssl", "monai_basic"])
     assert "candidate 'broken' not ranked: checkpoint does not load" in done.stderr
     assert "checkpoint does not load" in record["candidate_errors"]["broken"]
@@ -234,11 +186,20 @@ def test_cli_rank_3d_zoo_of_three_formats_then_prepare_training(tree_3d, tmp_pat
     weights = Path(choice["weights"])
     assert weights.is_file() and weights.parent == out
     assert len(list(Path(choice["risk_maps"]).glob("*.npy"))) == 12
-    copy = root / "nnUNet_results" / preprocessed.name / "RiskWeightedTrainer__nnUNetPlans__3d_fullres" \
-        / "nnunet_te_ranking.json"
-    assert json.loads(copy.read_text())["ranking"] == record["ranking"]
-    assert (f"nnUNetv2_train 991 3d_fullres 0 -tr RiskWeightedTrainer -pretrained_weights {weights}"
+    results = root / "nnUNet_results" / preprocessed.name / "RiskWeightedTrainer_cpu__nnUNetPlans__3d_fullres"
+    assert json.loads((results / "nnunet_te_ranking.json").read_text())["ranking"] == record["ranking"]
+    assert (f"nnUNetv2_train 991 3d_fullres 0 -tr RiskWeightedTrainer_cpu -pretrained_weights {weights}"
             in done.stdout)
+    # --run started it: the CPU schedule's two epochs finished, on the maps of the chosen weights
+    final = torch.load(results / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert len(final["logging"]["train_losses"]) == 2
+    used = json.loads((results / "fold_0" / "risk_options.json").read_text())
+    assert used["maps"]["checkpoint_sha256"] == file_sha256(weights)
+
+    bad = _run(["nnunet-te", "rank", "-d", "991", "-c", "3d_fullres", "--zoo", str(zoo), "--train", "0",
+                "-tr", "nnUNetTrainer"], env, tmp_path, check=False)
+    assert bad.returncode != 0 and "'nnUNetTrainer' is not RiskWeightedTrainer or one of its variants" in bad.stderr
+    assert "ranking by" not in bad.stdout  # refused before any ranking work
 
 
 @pytest.mark.slow
@@ -250,9 +211,9 @@ def test_cli_rank_2d_epfl(shared_data, tmp_path):
     _run(["nnunet-te", "data", "epfl_em_mitochondrion", "-d", "992", "--cases", "5"], env, tmp_path)
     _run(["nnUNetv2_plan_and_preprocess", "-d", "992", "-c", "2d", "-np", "1"], env, tmp_path)
     preprocessed = next(folders["nnUNet_preprocessed"].glob("Dataset992_*"))
-    zoo = _write_zoo(tmp_path / "zoo.json", [
-        {"name": "nnunet_2d", "checkpoint": str(_nnunet_checkpoint(preprocessed, "2d", tmp_path / "n2d.pth"))},
-        {"name": "monai_basic_2d", "checkpoint": str(_basic_unet_checkpoint(tmp_path / "b2d.pt", 2)),
+    zoo = write_zoo(tmp_path / "zoo.json", [
+        {"name": "nnunet_2d", "checkpoint": str(nnunet_checkpoint(preprocessed, "2d", tmp_path / "n2d.pth"))},
+        {"name": "monai_basic_2d", "checkpoint": str(basic_unet_checkpoint(tmp_path / "b2d.pt", 2)),
          "format": "monai", "architecture": BASIC_UNET}])
     _run(["nnunet-te", "rank", "-d", "992", "-c", "2d", "--zoo", str(zoo), "--points", "600",
           "--cases", "3", "--consistency-rates", "0.2", "-device", "cpu"], env, tmp_path)

@@ -15,6 +15,12 @@ option              environment variable        default    meaning
 ``checkpoint``      ``nnUNet_te_risk_checkpoint`` ""       checkpoint the maps are computed from when
                                                            missing ("": the network as initialised,
                                                            i.e. the ``-pretrained_weights`` encoder)
+``zoo``             ``nnUNet_te_zoo``           ""         zoo file (``nnunet-te rank --zoo``): at the
+                                                           first start, rank it on the run's training
+                                                           cases and start from the best nnU-Net-
+                                                           compatible candidate instead of
+                                                           ``-pretrained_weights``; a ``--c`` resume
+                                                           keeps the first start's choice
 ==================  ==========================  =========  =========================================
 """
 
@@ -37,6 +43,7 @@ ENVIRONMENT = {
     "sigma": "nnUNet_te_sigma",
     "refresh_every": "nnUNet_te_refresh_every",
     "checkpoint": "nnUNet_te_risk_checkpoint",
+    "zoo": "nnUNet_te_zoo",
 }
 
 
@@ -49,6 +56,7 @@ class RiskOptions:
     sigma: float = 1.0
     refresh_every: int = 0
     checkpoint: str = ""
+    zoo: str = ""
 
     def __post_init__(self):
         risk_weights(np.zeros(1), beta=self.beta, weighting=self.weighting)  # raises on bad values
@@ -56,6 +64,10 @@ class RiskOptions:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0 (0 = never), got {self.refresh_every}")
+        for name in ("checkpoint", "zoo"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):  # fail at trainer construction, not after an epoch
+                raise ValueError(f"{ENVIRONMENT[name]}: {path} is not a file")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

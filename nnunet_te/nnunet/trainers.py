@@ -2,6 +2,8 @@
 
 Use them like any nnU-Net trainer (``nnUNetv2_train D CONFIG FOLD -tr RiskWeightedTrainer``);
 ``pip install`` makes nnU-Net find them (``trainers/__init__.py``).
+With ``nnUNet_te_zoo=zoo.yaml`` a ``RiskWeightedTrainer`` ranks the zoo on its own training cases
+at its first start and begins from the winner (:meth:`RiskWeightedTrainer.on_train_start`).
 
 - ``RiskWeightedTrainer``: fine-tunes with the transfer-risk-weighted loss (METHODS.md 1.7). The
   per-case risk maps travel through nnU-Net's data loading with every spatial augmentation
@@ -19,6 +21,7 @@ Every variant writes its own results folder (nnU-Net names it after the class).
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch._dynamo import OptimizedModule
@@ -33,11 +37,16 @@ from torch._dynamo import OptimizedModule
 from nnunet_te.nnunet.dataloading import RiskMapDataset, RiskMapTransforms, split_risk_channel
 from nnunet_te.nnunet.few_shot import few_shot_cases
 from nnunet_te.nnunet.options import read_options
+from nnunet_te.ranking.rank import RANKING_COPY, export_winner, rank_zoo
+from nnunet_te.ranking.zoo import read_zoo
 from nnunet_te.risk.compute import compute_dataset_risk_maps
 from nnunet_te.risk.loss import RiskWeightedDeepSupervisionLoss
 from nnunet_te.risk.maps import risk_weights
 from nnunet_te.risk.storage import case_map_path, file_sha256, read_manifest, risk_folder
 
+#: Files the zoo option writes into the fold's output folder.
+ZOO_CHOICE = "nnunet_te_zoo_choice.json"
+ZOO_WEIGHTS = "nnunet_te_zoo_weights.pth"
 #: Few-shot sizes and seeds with a generated class each.
 FEW_SHOT_K = (1, 2, 3, 5, 10, 20)
 FEW_SHOT_SEEDS = (0, 1, 2)
@@ -86,8 +95,18 @@ class RiskWeightedTrainer(nnUNetTrainer):
     the network as initialised, i.e. the weights ``-pretrained_weights`` loaded just before
     (without its segmentation head, which nnU-Net never transfers: the maps then use mixture
     posteriors as pseudo source classes). Maps are computed once for all cases of the dataset and
-    configuration and shared by every run on it. The options and the maps' provenance are logged
-    and written to ``risk_options.json`` in the fold's output folder.
+    configuration and shared by every run on it, except when the run knows the checkpoint its maps
+    must come from (``nnUNet_te_risk_checkpoint``, or the zoo's winner) and the shared maps come
+    from another one: the run then computes its own maps under its output folder and leaves the
+    shared ones alone. The options and the maps' provenance are logged and written to
+    ``risk_options.json`` in the fold's output folder.
+
+    With ``nnUNet_te_zoo`` the first start ranks the zoo (:func:`nnunet_te.ranking.rank.rank_zoo`)
+    on the run's training cases only (the few-shot cases for ``_k{K}s{S}`` variants) and loads
+    the best candidate nnU-Net can initialise from, as ``-pretrained_weights`` would; the ranking
+    is saved as ``nnunet_te_ranking.json`` and the choice as ``nnunet_te_zoo_choice.json`` in the
+    fold's output folder. A ``--c`` resume keeps the first start's choice and does not rank again
+    (the resumed checkpoint already holds the trained weights).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -95,6 +114,9 @@ class RiskWeightedTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.risk_options = read_options(self.plans_manager.plans)
         self.risk_folder = None  # -> on_train_start
+        self.zoo_weights = None  # -> on_train_start, with nnUNet_te_zoo
+        if self.risk_options.zoo:
+            read_zoo(self.risk_options.zoo)  # a malformed zoo fails now, not after data loading starts
 
     # ---- loss and the two steps -------------------------------------------------------------
     def _build_loss(self):
@@ -135,6 +157,8 @@ class RiskWeightedTrainer(nnUNetTrainer):
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
+        if self.risk_options.zoo:
+            self.zoo_weights = self._start_from_zoo_choice()
         self._prepare_risk_maps()
         super().on_train_start()
 
@@ -144,6 +168,38 @@ class RiskWeightedTrainer(nnUNetTrainer):
         if every and self.current_epoch % every == 0 and self.current_epoch < self.num_epochs:
             self._refresh_risk_maps()
 
+    def _start_from_zoo_choice(self) -> str:
+        """Rank the zoo and load the winner at the first start; on resume read the first choice.
+        Returns the winner's weights file (the checkpoint the risk maps must come from)."""
+        record = Path(self.output_folder) / ZOO_CHOICE
+        if self.current_epoch > 0:  # resumed (--c): nnU-Net loaded the run's own checkpoint
+            if not record.is_file():
+                raise RuntimeError(f"nnUNet_te_zoo is set but this run was started without it ({record} is "
+                                   "missing): unset nnUNet_te_zoo to resume it, or start a new run")
+            choice = json.loads(record.read_text())
+            self.print_to_log_file(f"resumed: keeping the zoo choice of the first start, {choice['chosen']!r}")
+            return choice["weights"]
+        weights = Path(self.output_folder) / ZOO_WEIGHTS
+        for stale in (weights, weights.with_name(f"{weights.stem}_load_report.json")):
+            stale.unlink(missing_ok=True)  # a restart without --c begins anew, as nnU-Net's own files do
+        train_cases, _ = self.do_split()
+        self.print_to_log_file(f"ranking the zoo {self.risk_options.zoo} on {len(train_cases)} training case(s)")
+        result = rank_zoo(self.plans_manager.dataset_name, self.configuration_name, self.risk_options.zoo,
+                          plans=self.plans_manager.plans_name, case_ids=train_cases,
+                          device=str(self.device), progress=False)
+        chosen = export_winner(result, self.plans_manager.plans, self.configuration_name, self.dataset_json,
+                               weights, seed=result.metadata["seed"])
+        load_pretrained_weights(self.network, str(weights), verbose=False)
+        shutil.copyfile(result.paths["json"], Path(self.output_folder) / RANKING_COPY)
+        choice = {"zoo": str(Path(self.risk_options.zoo).resolve()), "chosen": chosen,
+                  "best_ranked": result.ranking[0], "primary_metric": result.primary,
+                  "ranking": result.ranking, "ranking_folder": str(result.out_dir),
+                  "training_cases": sorted(train_cases), "weights": str(weights),
+                  "weights_sha256": file_sha256(weights)}
+        save_json(choice, str(record), sort_keys=False)
+        self.print_to_log_file(f"zoo ranking {result.ranking} ({result.primary}); starting from {chosen!r}")
+        return str(weights)
+
     def _prepare_risk_maps(self) -> None:
         """Check data and maps of every case of the split, compute missing maps, record options."""
         options = self.risk_options
@@ -151,16 +207,21 @@ class RiskWeightedTrainer(nnUNetTrainer):
         train_cases, val_cases = self.do_split()
         cases = sorted(set(train_cases) | set(val_cases))
         shapes = self._case_shapes(cases)
-        shared = risk_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
-        missing = self._check_maps(shared, shapes)
+        wanted = options.checkpoint or self.zoo_weights
+        maps = risk_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
+        if wanted and not self._maps_come_from(maps, wanted):
+            maps = self._compute_maps(Path(self.output_folder) / "risk_source", wanted)
+            self.print_to_log_file(f"the shared risk maps come from another checkpoint than {wanted}: "
+                                   f"this run uses its own, computed in {maps}")
+        missing = self._check_maps(maps, shapes)
         if missing:
-            self._compute_shared_maps(len(missing))
-            missing = self._check_maps(shared, shapes)
+            self.print_to_log_file(f"{len(missing)} risk map(s) missing in {maps}")
+            self._compute_maps(self.preprocessed_dataset_folder_base, wanted or self._save_initial_network())
+            missing = self._check_maps(maps, shapes)
             if missing:
                 raise RuntimeError(f"risk maps still missing after computing them, e.g. {missing[0]!r}")
-        manifest = read_manifest(shared) or {}
-        self._check_checkpoint_matches(manifest)
-        self.risk_folder = self._run_folder(shared) if options.refresh_every else shared
+        manifest = read_manifest(maps) or {}
+        self.risk_folder = self._run_folder(maps) if options.refresh_every else maps
         record = {"options": options.as_dict(), "risk_folder": str(self.risk_folder),
                   "maps": manifest.get("settings", {})}
         self.print_to_log_file(f"risk maps: {self.risk_folder} (computed with {record['maps']})")
@@ -196,15 +257,20 @@ class RiskWeightedTrainer(nnUNetTrainer):
                              f"-d DATASET -c CONFIGURATION --weights CHECKPOINT --overwrite` or delete {folder}")
         return missing
 
-    def _compute_shared_maps(self, n_missing: int) -> None:
-        checkpoint = self.risk_options.checkpoint or self._save_initial_network()
-        self.print_to_log_file(f"{n_missing} risk map(s) missing: computing the maps of all cases from "
-                               f"{checkpoint} (sigma {self.risk_options.sigma})")
-        compute_dataset_risk_maps(
-            self.preprocessed_dataset_folder_base,
-            join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json"),
+    def _compute_maps(self, base: str | Path, checkpoint: str, **options) -> Path:
+        """Maps of every case from ``checkpoint`` in ``risk_folder(base)``; a ``base`` other than
+        nnU-Net's preprocessed dataset folder gets a link to the data, so nothing is written there."""
+        base = Path(base)
+        data = base / self.configuration_manager.data_identifier
+        if not data.exists():
+            base.mkdir(parents=True, exist_ok=True)
+            data.symlink_to(Path(self.preprocessed_dataset_folder).resolve(), target_is_directory=True)
+        self.print_to_log_file(f"computing the risk maps of all cases from {checkpoint} in {base} "
+                               f"(sigma {self.risk_options.sigma})")
+        return Path(compute_dataset_risk_maps(
+            base, join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json"),
             self.configuration_name, self.dataset_json, checkpoint, device=str(self.device),
-            sigma=self.risk_options.sigma, progress=False)
+            sigma=self.risk_options.sigma, progress=False, **options))
 
     def _save_initial_network(self) -> str:
         """Save the network as initialised, minus its (never pre-trained) segmentation head."""
@@ -213,39 +279,28 @@ class RiskWeightedTrainer(nnUNetTrainer):
         torch.save({"network_weights": weights}, path)
         return path
 
-    def _check_checkpoint_matches(self, manifest: dict) -> None:
-        """With ``nnUNet_te_risk_checkpoint`` set, existing maps must come from that checkpoint."""
-        wanted = self.risk_options.checkpoint
-        stored = manifest.get("settings", {}).get("checkpoint_sha256")
-        if wanted and stored and file_sha256(wanted) != stored:
-            raise ValueError(f"risk maps were computed from {manifest['settings'].get('checkpoint')}, not from "
-                             f"nnUNet_te_risk_checkpoint={wanted}; recompute them with `nnunet-te riskmap ... "
-                             f"--overwrite` or unset the variable to use the stored maps")
+    @staticmethod
+    def _maps_come_from(folder: Path, checkpoint: str) -> bool:
+        """True when ``folder`` holds no maps yet or maps computed from ``checkpoint`` (by content)."""
+        stored = (read_manifest(folder) or {}).get("settings", {}).get("checkpoint_sha256")
+        return stored is None or stored == file_sha256(checkpoint)
 
     # ---- refreshing the maps from the current network ----------------------------------------
-    def _run_folder(self, shared: Path) -> Path:
+    def _run_folder(self, source: Path) -> Path:
         """This run's copy of the maps (refreshing must not change other runs' maps); kept on resume."""
         folder = Path(self.output_folder) / "risk_maps"
         if not folder.is_dir():
-            shutil.copytree(shared, folder, ignore=shutil.ignore_patterns("overlays", ".*"))
+            shutil.copytree(source, folder, ignore=shutil.ignore_patterns("overlays", ".*"))
         return folder
 
     def _refresh_risk_maps(self) -> None:
         """Recompute the maps from the current network into a staging folder, then move them into
         this run's folder one file at a time (atomic renames: augmentation workers reading a map
         see the old or the new one, never half a file)."""
-        staging = Path(self.output_folder) / "risk_refresh"
-        data_link = staging / self.configuration_manager.data_identifier
-        staging.mkdir(exist_ok=True)
-        if not data_link.exists():
-            data_link.symlink_to(Path(self.preprocessed_dataset_folder).resolve(), target_is_directory=True)
         checkpoint = join(self.output_folder, "risk_refresh_network.pth")
         torch.save({"network_weights": _plain_network(self.network).state_dict()}, checkpoint)
         self.print_to_log_file(f"epoch {self.current_epoch}: refreshing risk maps from the current network")
-        new = compute_dataset_risk_maps(
-            staging, join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json"),
-            self.configuration_name, self.dataset_json, checkpoint, device=str(self.device),
-            sigma=self.risk_options.sigma, overlays=0, overwrite=True, progress=False)
+        new = self._compute_maps(Path(self.output_folder) / "risk_refresh", checkpoint, overlays=0, overwrite=True)
         for path in Path(new).glob("*.npy"):
             path.replace(Path(self.risk_folder) / path.name)
 

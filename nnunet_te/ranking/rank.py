@@ -199,15 +199,17 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
              plans: str = "nnUNetPlans", metrics: Sequence[str] | None = None,
              out_dir: str | Path | None = None, seed: int = 0, device: str = "cpu",
              sampling: SamplingConfig | None = None, cache_dir: str | Path | None = None,
-             max_cases: int | None = None, consistency_rates: Sequence[float] = CONSISTENCY_RATES,
+             case_ids: Sequence[str] | None = None, max_cases: int | None = None,
+             consistency_rates: Sequence[float] = CONSISTENCY_RATES,
              progress: bool = True) -> RankingResult:
     """Rank the candidates of ``zoo`` for ``dataset`` / ``configuration``; write the ranking.
 
     Arguments: ``dataset`` id or name (preprocessed with ``nnUNetv2_plan_and_preprocess``);
     ``zoo`` a zoo file or candidates; ``metrics`` registry names (default: every segmentation
     metric computable for at least one candidate); ``seed`` for the decoders of encoder-only
-    candidates and for the voxel sampling (overrides ``sampling.seed``); ``max_cases`` a seeded
-    subset of the training cases (default: all); ``consistency_rates`` the dropout rates of the
+    candidates and for the voxel sampling (overrides ``sampling.seed``); ``case_ids`` the
+    preprocessed cases to rank on (default: all; a trainer passes its training split, so no
+    validation case informs the choice); ``max_cases`` a seeded subset of those; ``consistency_rates`` the dropout rates of the
     consistency score (``()`` skips it and its extra forward passes); ``cache_dir`` the feature cache (default:
     ``<ranking root>/feature_cache``, shared by every run on this dataset and configuration).
 
@@ -242,7 +244,13 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     all_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
     if not all_ids:
         raise FileNotFoundError(f"no preprocessed cases in {data_folder}")
-    cases = PreprocessedCases(data_folder, _select_cases(all_ids, max_cases, seed), label_manager.ignore_label,
+    if case_ids is not None:
+        unknown = sorted(set(case_ids) - set(all_ids))
+        if unknown or not case_ids:
+            raise ValueError(f"case_ids must be preprocessed cases of {data_folder}; unknown: {unknown[:5]}"
+                             if unknown else "case_ids is empty: no case to rank on")
+    ranked_ids = sorted(case_ids) if case_ids is not None else all_ids
+    cases = PreprocessedCases(data_folder, _select_cases(ranked_ids, max_cases, seed), label_manager.ignore_label,
                               target.ndim)
     check_classes_present(cases, target.n_classes, dataset_json.get("labels", {}))
 
@@ -356,8 +364,31 @@ def trainable_winner(result: RankingResult) -> str:
                      f"{result.ranking} are other architectures; add nnU-Net or nnssl checkpoints")
 
 
+def check_trainer(trainer: str) -> None:
+    """Raise ValueError unless ``trainer`` names RiskWeightedTrainer or one of its variants."""
+    from nnunet_te.nnunet import trainers  # imported here: the trainers import this module
+
+    found = getattr(trainers, trainer, None)
+    if not (isinstance(found, type) and issubclass(found, trainers.RiskWeightedTrainer)):
+        raise ValueError(f"trainer {trainer!r} is not RiskWeightedTrainer or one of its variants "
+                         f"(RiskWeightedTrainer[_k{{K}}s{{S}}][_cpu], docs/nnunet.md)")
+
+
+def export_winner(result: RankingResult, plans_file: str | Path | dict, configuration: str,
+                  dataset_json: str | Path | dict, out_path: str | Path, *, seed: int = 0) -> str:
+    """Write :func:`trainable_winner`'s weights as an nnU-Net ``-pretrained_weights`` file
+    (:func:`nnunet_te.nnunet.weights.convert_for_pretrained_weights`, decoder seeded with
+    ``seed``) to ``out_path``; return the winner's name."""
+    from nnunet_te.nnunet.weights import convert_for_pretrained_weights
+
+    name = trainable_winner(result)
+    convert_for_pretrained_weights(result.candidate(name).checkpoint, plans_file, configuration,
+                                   dataset_json, out_path, seed=seed)
+    return name
+
+
 def prepare_training(result: RankingResult, dataset: int | str, configuration: str, fold: int | str, *,
-                     plans: str = "nnUNetPlans", seed: int = 0, device: str = "cpu",
+                     plans: str = "nnUNetPlans", trainer: str = TRAINER, seed: int = 0, device: str = "cpu",
                      overwrite_maps: bool = False, progress: bool = True) -> TrainingPlan:
     """From a ranking to a ready ``nnUNetv2_train`` run of the winner.
 
@@ -366,24 +397,24 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
     decoder seeded with ``seed``) into the ranking folder, computes its risk maps
     (:func:`nnunet_te.risk.compute.compute_dataset_risk_maps`; maps of another checkpoint are
     refused unless ``overwrite_maps``) and copies ``ranking.json`` to
-    ``$nnUNet_results/<DatasetXXX>/RiskWeightedTrainer__<plans>__<configuration>/nnunet_te_ranking.json``.
+    ``$nnUNet_results/<DatasetXXX>/<trainer>__<plans>__<configuration>/nnunet_te_ranking.json``.
+    ``trainer`` is ``RiskWeightedTrainer`` or one of its few-shot / CPU variants.
     """
-    from nnunet_te.nnunet.weights import convert_for_pretrained_weights
     from nnunet_te.risk.compute import compute_dataset_risk_maps
 
-    name = trainable_winner(result)
+    check_trainer(trainer)
     folder = preprocessed_dataset_dir(dataset)
     plans_file, dataset_json = folder / f"{plans}.json", folder / "dataset.json"
+    name = trainable_winner(result)
     weights = result.out_dir / f"{name}_for_{dataset_name(dataset)}_{configuration}.pth"
-    convert_for_pretrained_weights(result.candidate(name).checkpoint, plans_file, configuration,
-                                   dataset_json, weights, seed=seed)
+    export_winner(result, plans_file, configuration, dataset_json, weights, seed=seed)
     maps = compute_dataset_risk_maps(folder, plans_file, configuration, dataset_json, weights,
                                      device=device, seed=seed, overwrite=overwrite_maps, progress=progress)
-    trainer_folder = nnunet_results() / dataset_name(dataset) / f"{TRAINER}__{plans}__{configuration}"
+    trainer_folder = nnunet_results() / dataset_name(dataset) / f"{trainer}__{plans}__{configuration}"
     trainer_folder.mkdir(parents=True, exist_ok=True)
     copy = trainer_folder / RANKING_COPY
     shutil.copyfile(result.paths["json"], copy)
-    command = ["nnUNetv2_train", str(dataset), configuration, str(fold), "-tr", TRAINER,
+    command = ["nnUNetv2_train", str(dataset), configuration, str(fold), "-tr", trainer,
                "-pretrained_weights", str(weights)]
     if plans != "nnUNetPlans":
         command += ["-p", plans]
