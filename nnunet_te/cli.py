@@ -132,6 +132,24 @@ def _rank(args: argparse.Namespace) -> int:
     return run_training(plan) if args.run else 0
 
 
+def _rank_cls(args: argparse.Namespace) -> int:
+    from nnunet_te.classification.data import load_image_set
+    from nnunet_te.classification.rank import rank_classification
+
+    data = load_image_set(args.i, split=args.split, image_key=args.image_key, label_key=args.label_key,
+                          size=args.size)
+    result = rank_classification(args.zoo, data, args.output, metrics=args.metrics, n_samples=args.samples,
+                                 seed=args.seed, cross_domain=args.cross_domain, batch_size=args.batch_size,
+                                 device=args.device)
+    print(result.paths["md"].read_text())
+    for name, reason in result.candidate_errors.items():
+        print(f"error: candidate {name!r} not ranked: {reason}", file=sys.stderr)
+    for (metric, candidate), reason in result.scores.errors.items():
+        print(f"note: {metric} not computed for {candidate}: {reason}")
+    print(f"ranking in {Path(args.output).resolve()}")
+    return 0
+
+
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """nnU-Net's own flags for a preprocessed dataset: -d, -c, -p."""
     parser.add_argument("-d", required=True, help="dataset id or name (as nnUNetv2_train)")
@@ -212,6 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--overwrite-maps", action="store_true",
                       help="with --train: replace risk maps computed from another checkpoint")
     rank.set_defaults(func=_rank)
+
+    rank_cls = verbs.add_parser("rank-cls", help="rank a zoo of 2D backbones for a labelled image set "
+                                                 "(classification, LP x FU; docs/classification.md)")
+    rank_cls.add_argument("--zoo", required=True, help="zoo file (YAML or JSON, see docs/classification.md)")
+    rank_cls.add_argument("-i", required=True, help="labelled images: .npz or a folder of class sub-folders")
+    rank_cls.add_argument("-o", "--output", required=True, help="output folder (refused if it holds a ranking)")
+    rank_cls.add_argument("--split", help="npz key prefix, e.g. train for MedMNIST's train_images/train_labels")
+    rank_cls.add_argument("--image-key", help="npz key of the images (default: images or SPLIT_images)")
+    rank_cls.add_argument("--label-key", help="npz key of the labels (default: labels or SPLIT_labels)")
+    rank_cls.add_argument("--size", type=int, help="resize images to SIZE x SIZE (PIL bilinear)")
+    rank_cls.add_argument("--samples", type=int, help="rank on a seeded class-stratified subset of this many images")
+    rank_cls.add_argument("--metrics", nargs="+", help="metrics (default: every classification metric, fu, lp_fu)")
+    rank_cls.add_argument("--cross-domain", action="store_true",
+                          help="natural-image sources: seed 002's flipped LP x FU (1 - minmax of both factors)")
+    rank_cls.add_argument("--batch-size", type=int, default=64, help="feature extraction batch (default: %(default)s)")
+    rank_cls.add_argument("--seed", type=int, default=0, help="seed of the subset and random initialisations")
+    rank_cls.add_argument("-device", "--device", default=default_device(), help="torch device")
+    rank_cls.set_defaults(func=_rank_cls)
 
     metrics = verbs.add_parser("metrics", help="list the transferability metrics")
     metrics.set_defaults(func=_metrics)
