@@ -209,8 +209,9 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     metric computable for at least one candidate); ``seed`` for the decoders of encoder-only
     candidates and for the voxel sampling (overrides ``sampling.seed``); ``case_ids`` the
     preprocessed cases to rank on (default: all; a trainer passes its training split, so no
-    validation case informs the choice); ``max_cases`` a seeded subset of those; ``consistency_rates`` the dropout rates of the
-    consistency score (``()`` skips it and its extra forward passes); ``cache_dir`` the feature cache (default:
+    validation case informs the choice); ``max_cases`` a seeded subset of those;
+    ``consistency_rates`` the dropout rates of the consistency score (``()`` skips it and its
+    extra forward passes); ``cache_dir`` the feature cache (default:
     ``<ranking root>/feature_cache``, shared by every run on this dataset and configuration).
 
     Raises ValueError for an empty zoo, unknown metrics, a foreground class absent from every
