@@ -157,6 +157,30 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from nnunet_te.bench.ground_truth import Schedule
+    from nnunet_te.bench.run import run_bench
+    from nnunet_te.bench.tables import write_report
+
+    if args.report_only:
+        for name, path in write_report(Path(args.work), docs=Path(args.docs) if args.docs else None).items():
+            print(f"{name}: {path}")
+        return 0
+    if not args.d:
+        raise SystemExit("nnunet-te bench: -d DATASET [DATASET ...] is required (unless --report-only)")
+    given = {"shots": args.shots, "seeds": args.seeds, "risk_shots": args.risk_shots,
+             "schedule": Schedule(*args.schedule) if args.schedule else None}
+    summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
+                        n_test=args.test_cases, device=args.device, fine_tunes=not args.no_fine_tunes,
+                        docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in given.items() if v is not None})
+    print(f"{summary['new_fine_tunes']} new fine-tune(s) in {summary['seconds']:.0f} s; results: "
+          f"{summary['results_csv']}")
+    for name, path in summary.get("report", {}).items():
+        print(f"  {name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-te", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -226,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("-device", "--device", default=default_device(), help="torch device")
     rank.add_argument("--train", metavar="FOLD", help="then prepare RiskWeightedTrainer on FOLD with the "
                                                       "best nnU-Net/nnssl candidate and print the command")
+    rank.add_argument("-tr", default="RiskWeightedTrainer",
+                      help="with --train: RiskWeightedTrainer or a variant, e.g. RiskWeightedTrainer_k5s0_cpu "
+                           "(default: %(default)s)")
     rank.add_argument("--run", action="store_true", help="with --train: start nnUNetv2_train")
     rank.add_argument("--overwrite-maps", action="store_true",
                       help="with --train: replace risk maps computed from another checkpoint")
@@ -249,6 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
     rank_cls.add_argument("-device", "--device", default=default_device(), help="torch device")
     rank_cls.set_defaults(func=_rank_cls)
 
+    bench = verbs.add_parser("bench", help="the real benchmark: zoo, k-shot fine-tunes with nnU-Net, ranking "
+                                           "quality, risk weighting (docs/benchmark.md); resumable")
+    bench.add_argument("-d", nargs="+", help="nnU-Net dataset ids or names, preprocessed with -c 2d")
+    bench.add_argument("--work", required=True, help="folder for zoo, rankings, runs, results.csv, report")
+    bench.add_argument("--members", nargs="+", help="zoo members (default: all of nnunet_te.bench.zoo.MEMBERS)")
+    bench.add_argument("--shots", nargs="+", type=int, help="k values (default: 5 10)")
+    bench.add_argument("--seeds", nargs="+", type=int, help="few-shot seeds (default: 0 1)")
+    bench.add_argument("--risk-shots", nargs="*", type=int,
+                       help="k values with RiskWeightedTrainer runs (default: 5; given without values: none)")
+    bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
+                       help="fine-tuning schedule (default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
+    bench.add_argument("--zoo-iterations", type=int, help="override pre-training iterations (miniature runs)")
+    bench.add_argument("--test-cases", type=int, help="held-out test cases per dataset (default: a third, <= 20)")
+    bench.add_argument("--no-fine-tunes", action="store_true", help="build the zoo and rankings only")
+    bench.add_argument("--report-only", action="store_true", help="only rewrite the tables from what --work holds")
+    bench.add_argument("--docs", help="Markdown page to write the results section into, e.g. docs/benchmark.md")
+    bench.add_argument("-device", "--device", default=default_device(), help="torch device")
+    bench.set_defaults(func=_bench)
+
     metrics = verbs.add_parser("metrics", help="list the transferability metrics")
     metrics.set_defaults(func=_metrics)
     return parser
@@ -261,6 +307,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    rank.add_argument("-tr", default="RiskWeightedTrainer",
-                      help="with --train: RiskWeightedTrainer or a variant, e.g. RiskWeightedTrainer_k5s0_cpu "
-                           "(default: %(default)s)")

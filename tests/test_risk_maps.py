@@ -152,24 +152,30 @@ def tiny_preprocessed(hippocampus_nnunet, tmp_path_factory):
     return copy
 
 
-@pytest.mark.parametrize("with_head", [True, False])
-def test_compute_dataset_risk_maps_end_to_end(tiny_preprocessed, tmp_path, with_head):
-    from nnunet_te.risk.compute import compute_dataset_risk_maps
-
-    plans = tiny_preprocessed / "nnUNetPlans.json"
-    dataset_json = tiny_preprocessed / "dataset.json"
+def _four_cases_and_checkpoint(preprocessed, tmp_path, with_head: bool):
+    """(plans dict, dataset.json path, config, 4 case ids, checkpoint of the plans' network)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = preprocessed / "nnUNetPlans.json"
     config = PlansManager(str(plans)).get_configuration("3d_fullres")
-    plans_dict = json.loads(plans.read_text())
     cases = sorted(p.name.removesuffix("_seg.b2nd")
-                   for p in (tiny_preprocessed / config.data_identifier).glob("*_seg.b2nd"))[:4]
+                   for p in (preprocessed / config.data_identifier).glob("*_seg.b2nd"))[:4]
     net = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
                                  config.network_arch_init_kwargs_req_import, 1, 3,
                                  deep_supervision=False)
     state = {k: v for k, v in net.state_dict().items() if with_head or ".seg_layers." not in k}
     checkpoint = tmp_path / "checkpoint.pth"
     torch.save({"network_weights": state}, checkpoint)
+    return json.loads(plans.read_text()), preprocessed / "dataset.json", config, cases, checkpoint
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_compute_dataset_risk_maps_end_to_end(tiny_preprocessed, tmp_path, with_head):
+    from nnunet_te.risk.compute import compute_dataset_risk_maps
+
+    plans_dict, dataset_json, config, cases, checkpoint = _four_cases_and_checkpoint(
+        tiny_preprocessed, tmp_path, with_head)
 
     folder = compute_dataset_risk_maps(tiny_preprocessed, plans_dict, "3d_fullres", dataset_json,
                                        checkpoint, case_ids=cases, overlays=1, overwrite=True,
@@ -194,6 +200,34 @@ def test_compute_dataset_risk_maps_end_to_end(tiny_preprocessed, tmp_path, with_
         compute_dataset_risk_maps(tiny_preprocessed, plans_dict, "3d_fullres", dataset_json,
                                   checkpoint, case_ids=cases, sigma=2.0, overlays=0,
                                   progress=False, max_fit_points=1500)
+
+
+def test_few_shot_maps_use_only_the_training_cases_labels(tiny_preprocessed, tmp_path):
+    """``fit_case_ids``: P(y|z) comes from the k training cases only, so their maps equal maps
+    computed on those cases alone and differ from maps pooled over every case; the other cases
+    still get maps (nnU-Net loads them for validation)."""
+    from nnunet_te.risk.compute import compute_dataset_risk_maps
+
+    plans_dict, dataset_json, _, cases, checkpoint = _four_cases_and_checkpoint(tiny_preprocessed, tmp_path, True)
+    train = cases[:2]
+
+    def maps(**options):
+        folder = compute_dataset_risk_maps(tiny_preprocessed, plans_dict, "3d_fullres", dataset_json, checkpoint,
+                                           overlays=0, overwrite=True, progress=False, **options)
+        manifest = read_manifest(folder)
+        return {c: load_case_map(folder, c, s) for c, s in manifest["shapes"].items()}, manifest
+
+    few_shot, manifest = maps(case_ids=cases, fit_case_ids=train)
+    assert sorted(few_shot) == cases and manifest["settings"]["fit_case_ids"] == train
+    alone, manifest_alone = maps(case_ids=train)
+    assert "fit_case_ids" not in manifest_alone["settings"]  # all-case manifests unchanged
+    pooled, _ = maps(case_ids=cases)
+    for case in train:
+        np.testing.assert_array_equal(few_shot[case], alone[case])
+    assert max(np.abs(few_shot[c] - pooled[c]).max() for c in train) > 1e-2
+    with pytest.raises(ValueError, match="subset"):
+        compute_dataset_risk_maps(tiny_preprocessed, plans_dict, "3d_fullres", dataset_json, checkpoint,
+                                  case_ids=train, fit_case_ids=cases[2:], progress=False)
 
 
 def test_compute_fails_early_without_preprocessed_data(tiny_preprocessed, tmp_path):

@@ -8,8 +8,10 @@ Pipeline, all in nnU-Net's preprocessed space so nothing of its preprocessing is
    (:func:`nnunet_te.risk.maps.case_outputs`): softmax of its segmentation head when the
    checkpoint's head loaded for this class count, otherwise final decoder features turned into
    pseudo source classes by a Gaussian mixture (:class:`~nnunet_te.risk.maps.SourceMixture`);
-3. pool ``P(y|z)`` over every pixel of every case, then per case ``T``, the risk ``r`` and
-   store ``r`` (:mod:`nnunet_te.risk.storage`).
+3. pool ``P(y|z)`` (and fit the mixture) over every pixel of the fit cases, by default every
+   case; a few-shot run passes its k training cases (``fit_case_ids``) so that labels outside its
+   training set never shape the weights; then per case ``T``, the risk ``r`` and store ``r``
+   (:mod:`nnunet_te.risk.storage`).
 
 The stored map is the risk ``r``, not the weight ``w``: the trainer applies
 ``w = 1 + beta r`` (or ``exp(beta r)``) itself, so beta and the weighting can change without
@@ -90,6 +92,7 @@ def _check_inputs(data_folder: Path, case_ids: list[str]) -> None:
 
 def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuration: str,
                               dataset_json, checkpoint, *, case_ids: Sequence[str] | None = None,
+                              fit_case_ids: Sequence[str] | None = None,
                               device: str = "cpu", sigma: float = 1.0, seed: int = 0,
                               overlays: int = 3, overwrite: bool = False,
                               progress: bool = True, max_fit_points: int = 5000) -> Path:
@@ -98,6 +101,8 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
     Arguments: ``preprocessed_dataset_dir`` = ``$nnUNet_preprocessed/DatasetXXX_Name``;
     ``plans_file`` and ``dataset_json`` paths (or dicts); ``configuration`` e.g. '3d_fullres';
     ``checkpoint`` the pre-trained weights (anything ``network_for_configuration`` loads);
+    ``fit_case_ids`` the cases whose labels estimate ``P(y|z)`` and the mixture (default: every
+    mapped case; they must be mapped cases: in a few-shot run, the k training cases);
     ``sigma`` the smoothing of :func:`~nnunet_te.risk.maps.risk_map` in voxels (not applied
     across slices for a 2D configuration); ``seed`` for the network's random parts and the
     mixture; ``max_fit_points`` pixels to fit the mixture on (GMM source only: its fit
@@ -131,6 +136,10 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
         if data_folder.is_dir() else []
     cases = sorted(case_ids) if case_ids is not None else all_ids
     _check_inputs(data_folder, cases)
+    fit_cases = sorted(fit_case_ids) if fit_case_ids is not None else cases
+    if not fit_cases or set(fit_cases) - set(cases):
+        raise ValueError(f"fit_case_ids must be a non-empty subset of the mapped cases; not mapped: "
+                         f"{sorted(set(fit_cases) - set(cases))[:5]}")
     folder = risk_folder(dataset_dir, config.data_identifier)
 
     network, report = network_for_configuration(plans, configuration, dataset,
@@ -141,6 +150,8 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
                 "configuration": configuration, "data_identifier": config.data_identifier,
                 "patch_size": list(config.patch_size), "sigma": sigma, "seed": seed,
                 "source": source, "case_ids": cases,
+                # recorded only when it differs, so manifests of all-case maps stay valid
+                **({"fit_case_ids": fit_cases} if fit_cases != cases else {}),
                 "max_fit_points": max_fit_points if source == "gmm" else None, "stored": "risk r in [0, 1], float16"}
     manifest = _start_manifest(folder, settings, overwrite)
 
@@ -169,14 +180,14 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
 
     todo = [c for c in cases if not _stored(folder, manifest, c)]
     if todo:
-        labels = _LazyCases(cases, load_labels)
-        outputs = _LazyCases(cases, lambda c: np.load(cache / f"{c}.npy").astype(np.float64))
+        labels = _LazyCases(fit_cases, load_labels)
+        outputs = _LazyCases(fit_cases, lambda c: np.load(cache / f"{c}.npy").astype(np.float64))
         if source == "head":
-            theta = _LazyCases(cases, lambda c: _renormalise(outputs.load(c)))
+            theta = _LazyCases(fit_cases, lambda c: _renormalise(outputs.load(c)))
         else:
             mixture = SourceMixture(max_fit_points=max_fit_points,
                                     random_state=seed).fit(outputs, labels)
-            theta = _LazyCases(cases, lambda c: mixture.predict_proba(outputs.load(c)))
+            theta = _LazyCases(fit_cases, lambda c: mixture.predict_proba(outputs.load(c)))
         conditional = transferability_conditional(theta, labels)
         for case in tqdm(todo, desc="risk maps: store", disable=not progress):
             y = labels.load(case)

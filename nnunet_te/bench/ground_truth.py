@@ -1,0 +1,218 @@
+"""Ground truth: few-shot fine-tuning of zoo members through the real ``nnUNetv2_train`` command
+line with the product's trainers (``nnUNetTrainer_k5s0`` / ``RiskWeightedTrainer_k5s0`` with the
+benchmark schedule, :mod:`nnunet_te.bench.trainers`), Dice on the held-out test cases from
+nnU-Net's own final validation (``fold_X/validation/summary.json``).
+
+Every finished run appends one row to ``results.csv`` at once; a run already in the CSV is never
+repeated, and a run killed mid-way continues from its last epoch checkpoint (``--c``). Each
+member trains in its own ``nnUNet_results`` root (nnU-Net names result folders by trainer, plans
+and configuration only, not by initial weights).
+
+Risk-weighted runs get their maps from :func:`nnunet_te.risk.compute.compute_dataset_risk_maps`
+before training: computed from the member's converted checkpoint with ``P(y|z)`` fitted on the k
+training cases only, in a per-(member, k, seed) view of the preprocessed dataset
+(:func:`nnunet_te.bench.plan.preprocessed_view`), which the trainer then finds complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_te.bench.plan import CONFIGURATION, PLANS, preprocessed_view
+from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, trainer_folder
+from nnunet_te.nnunet.few_shot import few_shot_cases
+
+TRAINERS = {"plain": "nnUNetTrainer", "risk": "RiskWeightedTrainer"}
+COLUMNS = ("dataset", "target", "member", "trainer", "k", "seed", "schedule", "dice", "dice_per_class",
+           "train_seconds", "n_test", "fold", "finished", "run_folder")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Fine-tuning schedule: ``epochs`` x ``iterations`` training iterations, ``val_iterations``
+    per epoch (the logged learning curve)."""
+
+    epochs: int
+    iterations: int
+    val_iterations: int = 2
+
+    def __post_init__(self):
+        if min(self.epochs, self.iterations, self.val_iterations) < 1:
+            raise ValueError(f"schedule values must be >= 1, got {self}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.epochs}x{self.iterations}"
+
+    def environment(self) -> dict[str, str]:
+        return dict(zip(SCHEDULE_VARIABLES, map(str, (self.epochs, self.iterations, self.val_iterations))))
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str  # DatasetXXX_Name
+    member: str
+    trainer: str  # key of TRAINERS
+    k: int
+    seed: int
+
+    @property
+    def trainer_name(self) -> str:
+        return f"{TRAINERS[self.trainer]}_k{self.k}s{self.seed}_bench"
+
+    def key(self, schedule: Schedule) -> tuple:
+        return self.dataset, self.member, self.trainer, self.k, self.seed, schedule.label
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of ``results.csv`` (numbers parsed); [] when the file does not exist."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row.update(k=int(row["k"]), seed=int(row["seed"]), dice=float(row["dice"]),
+                   train_seconds=float(row["train_seconds"]), n_test=int(row["n_test"]), fold=int(row["fold"]))
+    return rows
+
+
+def done_keys(rows: list[dict]) -> set[tuple]:
+    return {(r["dataset"], r["member"], r["trainer"], r["k"], r["seed"], r["schedule"]) for r in rows}
+
+
+def _append(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({c: row[c] for c in COLUMNS})
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def training_cases(split: dict[str, list[str]], k: int, seed: int) -> list[str]:
+    """The k training cases ``FewShotSplit`` draws from this fold (same function, same order)."""
+    return few_shot_cases(split["train"], k, seed)
+
+
+def summary_dice(summary_json: Path) -> tuple[float, dict[str, float]]:
+    """(mean foreground Dice, Dice per label) from nnU-Net's ``validation/summary.json``, as
+    nnU-Net averages them over the test cases."""
+    summary = json.loads(summary_json.read_text())
+    per_class = {label: float(values["Dice"]) for label, values in summary["mean"].items()}
+    return float(summary["foreground_mean"]["Dice"]), per_class
+
+
+def learning_curve(run_folder: Path) -> dict[str, list[float]]:
+    """nnU-Net's logged curves of a finished run (train/val loss, pseudo Dice per epoch)."""
+    import torch
+
+    logging = torch.load(run_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    return {k: [float(v) for v in logging[k]] for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")
+            if k in logging}
+
+
+def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: dict[str, list[str]], fold: int,
+              schedule: Schedule, work: Path, preprocessed_dir: Path, results_csv: Path, device: str = "cpu",
+              seed: int = 0) -> dict | None:
+    """Train one run with ``nnUNetv2_train`` (resuming a killed one), read its test Dice, append
+    the row to ``results_csv`` and return it. Returns None when the run is already in the CSV or
+    another live process is training it (pieces may run side by side). ``weights``: the member
+    converted for this dataset (``convert_for_pretrained_weights``); ``seed``: of the risk maps'
+    mixture."""
+    log = work / "logs" / run.dataset / f"{run.member}__{run.trainer_name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with _claimed(log.with_suffix(".lock")) as mine:
+        if not mine or run.key(schedule) in done_keys(read_results(results_csv)):
+            return None
+        # One augmentation worker and one export worker unless the user says otherwise: nnU-Net's
+        # defaults spawn up to 12 processes, each importing torch, which on 2 cores costs more
+        # than a short fine-tune trains.
+        env = {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", **os.environ,
+               "nnUNet_results": str(work / "runs" / run.member), **schedule.environment(),
+               "nnUNet_extTrainer": os.pathsep.join([str(trainer_folder(work)),
+                                                     os.environ.get("nnUNet_extTrainer", "")])}
+        if run.trainer == "risk":
+            env["nnUNet_preprocessed"] = str(_risk_view(run, weights, split, work, preprocessed_dir, device, seed))
+        run_folder = (Path(env["nnUNet_results"]) / run.dataset / f"{run.trainer_name}__{PLANS}__{CONFIGURATION}"
+                      / f"fold_{fold}")
+        command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(dataset_id), CONFIGURATION,
+                   str(fold), "-tr", run.trainer_name, "-p", PLANS, "-device", device]
+        if (run_folder / "checkpoint_final.pth").is_file():
+            command.append("--val")  # trained, validation missing (killed during it)
+        elif (run_folder / "checkpoint_latest.pth").is_file():
+            command.append("--c")  # nnU-Net refuses --c together with -pretrained_weights
+        else:
+            command += ["-pretrained_weights", str(weights)]
+        summary = run_folder / "validation" / "summary.json"
+        started = time.perf_counter()
+        if not summary.is_file():
+            with log.open("a") as handle:
+                handle.write(f"$ {' '.join(command)}\n")
+                handle.flush()
+                done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            if done.returncode != 0 or not summary.is_file():
+                raise RuntimeError(f"{run} failed (exit {done.returncode}); log {log}:\n{log.read_text()[-2500:]}")
+        seconds = time.perf_counter() - started
+        dice, per_class = summary_dice(summary)
+        if not np.isfinite(dice):
+            raise RuntimeError(f"{run}: Dice is {dice} in {summary}")
+        row = {"dataset": run.dataset, "target": target, "member": run.member, "trainer": run.trainer,
+               "k": run.k, "seed": run.seed, "schedule": schedule.label, "dice": dice,
+               "dice_per_class": json.dumps(per_class), "train_seconds": round(seconds, 1),
+               "n_test": len(split["val"]), "fold": fold, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "run_folder": str(run_folder)}
+        (run_folder / "learning_curve.json").write_text(json.dumps(learning_curve(run_folder)))
+        _append(results_csv, row)
+    return row
+
+
+@contextmanager
+def _claimed(lock: Path):
+    """Yield True if this process may train the run (lock taken), False if another live
+    process holds it: pieces of the grid may run side by side without training a run twice.
+    A lock left by a dead process (killed piece) is taken over."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            yield False
+            return
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _risk_view(run: Run, weights: Path, split: dict[str, list[str]], work: Path, preprocessed_dir: Path,
+               device: str, seed: int) -> Path:
+    """View root (for ``nnUNet_preprocessed``) holding this run's risk maps, computed now if
+    missing: from ``weights``, every case the trainer loads, ``P(y|z)`` from the k training cases."""
+    from nnunet_te.risk.compute import compute_dataset_risk_maps
+
+    root = work / "views" / "risk" / f"{run.member}_k{run.k}s{run.seed}"
+    plans = json.loads((preprocessed_dir / f"{PLANS}.json").read_text())
+    data_identifier = plans["configurations"][CONFIGURATION]["data_identifier"]
+    view = preprocessed_view(preprocessed_dir, root, data_identifier=data_identifier)
+    train = training_cases(split, run.k, run.seed)
+    compute_dataset_risk_maps(view, plans, CONFIGURATION, view / "dataset.json", weights,
+                              case_ids=sorted(train + split["val"]), fit_case_ids=train, device=device,
+                              seed=seed, overlays=1, progress=False)
+    return root

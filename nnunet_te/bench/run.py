@@ -1,0 +1,209 @@
+"""``nnunet-te bench``: zoo -> per target (rankings on the k training cases, plain fine-tunes,
+risk-weighted fine-tunes) -> tables and figures, in resumable pieces.
+
+Everything the benchmark writes lives under the work folder (``--work``), except the CPU plan
+and the split, which go where nnU-Net expects them (``nnUNetPlans_cpu.json`` and one appended
+fold of ``splits_final.json`` in ``$nnUNet_preprocessed/DatasetXXX``):
+
+```
+<work>/zoo/<member>-<key>/{nnunet.pth,nnssl.pth,member.json}, zoo/zoo.yaml
+<work>/weights/<Dataset>/<member>.pth        members converted for the dataset's CPU plan
+<work>/rankings/<Dataset>/k{K}s{S}/ranking.json   ranking on the K training cases of seed S
+<work>/runs/<member>/<Dataset>/<trainer>__nnUNetPlans_cpu__2d/fold_F/   nnU-Net results
+<work>/results.csv                           one row per finished fine-tune
+<work>/report/                               tables (CSV, Markdown) and PNG figures
+```
+
+A repeated command skips what exists (members by content key, rankings by folder, fine-tunes by
+CSV row), so the grid can be run in pieces: some datasets, shots, seeds or members at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from nnunet_te.bench.ground_truth import Run, Schedule, done_keys, fine_tune, read_results, training_cases
+from nnunet_te.bench.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
+                                  preprocessed_view, write_cpu_plans)
+from nnunet_te.bench.zoo import BuiltMember, build_zoo, select_members
+
+#: Fine-tuning schedule chosen for the 2-core CPU budget (docs/benchmark.md, "CPU plan").
+DEFAULT_SCHEDULE = Schedule(epochs=3, iterations=20, val_iterations=2)
+DEFAULT_SHOTS = (5, 10)
+DEFAULT_SEEDS = (0, 1)
+#: Risk-weighted vs plain: at these shots, for the top-ranked, the median-ranked and the
+#: bottom-ranked member of each target.
+DEFAULT_RISK_SHOTS = (5,)
+
+
+@dataclass
+class Target:
+    dataset: str  # DatasetXXX_Name
+    dataset_id: int
+    source: str  # dataset.json nnunet_te.source, else the dataset name (for exclusions)
+    preprocessed: Path
+    split: dict[str, list[str]]
+    fold: int
+    members: list[BuiltMember] = field(default_factory=list)
+
+
+@contextmanager
+def _preprocessed_root(root: Path):
+    """Point ``nnUNet_preprocessed`` at ``root`` for the duration (rank_zoo reads it per call)."""
+    old = os.environ.get("nnUNet_preprocessed")
+    os.environ["nnUNet_preprocessed"] = str(root)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["nnUNet_preprocessed"]
+        else:
+            os.environ["nnUNet_preprocessed"] = old
+
+
+def prepare_target(dataset: int | str, zoo: list[BuiltMember], *, n_test: int | None, split_seed: int) -> Target:
+    """CPU plan, split and allowed members of one dataset; clear errors before any long work."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_te.nnunet.paths import dataset_name, preprocessed_dataset_dir
+
+    name = dataset_name(dataset)
+    folder = preprocessed_dataset_dir(name)
+    write_cpu_plans(folder)
+    plans = json.loads((folder / f"{PLANS}.json").read_text())
+    data = folder / plans["configurations"][CONFIGURATION]["data_identifier"]
+    cases = sorted(infer_dataset_class(str(data)).get_identifiers(str(data)))
+    split = bench_split(cases, n_test or default_n_test(len(cases)), split_seed)
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    source = dataset_json.get("nnunet_te", {}).get("source", name)
+    allowed = [b for b in zoo if source not in b.member.excluded_for]
+    return Target(name, int(name[len("Dataset"):len("Dataset") + 3]), source, folder, split,
+                  ensure_split(folder, split), allowed)
+
+
+def converted_weights(target: Target, member: BuiltMember, work: Path) -> Path:
+    """The member's checkpoint as a ``-pretrained_weights`` file for this dataset (cached)."""
+    from nnunet_te.nnunet.weights import convert_for_pretrained_weights
+
+    out = work / "weights" / target.dataset / f"{member.member.name}-{member.record['key'][:12]}.pth"
+    if not out.is_file():
+        tmp = out.with_name(f".{out.name}")
+        for stale in (tmp, tmp.with_name(f"{tmp.stem}_load_report.json")):
+            stale.unlink(missing_ok=True)
+        convert_for_pretrained_weights(member.nnunet, target.preprocessed / f"{PLANS}.json", CONFIGURATION,
+                                       target.preprocessed / "dataset.json", tmp)
+        tmp.with_name(f"{tmp.stem}_load_report.json").replace(out.with_name(f"{out.stem}_load_report.json"))
+        tmp.replace(out)
+    return out
+
+
+def rank_target(target: Target, k: int, seed: int, work: Path, *, device: str) -> Path:
+    """``ranking.json`` of the target's members on the k training cases of ``seed`` (cached)."""
+    from nnunet_te.ranking.rank import rank_zoo
+    from nnunet_te.ranking.zoo import Candidate
+
+    out = work / "rankings" / target.dataset / f"k{k}s{seed}"
+    names = sorted(b.member.name for b in target.members)
+    if (out / "ranking.json").is_file():
+        if sorted(json.loads((out / "ranking.json").read_text())["ranking"]) == names:
+            return out / "ranking.json"
+        shutil.rmtree(out)  # ranked with other members (an earlier piece): rank again, features are cached
+    plans = json.loads((target.preprocessed / f"{PLANS}.json").read_text())
+    cases = training_cases(target.split, k, seed)
+    view_root = work / "views" / "rank" / f"k{k}s{seed}"
+    preprocessed_view(target.preprocessed, view_root, case_ids=cases,
+                      data_identifier=plans["configurations"][CONFIGURATION]["data_identifier"])
+    candidates = [Candidate(b.member.name, b.nnunet, "nnunet", None, b.member.notes) for b in target.members]
+    partial = out.with_name(f".{out.name}")
+    if partial.exists():
+        shutil.rmtree(partial)  # a killed ranking: its features are in the cache, redo the rest
+    with _preprocessed_root(view_root):
+        result = rank_zoo(target.dataset, CONFIGURATION, candidates, plans=PLANS, out_dir=partial, seed=0,
+                          device=device, cache_dir=work / "feature_cache", progress=False)
+    if result.candidate_errors:
+        raise RuntimeError(f"{target.dataset}: candidates failed to rank: {result.candidate_errors}")
+    partial.rename(out)
+    return out / "ranking.json"
+
+
+def risk_members(ranking_json: Path, primary: str = "topology") -> list[str]:
+    """Top-, median- and bottom-ranked member under ``primary`` (the fused topology score)."""
+    order = json.loads(ranking_json.read_text())["ranking"]
+    return list(dict.fromkeys([order[0], order[len(order) // 2], order[-1]]))
+
+
+def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: list[str] | None = None,
+              shots: tuple[int, ...] = DEFAULT_SHOTS, seeds: tuple[int, ...] = DEFAULT_SEEDS,
+              risk_shots: tuple[int, ...] = DEFAULT_RISK_SHOTS, schedule: Schedule = DEFAULT_SCHEDULE,
+              zoo_iterations: int | None = None, n_test: int | None = None, split_seed: int = 0,
+              device: str = "cpu", fine_tunes: bool = True, report: bool = True,
+              docs: str | os.PathLike | None = None) -> dict:
+    """Run (or resume) the benchmark on ``datasets`` (ids or names of nnU-Net datasets preprocessed
+    with ``nnUNetv2_plan_and_preprocess -c 2d``); return a summary (counts and paths).
+
+    ``fine_tunes=False`` builds the zoo and the rankings only; ``report`` writes the tables and
+    figures from everything in ``results.csv`` (all datasets so far) to ``<work>/report`` and,
+    with ``docs``, into that Markdown page.
+    """
+    from nnunet_te.bench.tables import write_report
+
+    work = Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    unknown = [k for k in (*shots, *risk_shots) if k not in _few_shot_k()]
+    if unknown or not set(risk_shots) <= set(shots):
+        raise ValueError(f"shots must be among {_few_shot_k()} and risk shots among the shots; got {shots}, "
+                         f"{risk_shots}")
+    bad_seeds = [s for s in seeds if s not in _few_shot_seeds()]
+    if bad_seeds:
+        raise ValueError(f"seeds must be among {_few_shot_seeds()} (the product's few-shot trainers), got {bad_seeds}")
+    chosen = select_members(members, iterations=zoo_iterations)
+    zoo = build_zoo(chosen, work / "zoo", device=device)
+    targets = [prepare_target(d, zoo, n_test=n_test, split_seed=split_seed) for d in datasets]
+    for target in targets:
+        if len(target.split["train"]) < max(shots):
+            raise ValueError(f"{target.dataset}: {len(target.split['train'])} training cases, fewer than k={max(shots)}")
+    results_csv = work / "results.csv"
+    started, new_runs = time.perf_counter(), 0
+    for target in targets:
+        rankings = {(k, s): rank_target(target, k, s, work, device=device) for k in shots for s in seeds}
+        if not fine_tunes:
+            continue
+        runs = [Run(target.dataset, b.member.name, "plain", k, s) for k in shots for s in seeds for b in target.members]
+        for k in risk_shots:
+            picked = risk_members(rankings[(k, seeds[0])])
+            runs += [Run(target.dataset, m, "risk", k, s) for s in seeds for m in picked]
+        done = done_keys(read_results(results_csv))
+        todo = [r for r in runs if r.key(schedule) not in done]
+        by_name = {b.member.name: b for b in target.members}
+        for run in tqdm(todo, desc=f"fine-tunes {target.dataset}"):
+            row = fine_tune(run, dataset_id=target.dataset_id, target=target.source,
+                            weights=converted_weights(target, by_name[run.member], work), split=target.split,
+                            fold=target.fold, schedule=schedule, work=work, preprocessed_dir=target.preprocessed,
+                            results_csv=results_csv, device=device)
+            new_runs += row is not None  # None: another piece is training this run right now
+    summary = {"work": str(work), "targets": [t.dataset for t in targets], "zoo": [b.member.name for b in zoo],
+               "new_fine_tunes": new_runs, "seconds": time.perf_counter() - started,
+               "results_csv": str(results_csv)}
+    if report:
+        summary["report"] = {k: str(v) for k, v in write_report(work, docs=Path(docs) if docs else None).items()}
+    return summary
+
+
+def _few_shot_k() -> tuple[int, ...]:
+    from nnunet_te.nnunet.trainers import FEW_SHOT_K
+
+    return FEW_SHOT_K
+
+
+def _few_shot_seeds() -> tuple[int, ...]:
+    from nnunet_te.nnunet.trainers import FEW_SHOT_SEEDS
+
+    return FEW_SHOT_SEEDS

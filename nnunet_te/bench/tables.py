@@ -1,0 +1,311 @@
+"""Tables and figures of the benchmark from ``results.csv`` and the saved rankings.
+
+- ranking quality (seed 001's Table 1 layout): per target and metric, weighted Kendall tau (main),
+  Kendall tau-b, Spearman rho and top-1 regret of every metric's scores (computed on the k
+  training cases) against the fine-tuned test Dice of the same k-shot split, averaged over seeds;
+  averages over targets; Friedman test and a critical-difference plot on the weighted tau;
+- ground truth: mean test Dice per target and member; the noise floor (mean absolute seed-to-seed
+  difference of a member's Dice) beside the spread between members;
+- cost (seed 001's Table 2): feature extraction and metric time per candidate, one fine-tune;
+- risk weighting: RiskWeightedTrainer minus nnUNetTrainer, same member, split and seed, in Dice
+  points, per target, with a paired Wilcoxon signed-rank test over (target, member, seed);
+- learning curves: nnU-Net's logged pseudo Dice on the test cases per epoch.
+
+Everything is written to ``<work>/report/`` (CSV, Markdown, PNG); ``write_report(docs=...)``
+also puts the Markdown between the ``bench_results`` markers of that page, figures beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from scipy import stats
+
+from nnunet_te.bench.docs import write_section
+from nnunet_te.bench.ground_truth import read_results
+from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
+                                             nemenyi_cd, rank_methods)
+
+MEASURES = {"weighted_tau": "weighted Kendall tau", "kendall_tau_b": "Kendall tau-b",
+            "spearman_rho": "Spearman rho", "top1_regret": "top-1 regret (Dice points)"}
+SECTION = "bench_results"
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _short(dataset: str) -> str:
+    return dataset.split("_", 1)[1] if "_" in dataset else dataset
+
+
+def ground_truth(rows: list[dict]) -> dict[tuple, dict[str, float]]:
+    """{(dataset, k, seed): {member: plain Dice}}."""
+    truth: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["trainer"] == "plain":
+            truth[(r["dataset"], r["k"], r["seed"])][r["member"]] = r["dice"]
+    return truth
+
+
+def ranking_quality(work: Path, truth: dict[tuple, dict[str, float]]) -> list[dict]:
+    """One row per (dataset, k, metric): every measure averaged over the seeds whose fine-tunes
+    cover at least 3 ranked members; ``n_seeds``, ``n_members`` recorded."""
+    per: dict[tuple, list[dict]] = defaultdict(list)
+    for (dataset, k, seed), dice in sorted(truth.items()):
+        path = work / "rankings" / dataset / f"k{k}s{seed}" / "ranking.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        for metric, entry in record["metrics"].items():
+            sign = 1.0 if entry["greater_is_better"] else -1.0
+            pairs = [(sign * s, dice[c]) for c, s in entry["scores"].items() if s is not None and c in dice]
+            if len(pairs) < 3:
+                continue
+            scores, values = map(np.array, zip(*pairs))
+            result = evaluate_ranking(scores, values, n_permutations=2000, random_state=0)
+            result["top1_regret"] *= 100  # Dice points
+            per[(dataset, k, metric)].append({**result, "n_members": len(pairs)})
+    rows = []
+    for (dataset, k, metric), results in sorted(per.items()):
+        row = {"dataset": dataset, "k": k, "metric": metric, "n_seeds": len(results),
+               "n_members": min(r["n_members"] for r in results)}
+        row.update({m: float(np.nanmean([r[m] for r in results])) if any(np.isfinite(r[m]) for r in results)
+                    else float("nan") for m in MEASURES})
+        rows.append(row)
+    return rows
+
+
+def noise_floor(rows: list[dict]) -> list[dict]:
+    """Per (dataset, k): noise = mean over members of the mean absolute difference between the
+    seeds' Dice (seed-to-seed spread, Dice points); spread = standard deviation of the members'
+    seed-averaged Dice (Dice points)."""
+    by: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["trainer"] == "plain":
+            by[(r["dataset"], r["k"])][r["member"]][r["seed"]] = r["dice"]
+    out = []
+    for (dataset, k), members in sorted(by.items()):
+        diffs = [np.mean(np.abs(np.subtract.outer(v, v))[np.triu_indices(len(v), 1)])
+                 for v in (np.array(list(s.values())) for s in members.values()) if len(v) >= 2]
+        means = [np.mean(list(s.values())) for s in members.values()]
+        out.append({"dataset": dataset, "k": k, "n_members": len(members),
+                    "noise_floor": 100 * float(np.mean(diffs)) if diffs else float("nan"),
+                    "spread": 100 * float(np.std(means)) if len(means) >= 2 else float("nan"),
+                    "best": max(members, key=lambda m: np.mean(list(members[m].values())))})
+    return out
+
+
+def risk_vs_plain(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Paired differences risk - plain (Dice points) and the test over all pairs."""
+    plain = {(r["dataset"], r["member"], r["k"], r["seed"]): r["dice"] for r in rows if r["trainer"] == "plain"}
+    pairs = [{"dataset": r["dataset"], "member": r["member"], "k": r["k"], "seed": r["seed"],
+              "plain": plain[key], "risk": r["dice"], "difference": 100 * (r["dice"] - plain[key])}
+             for r in rows if r["trainer"] == "risk"
+             and (key := (r["dataset"], r["member"], r["k"], r["seed"])) in plain]
+    d = np.array([p["difference"] for p in pairs])
+    test = {"n_pairs": len(d), "mean_difference": float(d.mean()) if len(d) else float("nan")}
+    if len(d) >= 2 and np.any(d != 0):
+        test["wilcoxon_p"] = float(stats.wilcoxon(d).pvalue)
+        test["t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return pairs, test
+
+
+def cost(work: Path, rows: list[dict]) -> list[dict]:
+    """Per dataset: mean feature extraction and metric seconds per candidate (over its
+    rankings), mean seconds of one plain fine-tune (nnUNetv2_train process, wall clock)."""
+    out = []
+    for folder in sorted((work / "rankings").glob("Dataset*")):
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("k*s*/ranking.json"))]
+        if not records:
+            continue
+        timings = [t for r in records for t in r["timings"].values()]
+        metric_names = sorted({m for t in timings for m in t["metric_seconds"]})
+        tunes = [r["train_seconds"] for r in rows if r["dataset"] == folder.name and r["trainer"] == "plain"]
+        out.append({"dataset": folder.name, "cases_ranked": sorted({len(r["cases"]) for r in records}),
+                    "extraction_seconds": float(np.mean([t["extraction_seconds"] for t in timings])),
+                    "metric_seconds": {m: float(np.mean([t["metric_seconds"].get(m, np.nan) for t in timings]))
+                                       for m in metric_names},
+                    "fine_tune_seconds": float(np.mean(tunes)) if tunes else float("nan")})
+    return out
+
+
+def _plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
+    curves = defaultdict(dict)
+    for r in rows:
+        if r["trainer"] == "plain" and r["seed"] == min(x["seed"] for x in rows):
+            file = Path(r["run_folder"]) / "learning_curve.json"
+            if file.is_file():
+                curves[(r["dataset"], r["k"])][r["member"]] = json.loads(file.read_text()).get("ema_fg_dice", [])
+    if not curves:
+        return None
+    keys = sorted(curves)
+    fig = Figure(figsize=(4.2 * min(len(keys), 4), 3.4 * ((len(keys) + 3) // 4)))
+    axes = fig.subplots((len(keys) + 3) // 4, min(len(keys), 4), squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        for member, values in sorted(curves[key].items()):
+            ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, label=member)
+        ax.set_title(f"{_short(key[0])}, k={key[1]}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("pseudo Dice (EMA)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys):]:
+        ax.axis("off")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_dice(rows: list[dict], path: Path) -> Path | None:
+    plain = [r for r in rows if r["trainer"] == "plain"]
+    if not plain:
+        return None
+    keys = sorted({(r["dataset"], r["k"]) for r in plain})
+    members = sorted({r["member"] for r in plain})
+    fig = Figure(figsize=(max(6, 1.1 * len(keys) + 3), 4))
+    ax = fig.subplots()
+    width = 0.8 / len(members)
+    for i, member in enumerate(members):
+        values = [[r["dice"] for r in plain if (r["dataset"], r["k"]) == key and r["member"] == member] for key in keys]
+        ax.bar(np.arange(len(keys)) + i * width, [np.mean(v) if v else np.nan for v in values], width,
+               yerr=[np.std(v) if len(v) > 1 else 0 for v in values], label=member)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [f"{_short(d)}\nk={k}" for d, k in keys], fontsize=7)
+    ax.set_ylabel("test Dice (mean over seeds, bar = std)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    if not rows:
+        return
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows)
+
+
+def write_report(work: Path, *, docs: Path | None = None) -> dict[str, Path]:
+    """Compute every table, write ``<work>/report/`` and (with ``docs``) the page's section."""
+    work = Path(work)
+    out = work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_results(work / "results.csv")
+    truth = ground_truth(rows)
+    quality = ranking_quality(work, truth)
+    noise = noise_floor(rows)
+    pairs, risk_test = risk_vs_plain(rows)
+    costs = cost(work, rows)
+    for name, table in (("ranking_quality", quality), ("noise_floor", noise), ("risk_vs_plain", pairs),
+                        ("cost", costs), ("results", rows)):
+        _write_csv(out / f"{name}.csv", table)
+    figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
+               "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
+    md, cd_png = _markdown_report(rows, quality, noise, pairs, risk_test, costs, out, figures)
+    figures["cd"] = cd_png
+    (out / "benchmark.md").write_text(md)
+    (out / "summary.json").write_text(json.dumps({"risk_test": risk_test, "n_fine_tunes": len(rows)}, indent=1))
+    paths = {"md": out / "benchmark.md", **{k: v for k, v in figures.items() if v is not None}}
+    if docs is not None:
+        images = docs.parent / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for figure in (f for f in figures.values() if f is not None):
+            shutil.copyfile(figure, images / figure.name)
+        write_section(docs, SECTION, md.replace("](bench_", "](images/bench_"), title="# Benchmark")
+        paths["docs"] = docs
+    return paths
+
+
+def _markdown_report(rows, quality, noise, pairs, risk_test, costs, out: Path, figures: dict):
+    lines = []
+    targets = sorted({r["dataset"] for r in rows})
+    schedules = sorted({r["schedule"] for r in rows})
+    lines.append(f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
+                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule(s) {', '.join(schedules) or '-'} "
+                 "(epochs x iterations). Tables cover only what is in `results.csv`.")
+    cd_png = None
+    for k in sorted({q["k"] for q in quality}):
+        table = [q for q in quality if q["k"] == k]
+        metrics = sorted({q["metric"] for q in table}, key=lambda m: (m != "topology", m))
+        datasets = sorted({q["dataset"] for q in table})
+        cell = {(q["dataset"], q["metric"]): q for q in table}
+        for measure, title in MEASURES.items():
+            header = ["target (members, seeds)"] + metrics
+            body = []
+            for d in datasets:
+                any_q = next(q for q in table if q["dataset"] == d)
+                body.append([f"{_short(d)} ({any_q['n_members']}, {any_q['n_seeds']})"] +
+                            [_fmt(cell[(d, m)][measure]) if (d, m) in cell else "n/a" for m in metrics])
+            body.append(["**average**"] + [_fmt(np.nanmean([cell[(d, m)][measure] for d in datasets if (d, m) in cell]))
+                                           for m in metrics])
+            lines += ["", f"### Ranking quality, k = {k}: {title}", "", _markdown(header, body)]
+        tau = np.array([[cell[(d, m)]["weighted_tau"] if (d, m) in cell else np.nan for m in metrics]
+                        for d in datasets])
+        if len(datasets) >= 2 and len(metrics) >= 3:
+            statistic, p = friedman(tau)
+            ranks = dict(zip(metrics, rank_methods(tau).mean(axis=0)))
+            cd = nemenyi_cd(len(metrics), len(datasets))
+            png = critical_difference_plot(ranks, cd, out / f"bench_cd_k{k}.png")
+            cd_png = cd_png or png
+            lines += ["", f"Friedman test on the weighted tau ranks (k = {k}): chi2 = {statistic:.2f}, "
+                          f"p = {p:.3g}; Nemenyi CD = {cd:.2f} over {len(datasets)} targets.", "",
+                      f"![critical difference, k = {k}](bench_cd_k{k}.png)"]
+        else:
+            lines += ["", f"Friedman test / CD plot (k = {k}): need at least 2 targets with rankings and "
+                          "fine-tunes; not yet available."]
+    lines += ["", "### Ground truth: test Dice per member (mean over seeds)", ""]
+    keys = sorted({(r["dataset"], r["k"]) for r in rows if r["trainer"] == "plain"})
+    members = sorted({r["member"] for r in rows})
+    body = []
+    for m in members:
+        cells = []
+        for key in keys:
+            v = [r["dice"] for r in rows if r["trainer"] == "plain" and (r["dataset"], r["k"]) == key and r["member"] == m]
+            cells.append(f"{np.mean(v):.3f} ({len(v)})" if v else "-")
+        body.append([m] + cells)
+    lines.append(_markdown(["member"] + [f"{_short(d)} k={k}" for d, k in keys], body))
+    lines += ["", "(n) = number of seeds. Members trained on a target's own task are not fine-tuned on it (`-`).", "",
+              "### Noise floor", "",
+              _markdown(["target", "k", "members", "noise floor (Dice pts)", "spread between members (Dice pts)",
+                         "best member"],
+                        [[_short(n["dataset"]), str(n["k"]), str(n["n_members"]), _fmt(n["noise_floor"], 2),
+                          _fmt(n["spread"], 2), n["best"]] for n in noise]),
+              "", "Noise floor: mean over members of the absolute difference between two seeds' Dice (the seed "
+                  "changes the k training cases and the training randomness). Spread: standard deviation of the "
+                  "members' seed-averaged Dice."]
+    lines += ["", "### Risk weighting: RiskWeightedTrainer - nnUNetTrainer (Dice points)", ""]
+    by_target = defaultdict(list)
+    for p in pairs:
+        by_target[(p["dataset"], p["k"])].append(p["difference"])
+    lines.append(_markdown(["target", "k", "pairs", "mean difference", "min", "max"],
+                           [[_short(d), str(k), str(len(v)), _fmt(np.mean(v), 2), _fmt(min(v), 2), _fmt(max(v), 2)]
+                            for (d, k), v in sorted(by_target.items())]))
+    test = f"over {risk_test['n_pairs']} (target, member, seed) pairs: mean {_fmt(risk_test['mean_difference'], 2)} Dice points"
+    if "wilcoxon_p" in risk_test:
+        test += f", Wilcoxon signed-rank p = {risk_test['wilcoxon_p']:.3g}, paired t-test p = {risk_test['t_p']:.3g}"
+    lines += ["", f"Paired test {test}."]
+    lines += ["", "### Cost per target (seconds, this machine, wall clock)", ""]
+    metric_names = sorted({m for c in costs for m in c["metric_seconds"]})
+    lines.append(_markdown(["target", "cases ranked", "features / candidate"] + [f"{m} / candidate" for m in metric_names]
+                           + ["one fine-tune"],
+                           [[_short(c["dataset"]), ",".join(map(str, c["cases_ranked"])), _fmt(c["extraction_seconds"], 1)]
+                            + [_fmt(c["metric_seconds"].get(m, np.nan), 2) for m in metric_names]
+                            + [_fmt(c["fine_tune_seconds"], 0)] for c in costs]))
+    for key, title in (("dice", "test Dice per member"), ("curves", "learning curves (k-shot, first seed)")):
+        if figures.get(key) is not None:
+            lines += ["", f"![{title}]({figures[key].name})"]
+    return "\n".join(lines) + "\n", cd_png

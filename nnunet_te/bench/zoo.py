@@ -1,0 +1,324 @@
+"""The benchmark's 2D model zoo: every member is the CPU plan's network (:mod:`nnunet_te.bench.plan`),
+made from the real data in ``../shared/data`` by project code, deterministic and cached by content.
+
+Members (:data:`MEMBERS`):
+
+- ``random_s{0,1}``: nnU-Net's initialisation with two seeds;
+- ``ssl_masked``, ``ssl_denoising``: self-supervised (:func:`nnunet_te.features.models.pretrain_self_supervised`,
+  SimMIM-like masked-image reconstruction, denoising) on a pool of unlabeled real 2D images of four
+  modalities (ISBI 2012 ssTEM train + unlabeled test, the 5 EPFL test slices, MNI152 T1 axial
+  slices, the stardist fluorescence image);
+- ``sup_*``: supervised (nnU-Net's Dice + cross-entropy loss) on a real source task: ISBI 2012
+  membranes, JSRT lungs, MSD hippocampus slices, EPFL mitochondria of the 5 EPFL test slices.
+
+No member sees an image of a benchmark target's test cases: the EPFL targets are the 27 EPFL
+training slices (the pools use the 5 test slices), and the three members trained on a target's own
+task (``sup_jsrt_lungs``, ``sup_hippocampus``, ``sup_epfl_mitochondrion``) carry
+``excluded_for`` with that target's source name and are left out when ranking and fine-tuning it.
+
+Each member is stored in ``<zoo root>/<name>-<key>/`` as ``nnunet.pth`` (an nnU-Net-style
+checkpoint: the whole network under ``network_weights``, the segmentation head only for
+supervised members) and ``nnssl.pth`` (encoder-only with an ``nnssl_adaptation_plan``), plus
+``member.json`` (spec, key, seconds, loss curve). The key is a sha256 over the member spec, the
+architecture, the bytes of the source files and :data:`ZOO_VERSION`: the same inputs give the same
+folder, which is reused. Everything is seeded; training runs on ``device`` in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nnunet_te.bench.plan import CONFIGURATION, PLANS, build_cpu_network, cpu_architecture
+from nnunet_te.features.extract import zscore
+from nnunet_te.features.models import pretrain_self_supervised
+from nnunet_te.nnunet.datasets import SHARED_DATA
+
+#: Bump when the way members are made changes, so cached members are rebuilt.
+ZOO_VERSION = 1
+CROP = 128
+
+
+@dataclass(frozen=True)
+class Member:
+    """How one zoo member is made. ``source``: SSL pool or supervised task (see module doc)."""
+
+    name: str
+    kind: str  # random | ssl | supervised
+    seed: int
+    source: str = ""
+    objective: str = ""
+    iterations: int = 0
+    batch_size: int = 8
+    excluded_for: tuple[str, ...] = ()
+    notes: str = ""
+
+
+MEMBERS: tuple[Member, ...] = (
+    Member("random_s0", "random", 0, notes="nnU-Net initialisation, seed 0"),
+    Member("random_s1", "random", 1, notes="nnU-Net initialisation, seed 1"),
+    Member("ssl_masked", "ssl", 0, "pool_all", "masked", 250, notes="SimMIM-like, 4 modalities"),
+    Member("ssl_denoising", "ssl", 0, "pool_all", "denoising", 250, notes="denoising, 4 modalities"),
+    Member("sup_isbi_membranes", "supervised", 0, "isbi_membranes", iterations=250,
+           notes="ISBI 2012 ssTEM membranes, 30 slices"),
+    Member("sup_jsrt_lungs", "supervised", 0, "jsrt_lungs", iterations=250, excluded_for=("jsrt_lungs",),
+           notes="JSRT chest X-ray lungs, 247 images"),
+    Member("sup_hippocampus", "supervised", 0, "msd_hippocampus", iterations=250,
+           excluded_for=("msd_hippocampus",), notes="MSD hippocampus MRI slices (2 classes), 40 cases"),
+    Member("sup_epfl_mitochondrion", "supervised", 0, "epfl_test_mitochondrion", iterations=250,
+           excluded_for=("epfl_em_mitochondrion",), notes="EPFL mitochondria, the 5 EPFL test slices"),
+)
+
+
+@dataclass
+class BuiltMember:
+    member: Member
+    folder: Path
+    nnunet: Path
+    nnssl: Path
+    record: dict = field(repr=False)
+
+
+# ---- real source data ------------------------------------------------------------------------------
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"zoo source data missing: {path} (set NNUNET_TE_SHARED to the folder holding data/)")
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _source_files(source: str) -> list[Path]:
+    """Files a source reads (their bytes enter the cache key)."""
+    d = SHARED_DATA
+    files = {
+        "pool_em": [d / "isbi2012_em/train_256.npz", *sorted((d / "isbi2012_em/test_unlabeled").glob("*.png")),
+                    d / "epfl_em/epfl_test_256x192.npz"],
+        "isbi_membranes": [d / "isbi2012_em/train_256.npz"],
+        "jsrt_lungs": [d / "jsrt_scr/jsrt_lungs_256.npz"],
+        "msd_hippocampus": [p for c in _hippocampus_cases() for p in
+                            (d / f"msd_hippocampus/imagesTr/{c}.nii.gz", d / f"msd_hippocampus/labelsTr/{c}.nii.gz")],
+        "epfl_test_mitochondrion": [d / "epfl_em/epfl_test_256x192.npz"],
+    }
+    files["pool_all"] = files["pool_em"] + [d / "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                                            d / "stardist_nuclei/img2d.tif"]
+    if source not in files:
+        raise ValueError(f"unknown zoo source {source!r}; choose from {sorted(files)}")
+    missing = [str(p) for p in files[source] if not p.is_file()]
+    if missing or not files[source]:
+        raise FileNotFoundError(f"zoo source {source!r}: data missing: {missing[:3] or 'no files'}")
+    return files[source]
+
+
+def _hippocampus_cases(n: int = 40) -> list[str]:
+    folder = SHARED_DATA / "msd_hippocampus/labelsTr"
+    return sorted(p.name.removesuffix(".nii.gz") for p in folder.glob("hippocampus_*.nii.gz"))[:n]
+
+
+def _unlabeled_images(source: str) -> list[np.ndarray]:
+    """2D float images (z-scored per image, as nnU-Net normalises these modalities)."""
+    from skimage import io
+
+    d = SHARED_DATA
+    images = list(_npz(d / "isbi2012_em/train_256.npz")["images"])
+    for path in sorted((d / "isbi2012_em/test_unlabeled").glob("*.png")):
+        full = io.imread(path).astype(np.float64)
+        full = full[..., 0] if full.ndim == 3 else full
+        images.append(full.reshape(full.shape[0] // 2, 2, full.shape[1] // 2, 2).mean(axis=(1, 3)))  # 512 -> 256
+    images += list(_npz(d / "epfl_em/epfl_test_256x192.npz")["images"])
+    if source == "pool_all":
+        import SimpleITK as sitk
+
+        t1 = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")))
+        images += [t1[z] for z in range(40, 150, 6)]  # axial slices through the brain
+        images.append(io.imread(d / "stardist_nuclei/img2d.tif"))
+    return [zscore(np.asarray(i, dtype=np.float64)) for i in images]
+
+
+def _labelled_images(source: str) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """(z-scored images, integer label maps, number of classes) of a supervised source."""
+    d = SHARED_DATA
+    if source == "isbi_membranes":
+        z = _npz(d / "isbi2012_em/train_256.npz")
+        images, labels, n = z["images"], z["membrane"] > 0, 2
+    elif source == "jsrt_lungs":
+        z = _npz(d / "jsrt_scr/jsrt_lungs_256.npz")
+        images, labels, n = z["images"], z["masks_binary"].any(axis=1), 2
+    elif source == "epfl_test_mitochondrion":
+        z = _npz(d / "epfl_em/epfl_test_256x192.npz")
+        images, labels, n = z["images"], z["masks"][:, list(z["targets"]).index("mitochondrion")] > 0, 2
+    elif source == "msd_hippocampus":
+        import SimpleITK as sitk
+
+        images, labels, n = [], [], 3
+        for case in _hippocampus_cases():
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"msd_hippocampus/imagesTr/{case}.nii.gz")))
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"msd_hippocampus/labelsTr/{case}.nii.gz")))
+            image = zscore(image.astype(np.float64))  # per volume, as nnU-Net's ZScore on MRI
+            for z in np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)):
+                images.append(image[z])
+                labels.append(label[z])
+        return images, [np.asarray(y, dtype=np.int64) for y in labels], n
+    else:
+        raise ValueError(f"unknown supervised source {source!r}")
+    return ([zscore(np.asarray(i, dtype=np.float64)) for i in images],
+            [np.asarray(y, dtype=np.int64) for y in labels], n)
+
+
+def _crop(image: np.ndarray, size: int, rng: np.random.Generator, label: np.ndarray | None = None):
+    """A random ``size`` x ``size`` crop (zero-padded where the image is smaller), randomly
+    flipped along each axis (as nnU-Net's mirroring)."""
+    pad = [(0, max(0, size - s)) for s in image.shape]
+    image = np.pad(image, pad)
+    label = np.pad(label, pad) if label is not None else None
+    y0, x0 = (int(rng.integers(0, s - size + 1)) for s in image.shape)
+    window = (slice(y0, y0 + size), slice(x0, x0 + size))
+    image, label = image[window], label[window] if label is not None else None
+    for axis in (0, 1):
+        if rng.random() < 0.5:
+            image = np.flip(image, axis)
+            label = np.flip(label, axis) if label is not None else None
+    return np.ascontiguousarray(image), (np.ascontiguousarray(label) if label is not None else None)
+
+
+def pretrain_supervised(network: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray], *,
+                        crop: int, iterations: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
+                        device: str = "cpu") -> list[float]:
+    """Train ``network`` (no deep supervision) on random crops with nnU-Net's Dice + CE loss;
+    return the loss per iteration. Seeded crops and flips (``seed``)."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    loss_fn = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                             weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=lr)
+    network.to(device).train()
+    losses = []
+    for _ in tqdm(range(iterations), desc="pre-train (supervised)", leave=False):
+        pairs = [_crop(images[i], crop, rng, labels[i]) for i in rng.integers(len(images), size=batch_size)]
+        x = torch.as_tensor(np.stack([p[0] for p in pairs])[:, None], dtype=torch.float32, device=device)
+        y = torch.as_tensor(np.stack([p[1] for p in pairs])[:, None], dtype=torch.long, device=device)
+        loss = loss_fn(network(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    network.eval()
+    return losses
+
+
+# ---- building, saving, caching ---------------------------------------------------------------------
+def member_key(member: Member) -> str:
+    """sha256 over what the member's weights depend on (see the module docstring)."""
+    from nnunet_te.risk.storage import file_sha256
+
+    digest = hashlib.sha256(json.dumps([ZOO_VERSION, asdict(member), cpu_architecture()], sort_keys=True,
+                                       default=list).encode())
+    if member.kind != "random":
+        for path in _source_files(member.source):
+            digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _train_member(member: Member, device: str) -> tuple[torch.nn.Module, list[float], int]:
+    """The trained network, its loss curve and its number of output classes."""
+    if member.kind == "random":
+        return build_cpu_network(2, seed=member.seed), [], 2
+    if member.kind == "ssl":
+        rng = np.random.default_rng(member.seed)
+        pool = _unlabeled_images(member.source)
+        crops = [_crop(pool[i], CROP, rng)[0][None] for i in rng.integers(len(pool), size=4 * len(pool))]
+        network = build_cpu_network(1, seed=member.seed)  # one output channel: the reconstruction
+        losses = pretrain_self_supervised(network, crops, objective=member.objective, iterations=member.iterations,
+                                          seed=member.seed, batch_size=member.batch_size, device=device)
+        return network, losses, 1
+    if member.kind == "supervised":
+        images, labels, n_classes = _labelled_images(member.source)
+        crop = 48 if member.source == "msd_hippocampus" else CROP  # hippocampus slices are ~ 35 x 50
+        network = build_cpu_network(n_classes, seed=member.seed)
+        losses = pretrain_supervised(network, images, labels, crop=crop, iterations=member.iterations,
+                                     seed=member.seed, batch_size=member.batch_size, device=device)
+        return network, losses, n_classes
+    raise ValueError(f"member {member.name!r}: unknown kind {member.kind!r} (random, ssl, supervised)")
+
+
+def _save(network: torch.nn.Module, member: Member, folder: Path, meta: dict) -> tuple[Path, Path]:
+    state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    # Only a supervised head is a source segmentation head; an SSL reconstruction layer or a
+    # random head would pose as one to LEEP and the risk maps.
+    weights = state if member.kind == "supervised" else {k: v for k, v in state.items() if ".seg_layers." not in k}
+    nnunet = {"network_weights": weights, "trainer_name": "nnunet_te.bench.zoo",
+              "current_epoch": member.iterations,
+              "init_args": {"configuration": CONFIGURATION,
+                            "plans": {"plans_name": PLANS,
+                                      "configurations": {CONFIGURATION: {"architecture": cpu_architecture()}}}},
+              "nnunet_te_zoo": meta}
+    encoder = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    nnssl = {"network_weights": encoder, "nnssl_adaptation_plan": {
+        "architecture_plans": {"arch_class_name": "PlainConvUNet", "arch_kwargs": cpu_architecture()["arch_kwargs"]},
+        "pretrain_num_input_channels": 1, "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stages.0",
+        "keys_to_in_proj": list(network.keys_to_in_proj), "recommended_downstream_patchsize": [CROP, CROP]}}
+    paths = folder / "nnunet.pth", folder / "nnssl.pth"
+    for obj, path in zip((nnunet, nnssl), paths):
+        torch.save(obj, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return paths
+
+
+def build_member(member: Member, root: str | os.PathLike, *, device: str = "cpu") -> BuiltMember:
+    """Build (or reuse from ``root``) one member; see the module docstring for the layout."""
+    key = member_key(member)
+    folder = Path(root) / f"{member.name}-{key[:12]}"
+    record_path = folder / "member.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        return BuiltMember(member, folder, folder / "nnunet.pth", folder / "nnssl.pth", record)
+    folder.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    network, losses, n_out = _train_member(member, device)
+    seconds = time.perf_counter() - started
+    record = {"member": asdict(member), "key": key, "seconds": seconds, "output_channels": n_out,
+              "final_loss": float(np.mean(losses[-20:])) if losses else None, "losses": losses,
+              "device": device, "torch_threads": threads, "zoo_version": ZOO_VERSION,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    nnunet, nnssl = _save(network, member, folder, {k: record[k] for k in ("member", "key", "seconds")})
+    record_path.write_text(json.dumps(record, indent=1))  # written last: marks the member complete
+    return BuiltMember(member, folder, nnunet, nnssl, record)
+
+
+def select_members(names: list[str] | None, *, iterations: int | None = None) -> list[Member]:
+    """Members of :data:`MEMBERS` by name (all when ``names`` is empty); ``iterations`` overrides
+    the pre-training iterations of trained members (miniature runs). Unknown names raise."""
+    by_name = {m.name: m for m in MEMBERS}
+    unknown = [n for n in names or [] if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown zoo member(s) {unknown}; choose from {sorted(by_name)}")
+    chosen = [by_name[n] for n in names] if names else list(MEMBERS)
+    if iterations is not None:
+        chosen = [replace(m, iterations=iterations) if m.kind != "random" else m for m in chosen]
+    return chosen
+
+
+def build_zoo(members: list[Member], root: str | os.PathLike, *, device: str = "cpu") -> list[BuiltMember]:
+    """Build every member into ``root`` (cached) and write ``root/zoo.yaml`` listing their
+    nnU-Net-format checkpoints for ``nnunet-te rank``."""
+    root = Path(root)
+    for member in members:  # every source file checked before any training starts
+        if member.kind != "random":
+            _source_files(member.source)
+    built = [build_member(m, root, device=device) for m in tqdm(members, desc="zoo")]
+    import yaml
+
+    (root / "zoo.yaml").write_text(yaml.safe_dump({"candidates": [
+        {"name": b.member.name, "checkpoint": str(b.nnunet.relative_to(root)), "format": "nnunet",
+         "notes": b.member.notes} for b in built]}, sort_keys=False))
+    return built

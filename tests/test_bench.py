@@ -1,0 +1,122 @@
+"""The benchmark in miniature, end to end through ``nnunet-te bench`` and the real nnU-Net CLI:
+3 zoo members (one excluded for the target), 1 real 2D target (EPFL mitochondria, 12 slices),
+k = 5, one seed, a 1 x 2 schedule; then a resumed run that must not train again."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BIN = Path(sys.executable).parent
+MEMBERS = ["random_s0", "sup_isbi_membranes", "sup_epfl_mitochondrion"]
+
+
+def _run(args, env, cwd) -> str:
+    done = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{(done.stdout + done.stderr)[-4000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def epfl_tree(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, **{name: str(root / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    _run(["nnunet-te", "data", "epfl_em_mitochondrion", "-d", "981", "--cases", "12"], env, root)
+    _run(["nnUNetv2_plan_and_preprocess", "-d", "981", "-c", "2d", "-np", "1"], env, root)
+    return root, env
+
+
+@pytest.mark.slow
+def test_bench_miniature_end_to_end_and_resume(epfl_tree):
+    root, env = epfl_tree
+    work, docs = root / "work", root / "benchmark.md"
+    command = ["nnunet-te", "bench", "-d", "981", "--work", str(work), "--members", *MEMBERS,
+               "--zoo-iterations", "2", "--shots", "5", "--seeds", "0", "--schedule", "1", "2",
+               "--test-cases", "3", "--docs", str(docs), "-device", "cpu"]
+    started = time.time()
+    first = _run(command, env, root)
+    print(f"first run: {time.time() - started:.0f} s")
+
+    with open(work / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # the member pre-trained on the target's own task is neither ranked nor fine-tuned
+    assert sorted((r["member"], r["trainer"]) for r in rows) == [
+        ("random_s0", "plain"), ("random_s0", "risk"), ("sup_isbi_membranes", "plain"), ("sup_isbi_membranes", "risk")]
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0 and np.isfinite(float(r["dice"])), r
+        assert (r["k"], r["seed"], r["schedule"], r["n_test"]) == ("5", "0", "1x2", "3")
+        per_class = json.loads(r["dice_per_class"])
+        assert list(per_class) == ["1"] and abs(per_class["1"] - float(r["dice"])) < 1e-9
+    ranking = json.loads((work / "rankings" / "Dataset981_EPFLEM_mitochondrion" / "k5s0" / "ranking.json").read_text())
+    assert sorted(ranking["ranking"]) == ["random_s0", "sup_isbi_membranes"]
+    assert "topology" in ranking["metrics"] and len(ranking["cases"]) == 5
+
+    # the product's few-shot trainer drew the same 5 cases the ranking used, none of them a test case
+    splits = json.loads((root / "nnUNet_preprocessed" / "Dataset981_EPFLEM_mitochondrion" / "splits_final.json").read_text())
+    run_folder = Path(next(r["run_folder"] for r in rows if r["trainer"] == "plain"))
+    few_shot = json.loads((run_folder / "few_shot_split.json").read_text())
+    fold = int(rows[0]["fold"])
+    assert few_shot["train"] == ranking["cases"] and not set(few_shot["train"]) & set(splits[fold]["val"])
+    assert sorted(few_shot["val"]) == sorted(splits[fold]["val"]) and len(few_shot["val"]) == 3
+    # risk maps: P(y|z) fitted on the 5 training cases only, maps for training and test cases
+    manifest = json.loads(next((work / "views" / "risk").glob("random_s0_k5s0/*/nnUNetPlans_2d__risk/manifest.json"))
+                          .read_text())
+    assert manifest["settings"]["fit_case_ids"] == few_shot["train"] and len(manifest["shapes"]) == 8
+    risk_run = Path(next(r["run_folder"] for r in rows if r["trainer"] == "risk"))
+    assert "nnUNetPlans_2d__risk" in json.loads((risk_run / "risk_options.json").read_text())["risk_folder"]
+    curve = json.loads((run_folder / "learning_curve.json").read_text())
+    assert len(curve["train_losses"]) == 1 and np.isfinite(curve["train_losses"]).all()
+
+    # zoo: both formats per member, loadable
+    from nnunet_te.nnunet.weights import read_checkpoint
+
+    for name in MEMBERS:
+        folder = next((work / "zoo").glob(f"{name}-*"))
+        assert read_checkpoint(folder / "nnunet.pth").format == "nnunet"
+        nnssl = read_checkpoint(folder / "nnssl.pth")
+        assert nnssl.format == "nnssl" and nnssl.encoder_only
+
+    text = docs.read_text()
+    assert "<!-- bench_results:start -->" in text
+    assert "| random_s0 |" in text and "over 2 (target, member, seed) pairs" in text
+    docs.write_text(text.replace("Measured so far", "STALE"))
+    logs = {p: p.stat().st_size for p in (work / "logs").rglob("*.log")}
+
+    second = _run(command, env, root)
+    assert "0 new fine-tune(s)" in second and "4 new fine-tune(s)" in first
+    assert {p: p.stat().st_size for p in (work / "logs").rglob("*.log")} == logs  # nnUNetv2_train not started
+    with open(work / "results.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    assert "STALE" not in docs.read_text() and "Measured so far: 4 fine-tunes" in docs.read_text()
+
+
+def test_bad_shots_fail_before_any_work(tmp_path):
+    from nnunet_te.bench.run import run_bench
+
+    with pytest.raises(ValueError, match="shots must be among"):
+        run_bench([981], tmp_path / "work", shots=(4,))
+    assert not (tmp_path / "work" / "zoo").exists()
+
+
+def test_zoo_members_are_deterministic_and_cached(tmp_path, shared_data):
+    from nnunet_te.bench.zoo import build_member, select_members
+
+    member = select_members(["sup_isbi_membranes"], iterations=2)[0]
+    a, b = build_member(member, tmp_path / "a"), build_member(member, tmp_path / "b")
+    assert a.folder.name == b.folder.name  # same content key
+    wa = torch.load(a.nnunet, weights_only=True)["network_weights"]
+    wb = torch.load(b.nnunet, weights_only=True)["network_weights"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(".seg_layers." in k for k in wa)  # a supervised member keeps its source head
+    mtime = a.nnunet.stat().st_mtime_ns
+    assert build_member(member, tmp_path / "a").nnunet.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    other = select_members(["sup_isbi_membranes"], iterations=3)[0]
+    assert build_member(other, tmp_path / "a").folder != a.folder
