@@ -33,11 +33,14 @@ import torch
 import yaml
 from docs_section import write_section
 
+from nnunet_te.classification.adapters import ClassificationAdapter
 from nnunet_te.classification.data import ImageSet, load_image_set, stratified_subset
 from nnunet_te.classification.finetune import fine_tune
 from nnunet_te.classification.rank import rank_classification
-from nnunet_te.classification.zoo import candidate_adapter, read_classification_zoo
+from nnunet_te.classification.zoo import build_architecture, candidate_adapter, read_classification_zoo
 from nnunet_te.evaluation.statistics import weighted_tau
+from nnunet_te.features.models import pretrain_self_supervised
+from nnunet_te.ranking.zoo import Candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "classification.md"
@@ -110,19 +113,13 @@ ZOO = [
 def build_zoo(work: Path, shared: Path, *, seed: int, pretrain_epochs: int, ssl_iterations: int,
               device: str) -> Path:
     """Checkpoints (state dicts without the classifier) and zoo.yaml in ``work`` (kept across runs)."""
-    from nnunet_te.classification.zoo import _build
-    from nnunet_te.features.models import pretrain_self_supervised
-    from nnunet_te.ranking.zoo import Candidate
-
     work.mkdir(parents=True, exist_ok=True)
     entries = []
     for entry, pretraining in ZOO:
         path = work / f"{entry['name']}.pth"
         if not path.exists():
-            network = _build(Candidate(entry["name"], path, architecture=entry["architecture"]), seed)
+            network = build_architecture(Candidate(entry["name"], path, architecture=entry["architecture"]), seed)
             if pretraining == "supervised":
-                from nnunet_te.classification.adapters import ClassificationAdapter
-
                 source = em_patches(shared, 360, seed)
                 split = np.random.default_rng(seed).permutation(len(source.labels))
                 adapter = ClassificationAdapter(network, **entry["input"])

@@ -334,13 +334,12 @@ def test_fine_tune_is_seeded_and_learns_a_visible_label():
 
 # ---- nnunet-te rank-cls end to end ------------------------------------------------------------------------
 def test_rank_cls_cli_on_breastmnist(tmp_path, shared_data):
-    torch.manual_seed(0)
-    _save(torchvision.models.mobilenet_v3_small(), tmp_path / "mobilenet.pth", "classifier.3.")
+    _save(_monai_densenet(), tmp_path / "densenet.pth", "class_layers.out.")
     _save(_small_monai_resnet(), tmp_path / "resnet.pth", "fc.")
     _save(build_unet("ResidualEncoderUNet", dim=2, features_per_stage=(8, 16, 32), num_classes=2), tmp_path / "u.pth")
     candidates = [
-        {"name": "mobilenet", "checkpoint": "mobilenet.pth", "input": {"channels": "stem", "normalize": "half"},
-         "architecture": {"class": "torchvision.models.mobilenet_v3_small"}},
+        {"name": "densenet", "checkpoint": "densenet.pth", "input": {"normalize": "half"},
+         "architecture": {"class": "monai.networks.nets.DenseNet", "kwargs": MONAI_DENSENET}},
         {"name": "resnet", "checkpoint": "resnet.pth", "input": {"normalize": "half"},
          "architecture": {"class": "monai.networks.nets.ResNet", "kwargs": {
              "block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 32, 64], "spatial_dims": 2,
@@ -355,7 +354,7 @@ def test_rank_cls_cli_on_breastmnist(tmp_path, shared_data):
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"candidates": candidates}))
     out = tmp_path / "ranking"
     command = [str(Path(sys.executable).parent / "nnunet-te"), "rank-cls", "--zoo", str(tmp_path / "zoo.yaml"),
-               "-i", str(shared_data / "medmnist" / "breastmnist.npz"), "--split", "train", "--samples", "60",
+               "-i", str(shared_data / "medmnist" / "breastmnist.npz"), "--split", "train", "--size", "32", "--samples", "60",
                "--seed", "3", "-o", str(out), "-device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -367,7 +366,7 @@ def test_rank_cls_cli_on_breastmnist(tmp_path, shared_data):
     assert result["n_images"] == len(result["subset_indices"]) == 60
     scores = result["metrics"]
     assert set(scores) >= {"logme", "parc", "sfda", "ncti", "nleep", "lp", "fu", "lp_fu"}
-    lp, fu, lp_fu = (np.array([scores[m]["scores"][c] for c in ("mobilenet", "resnet", "resenc")])
+    lp, fu, lp_fu = (np.array([scores[m]["scores"][c] for c in ("densenet", "resnet", "resenc")])
                      for m in ("lp", "fu", "lp_fu"))
     minmax = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
     np.testing.assert_allclose(lp_fu, minmax(lp) * minmax(fu))

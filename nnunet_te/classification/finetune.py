@@ -25,7 +25,7 @@ from nnunet_te.classification.adapters import ClassificationAdapter
 from nnunet_te.classification.data import ImageSet
 
 
-class LinearProbeModel(nn.Module):
+class FineTuneModel(nn.Module):
     """Backbone (adapter) -> penultimate features -> new linear head."""
 
     def __init__(self, adapter: ClassificationAdapter, n_features: int, n_classes: int):
@@ -91,7 +91,7 @@ def fine_tune(adapter: ClassificationAdapter, train: ImageSet, val: ImageSet, te
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LinearProbeModel(adapter, n_features, train.n_classes).to(device)
+        model = FineTuneModel(adapter, n_features, train.n_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     labels = torch.as_tensor(train.labels)
     best = (np.inf, np.nan, -1, None)

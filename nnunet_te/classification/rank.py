@@ -90,14 +90,12 @@ def classification_metrics(names: list[str] | None = None, *, cross_domain: bool
 
 
 def extract_features(adapter: ClassificationAdapter, images: torch.Tensor, *, batch_size: int = 64,
-                     device: str | torch.device = "cpu", progress: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
+                     device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray | None]:
     """Penultimate features (n, D) float64 and source logits (n, K) or None, eval mode, no grad."""
     adapter = adapter.to(device).eval()
     features, logits = [], []
     with torch.no_grad():
-        for start in tqdm(range(0, images.shape[0], batch_size), desc="features", leave=False,
-                          disable=not progress):
+        for start in range(0, images.shape[0], batch_size):
             f, z = adapter(images[start:start + batch_size].to(device))
             features.append(f.double().cpu())
             logits.append(None if z is None else z.double().cpu())
@@ -160,6 +158,10 @@ def rank_classification(zoo_path: str | Path, data: ImageSet, out_dir: str | Pat
                                                       fu_batches=fu_batches, device=device)
         except CandidateError as err:
             errors[entry.name] = err.reason
+            continue
+        except RuntimeError as err:  # the network cannot run on these images (e.g. too small for its strides)
+            errors[entry.name] = (f"forward pass failed on images of shape {tuple(data.images.shape[1:])}: "
+                                  f"{str(err).splitlines()[0]}")
             continue
         timings[entry.name] = time.perf_counter() - start
         fu = features[entry.name].fu

@@ -98,7 +98,8 @@ def read_classification_zoo(path: str | Path) -> list[ClassificationCandidate]:
     return zoo
 
 
-def _build(candidate: Candidate, seed: int) -> nn.Module:
+def build_architecture(candidate: Candidate, seed: int) -> nn.Module:
+    """``architecture.class(**kwargs)`` after ``torch.manual_seed(seed)`` (caller's RNG untouched)."""
     spec = candidate.architecture
     module_name, _, attr = spec["class"].rpartition(".")
     try:
@@ -128,7 +129,7 @@ def candidate_adapter(entry: ClassificationCandidate, *, image_channels: int, se
         if candidate.format is not None and checkpoint.format != candidate.format:
             raise ValueError(f"declared format {candidate.format!r} but the file is a {checkpoint.format!r} checkpoint")
         if candidate.architecture is not None:
-            network = _build(candidate, seed)
+            network = build_architecture(candidate, seed)
             report = load_pretrained(network, checkpoint, report=False)
         elif checkpoint.format == "nnunet" and checkpoint.metadata.get("plans"):
             meta = checkpoint.metadata
