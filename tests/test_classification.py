@@ -301,6 +301,8 @@ def test_zoo_file_builds_every_kind_of_candidate(tmp_path):
 @pytest.mark.parametrize("entry, message", [
     ({"input": {"channel": "stem"}}, r"'input' takes only \['channels', 'normalize'\]"),
     ({"layers": ["conv1"]}, "'layers' must be two module names"),
+    ({"input": {"normalize": {"mean": [0.5]}}}, "'normalize' as a mapping takes exactly 'mean' and 'std'"),
+    ({"input": {"channels": "rgb"}}, r"channels must be one of \('native', 'replicate', 'stem'\)"),
     ({"architecture": {"class": "torchvision.models.no_such_net"}}, r"architecture class 'torchvision.models.no_such_net' cannot be imported"),
 ])
 def test_zoo_errors_name_the_candidate(tmp_path, entry, message):

@@ -64,6 +64,8 @@ def _classification_options(entry: Mapping, name: str) -> tuple[dict, tuple[str,
     if set(options) - INPUT_KEYS:
         raise CandidateError(name, f"'input' takes only {sorted(INPUT_KEYS)}, got {sorted(options)}")
     if isinstance(options.get("normalize"), Mapping):
+        if set(options["normalize"]) != {"mean", "std"}:
+            raise CandidateError(name, "'normalize' as a mapping takes exactly 'mean' and 'std' (per-channel lists)")
         options["normalize"] = (options["normalize"]["mean"], options["normalize"]["std"])
     layers = entry.get("layers")
     if layers is not None:
