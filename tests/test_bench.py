@@ -120,3 +120,14 @@ def test_zoo_members_are_deterministic_and_cached(tmp_path, shared_data):
     assert build_member(member, tmp_path / "a").nnunet.stat().st_mtime_ns == mtime  # reused, not rebuilt
     other = select_members(["sup_isbi_membranes"], iterations=3)[0]
     assert build_member(other, tmp_path / "a").folder != a.folder
+
+
+def test_unknown_dataset_fails_before_the_zoo(tmp_path, monkeypatch):
+    from nnunet_te.bench.run import run_bench
+
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    with pytest.raises(FileNotFoundError, match="999"):
+        run_bench([999], tmp_path / "work")
+    assert not (tmp_path / "work" / "zoo").exists()

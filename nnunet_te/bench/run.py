@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from nnunet_te.bench.ground_truth import Run, Schedule, done_keys, fine_tune, read_results, training_cases
 from nnunet_te.bench.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
                                   preprocessed_view, write_cpu_plans)
-from nnunet_te.bench.zoo import BuiltMember, build_zoo, select_members
+from nnunet_te.bench.zoo import BuiltMember, Member, build_zoo, select_members
 
 #: Fine-tuning schedule chosen for the 2-core CPU budget (docs/benchmark.md, "CPU plan").
 DEFAULT_SCHEDULE = Schedule(epochs=3, iterations=20, val_iterations=2)
@@ -52,7 +52,8 @@ class Target:
     preprocessed: Path
     split: dict[str, list[str]]
     fold: int
-    members: list[BuiltMember] = field(default_factory=list)
+    allowed: list[str]  # members not trained on this target's own task
+    members: list[BuiltMember] = field(default_factory=list)  # the built allowed members
 
 
 @contextmanager
@@ -69,7 +70,7 @@ def _preprocessed_root(root: Path):
             os.environ["nnUNet_preprocessed"] = old
 
 
-def prepare_target(dataset: int | str, zoo: list[BuiltMember], *, n_test: int | None, split_seed: int) -> Target:
+def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | None, split_seed: int) -> Target:
     """CPU plan, split and allowed members of one dataset; clear errors before any long work."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -84,7 +85,7 @@ def prepare_target(dataset: int | str, zoo: list[BuiltMember], *, n_test: int | 
     split = bench_split(cases, n_test or default_n_test(len(cases)), split_seed)
     dataset_json = json.loads((folder / "dataset.json").read_text())
     source = dataset_json.get("nnunet_te", {}).get("source", name)
-    allowed = [b for b in zoo if source not in b.member.excluded_for]
+    allowed = [m.name for m in members if source not in m.excluded_for]
     return Target(name, int(name[len("Dataset"):len("Dataset") + 3]), source, folder, split,
                   ensure_split(folder, split), allowed)
 
@@ -164,12 +165,19 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     bad_seeds = [s for s in seeds if s not in _few_shot_seeds()]
     if bad_seeds:
         raise ValueError(f"seeds must be among {_few_shot_seeds()} (the product's few-shot trainers), got {bad_seeds}")
+    from nnunet_te.nnunet.paths import ENV_VARIABLES, env_folder
+
+    for variable in ENV_VARIABLES:
+        env_folder(variable)  # raises naming the unset variable
     chosen = select_members(members, iterations=zoo_iterations)
-    zoo = build_zoo(chosen, work / "zoo", device=device)
-    targets = [prepare_target(d, zoo, n_test=n_test, split_seed=split_seed) for d in datasets]
+    # every dataset checked (plan, split, k) before the zoo's long pre-training starts
+    targets = [prepare_target(d, chosen, n_test=n_test, split_seed=split_seed) for d in datasets]
     for target in targets:
         if len(target.split["train"]) < max(shots):
             raise ValueError(f"{target.dataset}: {len(target.split['train'])} training cases, fewer than k={max(shots)}")
+    zoo = build_zoo(chosen, work / "zoo", device=device)
+    for target in targets:
+        target.members = [b for b in zoo if b.member.name in target.allowed]
     results_csv = work / "results.csv"
     started, new_runs = time.perf_counter(), 0
     for target in targets:

@@ -17,8 +17,10 @@ also puts the Markdown between the ``bench_results`` markers of that page, figur
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -140,6 +142,43 @@ def cost(work: Path, rows: list[dict]) -> list[dict]:
     return out
 
 
+#: Sampled points per stage at which metric time is measured (the ranking default is 2048).
+SCALING_POINTS = (256, 512, 1024, 2048)
+
+
+def metric_scaling(work: Path, points: tuple[int, ...] = SCALING_POINTS, seed: int = 0) -> list[dict]:
+    """Seconds per segmentation metric at each number of sampled points per global stage, on the
+    cached features of one candidate (the first feature folder in ``<work>/feature_cache``):
+    each stage's samples (and the source probabilities with the final stage) subsampled with
+    ``seed``; boundary patches and consistency predictions unchanged. One timing per size."""
+    from dataclasses import replace
+
+    from nnunet_te.features.cache import FeatureCache
+    from nnunet_te.metrics.registry import SEGMENTATION, metrics_for
+
+    cache = FeatureCache(work / "feature_cache")
+    keys = sorted(p.name for p in cache.root.glob("*") if cache.load(p.name) is not None) if cache.root.is_dir() else []
+    if not keys:
+        return []
+    features = cache.load(keys[0])
+    final = list(features.global_stages)[-1]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in (p for p in points if p <= min(len(v[1]) for v in features.global_stages.values())):
+        picks = {name: np.sort(rng.choice(len(v[1]), n, replace=False)) for name, v in features.global_stages.items()}
+        sub = replace(features, global_stages={name: tuple(a[picks[name]] for a in v)
+                                               for name, v in features.global_stages.items()},
+                      source_probabilities=None if features.source_probabilities is None
+                      else features.source_probabilities[picks[final]])
+        row = {"points": n}
+        for metric in (m for m in metrics_for(SEGMENTATION) if m.applicable(sub) is None):
+            start = time.perf_counter()
+            metric.compute(sub)
+            row[metric.name] = time.perf_counter() - start
+        rows.append(row)
+    return rows
+
+
 def _plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
     curves = defaultdict(dict)
     for r in rows:
@@ -189,14 +228,17 @@ def _plot_dice(rows: list[dict], path: Path) -> Path | None:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
     if not rows:
         return
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def write_report(work: Path, *, docs: Path | None = None) -> dict[str, Path]:
@@ -210,12 +252,14 @@ def write_report(work: Path, *, docs: Path | None = None) -> dict[str, Path]:
     noise = noise_floor(rows)
     pairs, risk_test = risk_vs_plain(rows)
     costs = cost(work, rows)
+    scaling_csv = out / "metric_scaling.csv"
+    scaling = _read_csv(scaling_csv) if scaling_csv.is_file() else metric_scaling(work)
     for name, table in (("ranking_quality", quality), ("noise_floor", noise), ("risk_vs_plain", pairs),
-                        ("cost", costs), ("results", rows)):
+                        ("cost", costs), ("metric_scaling", scaling), ("results", rows)):
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
-    md, cd_png = _markdown_report(rows, quality, noise, pairs, risk_test, costs, out, figures)
+    md, cd_png = _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out, figures)
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"risk_test": risk_test, "n_fine_tunes": len(rows)}, indent=1))
@@ -230,7 +274,7 @@ def write_report(work: Path, *, docs: Path | None = None) -> dict[str, Path]:
     return paths
 
 
-def _markdown_report(rows, quality, noise, pairs, risk_test, costs, out: Path, figures: dict):
+def _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
     schedules = sorted({r["schedule"] for r in rows})
@@ -305,6 +349,12 @@ def _markdown_report(rows, quality, noise, pairs, risk_test, costs, out: Path, f
                            [[_short(c["dataset"]), ",".join(map(str, c["cases_ranked"])), _fmt(c["extraction_seconds"], 1)]
                             + [_fmt(c["metric_seconds"].get(m, np.nan), 2) for m in metric_names]
                             + [_fmt(c["fine_tune_seconds"], 0)] for c in costs]))
+    if scaling:
+        names = [k for k in scaling[0] if k != "points"]
+        lines += ["", "Metric time (s) against the number of sampled points per stage (one candidate's cached "
+                      "features, subsampled; `metric_scaling` in `nnunet_te/bench/tables.py`):", "",
+                  _markdown(["points"] + names, [[str(int(r["points"]))] + [_fmt(float(r[n]), 3) for n in names]
+                                                 for r in scaling])]
     for key, title in (("dice", "test Dice per member"), ("curves", "learning curves (k-shot, first seed)")):
         if figures.get(key) is not None:
             lines += ["", f"![{title}]({figures[key].name})"]
