@@ -334,6 +334,33 @@ def test_fine_tune_is_seeded_and_learns_a_visible_label():
                   epochs=1, seed=0)
 
 
+def test_zoo_scores_read_one_lp_fit_and_flip_for_cross_domain():
+    from nnunet_te.classification.feature_update import FeatureUpdate
+    from nnunet_te.classification.rank import ClassificationFeatures, classification_metrics
+    from nnunet_te.ranking.scoring import score_zoo
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    zoo = {}
+    for k, (separation, fu) in enumerate([(0.0, 0.5), (1.0, 0.2), (3.0, 0.9)]):
+        X = rng.normal(size=(40, 6)) + separation * y[:, None]
+        zoo[f"m{k}"] = ClassificationFeatures(1, {"penultimate": (X, y, np.arange(40))},
+                                              fu=FeatureUpdate(fu, "a", "b", 8, [1.0], [fu]))
+    zoo["no_fu"] = ClassificationFeatures(1, {"penultimate": (rng.normal(size=(40, 6)), y, np.arange(40))},
+                                          fu_error="the gradient of the first layer 'a' is zero on every batch")
+    names = ["lp", "fu", "lp_fu"]
+    for cross_domain in (False, True):
+        scores = score_zoo(zoo, classification_metrics(names, cross_domain=cross_domain), progress=False)
+        lp, fu = scores.scores["lp"][:3], scores.scores["fu"][:3]
+        mm = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
+        expected = (1 - mm(lp)) * (1 - mm(fu)) if cross_domain else mm(lp) * mm(fu)
+        np.testing.assert_allclose(scores.scores["lp_fu"][:3], expected)
+        assert np.isnan(scores.scores["lp_fu"][3]) and "zero on every batch" in scores.errors[("fu", "no_fu")]
+    assert zoo["m0"]._lp is not None and lp[2] > lp[0]  # cached once, and the separated classes score higher
+    with pytest.raises(ValueError, match="unknown metric"):
+        classification_metrics(["lp", "no_such_metric"])
+
+
 # ---- nnunet-te rank-cls end to end ------------------------------------------------------------------------
 def test_rank_cls_cli_on_breastmnist(tmp_path, shared_data):
     _save(_monai_densenet(), tmp_path / "densenet.pth", "class_layers.out.")
