@@ -247,7 +247,6 @@ def main() -> None:
     zoo_path = build_zoo(work / "zoo", shared, seed=0, pretrain_epochs=args.pretrain_epochs,
                          ssl_iterations=args.ssl_iterations, device=args.device)
     zoo = read_classification_zoo(zoo_path)
-    finished = done_runs(results)
     for target in args.targets:
         splits = target_splits(target, shared, seed=0)
         out = work / "rankings" / target
@@ -255,7 +254,7 @@ def main() -> None:
             rank_classification(zoo_path, splits["train"], out, seed=0, device=args.device)
         for entry in zoo:
             for seed in args.seeds:
-                if (target, entry.name, seed) in finished:
+                if (target, entry.name, seed) in done_runs(results):  # re-read: runs may go in parallel
                     continue
                 adapter, _ = candidate_adapter(entry, image_channels=1, seed=seed, device=args.device)
                 result = fine_tune(adapter, splits["train"], splits["val"], splits["test"], epochs=args.epochs,
