@@ -100,9 +100,7 @@ class ClassificationAdapter(nn.Module):
         self.stem_name = (f"encoder.{stem_name}" if self.nnunet else stem_name)
         stem = find_module(network, self.stem_name)
         self.fed_channels = self._adapt_channels(stem)
-        self.normalize = normalize
         self._mean, self._std = self._statistics(normalize)
-        self.feature_layer = feature_layer
         self._feature_module = find_module(network, feature_layer, kind="feature_layer") if feature_layer else None
         linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
         self._head = linears[-1] if linears and not self.nnunet else None

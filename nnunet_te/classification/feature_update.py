@@ -1,7 +1,7 @@
 """S_FU, the feature-update term of LP x FU (seed 002, Juodelyte et al.; METHODS.md section 2).
 
 Reference: DovileDo/transferability-in-medical-imaging ``FU_Score`` with pytorch-metric-learning's
-``TripletMarginLoss`` defaults. Reproduced here (``tests/test_parity_classification_fu.py``): the
+``TripletMarginLoss`` defaults. Reproduced here (``tests/test_classification_fu_parity.py``): the
 network in eval mode (BatchNorm running statistics), the images in consecutive batches of
 ``floor(n / 6)`` without shuffling, one backward pass per batch, and the score the ratio of the
 *summed* gradient norms - not the mean of per-batch ratios, which misses the reference values by

@@ -52,7 +52,8 @@ def lp_fu(lp_scores, fu_scores, *, cross_domain: bool = False) -> np.ndarray:
 
     Shape:
         - lp_scores: (K,) from :func:`lp_score`.
-        - fu_scores: (K,) feature-update scores, same model order.
+        - fu_scores: (K,) S_FU from
+          :func:`nnunet_te.classification.feature_update.feature_update_score`, same model order.
         - output: (K,) in [0, 1]; higher is better.
 
     Degenerate input: a factor equal for every model (including K = 1) normalises to 0.5, so
