@@ -26,6 +26,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -429,6 +430,16 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
 
 
 def run_training(plan: TrainingPlan) -> int:
-    """Start the prepared ``nnUNetv2_train`` command; return its exit code."""
-    return subprocess.run(plan.command, check=False).returncode
+    """Start the prepared ``nnUNetv2_train`` command; return its exit code.
+
+    The ``nnUNetv2_train`` of this interpreter's environment is preferred over the one on PATH:
+    a venv's scripts are not on PATH unless it is activated, and another environment's nnU-Net
+    would not find this package's trainers.
+    """
+    beside = Path(sys.executable).with_name(plan.command[0])
+    executable = str(beside) if beside.is_file() else shutil.which(plan.command[0])
+    if executable is None:
+        raise FileNotFoundError(f"{plan.command[0]} not found beside {sys.executable} or on PATH; is nnunetv2 "
+                                "installed in this environment?")
+    return subprocess.run([executable, *plan.command[1:]], check=False).returncode
 
