@@ -187,46 +187,59 @@ def ranking_scores(ranking_json: Path) -> dict[str, dict[str, float | None]]:
     return {name: entry["scores"] for name, entry in json.loads(ranking_json.read_text())["metrics"].items()}
 
 
-def evaluate(targets: list[str], work: Path, results: Path) -> str:
-    """Markdown: per target, mean +- spread of test AUC per candidate and weighted tau per metric."""
+def evaluate(targets: list[str], seeds: list[int], work: Path, results: Path) -> str:
+    """Markdown: per target, mean and spread of test AUC per candidate (only candidates with a run
+    for every seed in ``seeds``) and weighted tau per metric against the seed means."""
     with results.open() as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if int(r["seed"]) in seeds]
     lines = []
-    taus: dict[str, dict[str, float]] = {}
+    taus: dict[str, dict[str, str]] = {}
     for target in targets:
-        runs = [r for r in rows if r["target"] == target]
-        by_candidate: dict[str, list[float]] = {}
-        for r in runs:
-            by_candidate.setdefault(r["candidate"], []).append(float(r["test_auc"]))
-        seeds = sorted({int(r["seed"]) for r in runs})
+        aucs: dict[str, dict[int, float]] = {}  # candidate -> seed -> test AUC
+        for r in rows:
+            if r["target"] == target:
+                aucs.setdefault(r["candidate"], {})[int(r["seed"])] = float(r["test_auc"])
+        incomplete = {c: v for c, v in aucs.items() if len(v) < len(seeds)}
+        aucs = {c: v for c, v in aucs.items() if c not in incomplete}
         scores = ranking_scores(work / "rankings" / target / "ranking.json")
-        lines += [f"### {target}", "", f"Test AUC after fine-tuning (seeds {seeds}; mean, min-max over seeds):", "",
+        lines += [f"### {target}", "", f"Test AUC after fine-tuning (seeds {seeds}: mean, min, max) and the "
+                  "metric scores of the ranking:", "",
                   "| candidate | mean AUC | min | max | " + " | ".join(scores) + " |",
                   "|---|---|---|---|" + "---|" * len(scores)]
-        names = sorted(by_candidate, key=lambda c: -np.mean(by_candidate[c]))
-        for c in names:
+        for c in sorted(aucs, key=lambda c: -np.mean(list(aucs[c].values()))):
             cells = [f"{scores[m].get(c):.4g}" if scores[m].get(c) is not None else "n/a" for m in scores]
-            v = by_candidate[c]
+            v = list(aucs[c].values())
             lines.append(f"| {c} | {np.mean(v):.3f} | {min(v):.3f} | {max(v):.3f} | " + " | ".join(cells) + " |")
-        missing = sorted(set(next(iter(scores.values()))) - set(by_candidate))
+        missing = sorted(set(next(iter(scores.values()))) - set(aucs))
         if missing:
-            lines += ["", f"Ranked but not fine-tuned (CPU budget; left out of every tau below): {missing}."]
-        truth = {c: float(np.mean(v)) for c, v in by_candidate.items()}
-        spread = [max(v) - min(v) for v in by_candidate.values()]
-        lines += ["", f"AUC range over candidates (seed means): {min(truth.values()):.3f} - {max(truth.values()):.3f}; "
-                      f"largest seed-to-seed spread of one candidate: {max(spread):.3f}.", ""]
+            partial = "; ".join(f"{c}: {[round(a, 3) for a in v.values()]}" for c, v in incomplete.items())
+            lines += ["", f"Ranked but not fine-tuned for every seed (CPU budget; left out of every tau "
+                          f"below): {missing}" + (f" (partial test AUCs: {partial})" if partial else "") + "."]
+        truth = {c: float(np.mean(list(v.values()))) for c, v in aucs.items()}
+        spread = [max(v.values()) - min(v.values()) for v in aucs.values()]
+        lines += ["", f"{len(aucs)} candidates; AUC range over candidates (seed means): {min(truth.values()):.3f} - "
+                      f"{max(truth.values()):.3f}; largest seed-to-seed spread of one candidate: {max(spread):.3f}.", ""]
         for metric, values in scores.items():
             common = [c for c in truth if values.get(c) is not None]
-            taus.setdefault(metric, {})[target] = (
-                weighted_tau([values[c] for c in common], [truth[c] for c in common]) if len(common) >= 3 else np.nan)
-    lines += ["### Weighted Kendall tau per metric (higher = ranking closer to fine-tuned AUC)", "",
+            x = [values[c] for c in common]
+            per_truth = [[truth[c] for c in common]] + [[aucs[c][seed] for c in common] for seed in seeds]
+            tau = [weighted_tau(x, t) if len(common) >= 3 else np.nan for t in per_truth]
+            taus.setdefault(metric, {})[target] = (f"{tau[0]:.2f} ({' / '.join(f'{t:.2f}' for t in tau[1:])})"
+                                                   if not np.isnan(tau[0]) else "n/a")
+            taus[metric][f"_{target}"] = tau[0]
+    lines += ["### Weighted Kendall tau per metric", "",
+              f"Against the seed-mean AUC; in brackets against each seed's AUC alone (seeds {seeds}), which "
+              "shows how much of a tau is fine-tuning noise. Sorted by the mean over targets.", "",
               "| metric | " + " | ".join(targets) + " | mean |", "|---|" + "---|" * (len(targets) + 1)]
-    for metric, per_target in sorted(taus.items(), key=lambda kv: -np.nanmean(list(kv[1].values()))
-                                     if not np.all(np.isnan(list(kv[1].values()))) else np.inf):
-        values = [per_target[t] for t in targets]
-        cells = ["n/a" if np.isnan(v) else f"{v:.2f}" for v in values]
-        mean = "n/a" if np.all(np.isnan(values)) else f"{np.nanmean(values):.2f}"
-        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {mean} |")
+
+    def mean_tau(metric: str) -> float:
+        values = [taus[metric][f"_{t}"] for t in targets]
+        return np.nan if np.all(np.isnan(values)) else float(np.nanmean(values))
+
+    for metric in sorted(taus, key=lambda m: -mean_tau(m) if not np.isnan(mean_tau(m)) else np.inf):
+        mean = mean_tau(metric)
+        lines.append(f"| {metric} | " + " | ".join(taus[metric][t] for t in targets)
+                     + f" | {'n/a' if np.isnan(mean) else f'{mean:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -271,7 +284,7 @@ def main() -> None:
     body = (f"Produced by `benchmarks/classification_ground_truth.py` (targets {args.targets}, fine-tuning "
             f"seeds {args.seeds}, {args.epochs} epochs; zoo and split seed 0; this invocation "
             f"{time.perf_counter() - start:.0f} s). Raw runs: `docs/classification_ground_truth.csv`.\n\n"
-            + evaluate(args.targets, work, results))
+            + evaluate(args.targets, args.seeds, work, results))
     write_section(Path(args.docs), "ground-truth", body, title="# Classification transferability")
     print(body)
 
