@@ -281,9 +281,12 @@ def main() -> None:
                 append_row(results, {"target": target, "candidate": entry.name, **result.to_dict()})
                 print(f"{target} {entry.name} seed {seed}: test AUC {result.test_auc:.3f} "
                       f"({result.seconds:.0f} s)", flush=True)
+    with results.open() as fh:
+        run_seconds = sum(float(r["seconds"]) for r in csv.DictReader(fh) if r["target"] in args.targets)
     body = (f"Produced by `benchmarks/classification_ground_truth.py` (targets {args.targets}, fine-tuning "
-            f"seeds {args.seeds}, {args.epochs} epochs; zoo and split seed 0; this invocation "
-            f"{time.perf_counter() - start:.0f} s). Raw runs: `docs/classification_ground_truth.csv`.\n\n"
+            f"seeds {args.seeds}, {args.epochs} epochs; zoo and split seed 0; skipped: {args.skip or 'none'}). "
+            f"Raw runs: `docs/classification_ground_truth.csv`; their wall time summed: {run_seconds / 60:.0f} min "
+            f"on 2 CPU cores shared with other jobs (this invocation: {time.perf_counter() - start:.0f} s).\n\n"
             + evaluate(args.targets, args.seeds, work, results))
     write_section(Path(args.docs), "ground-truth", body, title="# Classification transferability")
     print(body)
