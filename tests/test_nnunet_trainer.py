@@ -297,5 +297,6 @@ def test_trainer_ranks_a_zoo_at_first_start_and_keeps_the_choice_on_resume(hippo
 
     used = json.loads((fold / "risk_options.json").read_text())
     assert used["maps"]["checkpoint_sha256"] == choice["weights_sha256"] == file_sha256(choice["weights"])
+    assert used["maps"]["fit_case_ids"] == sorted(split["train"])  # P(y|z) from the 3 few-shot cases only
     assert Path(used["risk_folder"]).is_relative_to(fold)
     assert read_manifest(shared) == shared_manifest

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
@@ -114,6 +114,7 @@ class RiskWeightedTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.risk_options = read_options(self.plans_manager.plans)
         self.risk_folder = None  # -> on_train_start
+        self._risk_fit_cases = None  # -> on_train_start: the k training cases of a few-shot run
         self.zoo_weights = None  # -> on_train_start, with nnUNet_te_zoo
         if self.risk_options.zoo:
             read_zoo(self.risk_options.zoo)  # a malformed zoo fails now, not after data loading starts
@@ -208,11 +209,15 @@ class RiskWeightedTrainer(nnUNetTrainer):
         cases = sorted(set(train_cases) | set(val_cases))
         shapes = self._case_shapes(cases)
         wanted = options.checkpoint or self.zoo_weights
+        # a few-shot run's weights may use no labels but those of its k training cases
+        self._risk_fit_cases = sorted(train_cases) if getattr(self, "few_shot_k", None) else None
         maps = risk_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
-        if wanted and not self._maps_come_from(maps, wanted):
-            maps = self._compute_maps(Path(self.output_folder) / "risk_source", wanted)
-            self.print_to_log_file(f"the shared risk maps come from another checkpoint than {wanted}: "
-                                   f"this run uses its own, computed in {maps}")
+        unusable = self._why_unusable(maps, wanted)
+        if unusable:
+            # this run's own maps: recomputed at a fresh start, resumed with --c
+            maps = self._compute_maps(Path(self.output_folder) / "risk_source", wanted or self._save_initial_network(),
+                                      case_ids=cases, overwrite=self.current_epoch == 0)
+            self.print_to_log_file(f"shared risk maps not used ({unusable}): this run uses its own, in {maps}")
         missing = self._check_maps(maps, shapes)
         if missing:
             self.print_to_log_file(f"{len(missing)} risk map(s) missing in {maps}")
@@ -258,32 +263,39 @@ class RiskWeightedTrainer(nnUNetTrainer):
         return missing
 
     def _compute_maps(self, base: str | Path, checkpoint: str, **options) -> Path:
-        """Maps of every case from ``checkpoint`` in ``risk_folder(base)``; a ``base`` other than
+        """Maps from ``checkpoint`` in ``risk_folder(base)`` (every case unless ``case_ids`` is
+        given; ``P(y|z)`` on the few-shot training cases in a few-shot run); a ``base`` other than
         nnU-Net's preprocessed dataset folder gets a link to the data, so nothing is written there."""
         base = Path(base)
         data = base / self.configuration_manager.data_identifier
         if not data.exists():
             base.mkdir(parents=True, exist_ok=True)
             data.symlink_to(Path(self.preprocessed_dataset_folder).resolve(), target_is_directory=True)
-        self.print_to_log_file(f"computing the risk maps of all cases from {checkpoint} in {base} "
-                               f"(sigma {self.risk_options.sigma})")
+        self.print_to_log_file(f"computing risk maps from {checkpoint} in {base} (sigma {self.risk_options.sigma})")
         return Path(compute_dataset_risk_maps(
             base, join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json"),
             self.configuration_name, self.dataset_json, checkpoint, device=str(self.device),
-            sigma=self.risk_options.sigma, progress=False, **options))
+            sigma=self.risk_options.sigma, fit_case_ids=self._risk_fit_cases, progress=False, **options))
 
     def _save_initial_network(self) -> str:
         """Save the network as initialised, minus its (never pre-trained) segmentation head."""
         path = join(self.output_folder, "risk_source_network.pth")
+        if self.current_epoch > 0 and isfile(path):  # resumed: the file holds the network as first initialised
+            return path
         weights = {k: v for k, v in _plain_network(self.network).state_dict().items() if ".seg_layers." not in k}
         torch.save({"network_weights": weights}, path)
         return path
 
-    @staticmethod
-    def _maps_come_from(folder: Path, checkpoint: str) -> bool:
-        """True when ``folder`` holds no maps yet or maps computed from ``checkpoint`` (by content)."""
-        stored = (read_manifest(folder) or {}).get("settings", {}).get("checkpoint_sha256")
-        return stored is None or stored == file_sha256(checkpoint)
+    def _why_unusable(self, folder: Path, checkpoint: str | None) -> str:
+        """Why the maps in ``folder`` cannot serve this run ('' if they can, or do not exist yet in a
+        full run, which then computes them there for every later run)."""
+        settings = (read_manifest(folder) or {}).get("settings")
+        if self._risk_fit_cases is not None and (settings or {}).get(
+                "fit_case_ids", (settings or {}).get("case_ids")) != self._risk_fit_cases:
+            return "a few-shot run estimates P(y|z) on its own training cases only"
+        if settings and checkpoint and settings.get("checkpoint_sha256") != file_sha256(checkpoint):
+            return f"computed from another checkpoint than {checkpoint}"
+        return ""
 
     # ---- refreshing the maps from the current network ----------------------------------------
     def _run_folder(self, source: Path) -> Path:
