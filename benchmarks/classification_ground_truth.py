@@ -33,6 +33,7 @@ import torch
 import yaml
 from docs_section import write_section
 
+from nnunet_te.bench.ground_truth import append_csv_row
 from nnunet_te.classification.adapters import ClassificationAdapter
 from nnunet_te.classification.data import ImageSet, load_image_set, stratified_subset
 from nnunet_te.classification.finetune import fine_tune
@@ -174,15 +175,6 @@ def done_runs(results: Path) -> set[tuple[str, str, int]]:
         return {(r["target"], r["candidate"], int(r["seed"])) for r in csv.DictReader(fh)}
 
 
-def append_row(results: Path, row: dict) -> None:
-    new = not results.exists()
-    with results.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row[k] for k in FIELDS})
-
-
 def ranking_scores(ranking_json: Path) -> dict[str, dict[str, float | None]]:
     return {name: entry["scores"] for name, entry in json.loads(ranking_json.read_text())["metrics"].items()}
 
@@ -278,7 +270,7 @@ def main() -> None:
                 adapter, _ = candidate_adapter(entry, image_channels=1, seed=seed, device=args.device)
                 result = fine_tune(adapter, splits["train"], splits["val"], splits["test"], epochs=args.epochs,
                                    seed=seed, device=args.device)
-                append_row(results, {"target": target, "candidate": entry.name, **result.to_dict()})
+                append_csv_row(results, {"target": target, "candidate": entry.name, **result.to_dict()}, FIELDS)
                 print(f"{target} {entry.name} seed {seed}: test AUC {result.test_auc:.3f} "
                       f"({result.seconds:.0f} s)", flush=True)
     with results.open() as fh:

@@ -90,13 +90,15 @@ def done_keys(rows: list[dict]) -> set[tuple]:
     return {(r["dataset"], r["member"], r["trainer"], r["k"], r["seed"], r["schedule"]) for r in rows}
 
 
-def _append(path: Path, row: dict) -> None:
+def append_csv_row(path: Path, row: dict, columns) -> None:
+    """Append ``row`` (its ``columns``) to the results CSV ``path`` as soon as a run finishes,
+    writing the header first if the file is new; an interrupted benchmark keeps every row."""
     new = not path.is_file()
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
         if new:
             writer.writeheader()
-        writer.writerow({c: row[c] for c in COLUMNS})
+        writer.writerow({c: row[c] for c in columns})
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -174,7 +176,7 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
                "n_test": len(split["val"]), "fold": fold, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "run_folder": str(run_folder)}
         (run_folder / "learning_curve.json").write_text(json.dumps(learning_curve(run_folder)))
-        _append(results_csv, row)
+        append_csv_row(results_csv, row, COLUMNS)
     return row
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from nnunet_te.classification.adapters import ClassificationAdapter
 from nnunet_te.nnunet.weights import load_pretrained, network_for_configuration, read_checkpoint
-from nnunet_te.ranking.zoo import Candidate, CandidateError, _candidate, _load_zoo_file
+from nnunet_te.ranking.zoo import Candidate, CandidateError, read_zoo_entries
 
 CLASSIFICATION_KEYS = {"input", "layers", "feature_layer"}
 INPUT_KEYS = {"channels", "normalize"}
@@ -82,22 +82,8 @@ def read_classification_zoo(path: str | Path) -> list[ClassificationCandidate]:
     candidate) for what :func:`nnunet_te.ranking.zoo.read_zoo` refuses, plus malformed
     ``input`` / ``layers`` entries.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"zoo file not found: {path}")
-    spec = _load_zoo_file(path)
-    entries = spec.get("candidates") if isinstance(spec, Mapping) and set(spec) == {"candidates"} else None
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"zoo file {path}: expected one top-level key 'candidates' with a non-empty list")
-    zoo, seen = [], set()
-    for index, entry in enumerate(entries):
-        base = {k: v for k, v in entry.items() if k not in CLASSIFICATION_KEYS} if isinstance(entry, Mapping) else entry
-        candidate = _candidate(base, index, path.parent)
-        if candidate.name in seen:
-            raise CandidateError(candidate.name, f"duplicate name in {path}; names must be unique")
-        seen.add(candidate.name)
-        zoo.append(ClassificationCandidate(candidate, *_classification_options(entry, candidate.name)))
-    return zoo
+    return [ClassificationCandidate(candidate, *_classification_options(entry, candidate.name))
+            for candidate, entry in read_zoo_entries(path, CLASSIFICATION_KEYS)]
 
 
 def build_architecture(candidate: Candidate, seed: int) -> nn.Module:

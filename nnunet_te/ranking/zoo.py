@@ -151,6 +151,13 @@ def read_zoo(path: str | Path) -> list[Candidate]:
     missing checkpoint files, unknown formats and MONAI entries without ``architecture``.
     Checkpoints are not opened here: a file that does not load fails in :func:`candidate_network`.
     """
+    return [candidate for candidate, _ in read_zoo_entries(path)]
+
+
+def read_zoo_entries(path: str | Path, extra_keys: frozenset[str] = frozenset()
+                     ) -> list[tuple[Candidate, dict]]:
+    """:func:`read_zoo` for zoo files whose entries carry ``extra_keys`` besides the common ones
+    (the classification zoo's ``input``, ``layers``, ...): each candidate with its raw entry."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"zoo file not found: {path}")
@@ -163,13 +170,15 @@ def read_zoo(path: str | Path) -> list[Candidate]:
         raise ValueError(f"zoo file {path}: 'candidates' must be a list")
     if not entries:
         raise ValueError(f"zoo file {path} lists no candidates: the zoo is empty, nothing to rank")
-    candidates = [_candidate(entry, i, path.parent) for i, entry in enumerate(entries)]
+    candidates = [_candidate({k: v for k, v in entry.items() if k not in extra_keys}
+                             if isinstance(entry, Mapping) else entry, i, path.parent)
+                  for i, entry in enumerate(entries)]
     seen: set[str] = set()
     for candidate in candidates:
         if candidate.name in seen:
             raise CandidateError(candidate.name, f"duplicate name in {path}; names must be unique")
         seen.add(candidate.name)
-    return candidates
+    return list(zip(candidates, entries))
 
 
 # ---- stage hooks per network class ---------------------------------------------------------------
