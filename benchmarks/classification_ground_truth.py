@@ -39,7 +39,7 @@ from nnunet_te.classification.data import ImageSet, load_image_set, stratified_s
 from nnunet_te.classification.finetune import fine_tune
 from nnunet_te.classification.rank import rank_classification
 from nnunet_te.classification.zoo import build_architecture, candidate_adapter, read_classification_zoo
-from nnunet_te.evaluation.statistics import weighted_tau
+from nnunet_te.evaluation.statistics import top1_regret, weighted_tau
 from nnunet_te.features.models import pretrain_self_supervised
 from nnunet_te.ranking.zoo import Candidate
 
@@ -186,6 +186,7 @@ def evaluate(targets: list[str], seeds: list[int], work: Path, results: Path) ->
         rows = [r for r in csv.DictReader(fh) if int(r["seed"]) in seeds]
     lines = []
     taus: dict[str, dict[str, str]] = {}
+    regrets: dict[str, dict[str, float]] = {}  # metric -> target -> AUC lost by the metric's top-1
     for target in targets:
         aucs: dict[str, dict[int, float]] = {}  # candidate -> seed -> test AUC
         for r in rows:
@@ -219,6 +220,8 @@ def evaluate(targets: list[str], seeds: list[int], work: Path, results: Path) ->
             taus.setdefault(metric, {})[target] = (f"{tau[0]:.2f} ({' / '.join(f'{t:.2f}' for t in tau[1:])})"
                                                    if not np.isnan(tau[0]) else "n/a")
             taus[metric][f"_{target}"] = tau[0]
+            if len(common) >= 2:
+                regrets.setdefault(metric, {})[target] = top1_regret(x, per_truth[0])
     lines += ["### Weighted Kendall tau per metric", "",
               f"Against the seed-mean AUC; in brackets against each seed's AUC alone (seeds {seeds}), which "
               "shows how much of a tau is fine-tuning noise. Sorted by the mean over targets.", "",
@@ -232,6 +235,12 @@ def evaluate(targets: list[str], seeds: list[int], work: Path, results: Path) ->
         mean = mean_tau(metric)
         lines.append(f"| {metric} | " + " | ".join(taus[metric][t] for t in targets)
                      + f" | {'n/a' if np.isnan(mean) else f'{mean:.2f}'} |")
+    lines += ["", "### Top-1 regret", "", "Seed-mean AUC of the best candidate minus that of the metric's "
+              "top-scored one (0: it picks the best).", "",
+              "| metric | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for metric in sorted(regrets):
+        lines.append(f"| {metric} | " + " | ".join(f"{regrets[metric][t]:.3f}" if t in regrets[metric] else "n/a"
+                                                   for t in targets) + " |")
     return "\n".join(lines)
 
 
