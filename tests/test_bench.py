@@ -67,11 +67,11 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     assert few_shot["train"] == ranking["cases"] and not set(few_shot["train"]) & set(splits[fold]["val"])
     assert sorted(few_shot["val"]) == sorted(splits[fold]["val"]) and len(few_shot["val"]) == 3
     # risk maps: P(y|z) fitted on the 5 training cases only, maps for training and test cases
-    manifest = json.loads(next((work / "views" / "risk").glob("random_s0_k5s0/*/nnUNetPlans_2d__risk/manifest.json"))
-                          .read_text())
-    assert manifest["settings"]["fit_case_ids"] == few_shot["train"] and len(manifest["shapes"]) == 8
-    risk_run = Path(next(r["run_folder"] for r in rows if r["trainer"] == "risk"))
-    assert "nnUNetPlans_2d__risk" in json.loads((risk_run / "risk_options.json").read_text())["risk_folder"]
+    risk_run = Path(next(r["run_folder"] for r in rows if r["trainer"] == "risk" and r["member"] == "random_s0"))
+    maps = Path(json.loads((risk_run / "risk_options.json").read_text())["risk_folder"])
+    manifest = json.loads((maps / "manifest.json").read_text())
+    assert maps.is_relative_to(risk_run) and manifest["settings"]["fit_case_ids"] == few_shot["train"]
+    assert len(manifest["shapes"]) == 8
     curve = json.loads((run_folder / "learning_curve.json").read_text())
     assert len(curve["train_losses"]) == 1 and np.isfinite(curve["train_losses"]).all()
 

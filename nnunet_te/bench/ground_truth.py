@@ -8,10 +8,9 @@ repeated, and a run killed mid-way continues from its last epoch checkpoint (``-
 member trains in its own ``nnUNet_results`` root (nnU-Net names result folders by trainer, plans
 and configuration only, not by initial weights).
 
-Risk-weighted runs get their maps from :func:`nnunet_te.risk.compute.compute_dataset_risk_maps`
-before training: computed from the member's converted checkpoint with ``P(y|z)`` fitted on the k
-training cases only, in a per-(member, k, seed) view of the preprocessed dataset
-(:func:`nnunet_te.bench.plan.preprocessed_view`), which the trainer then finds complete.
+Risk-weighted runs get their maps from the trainer itself (``nnUNet_te_risk_checkpoint`` = the
+member's converted checkpoint): a few-shot RiskWeightedTrainer fits ``P(y|z)`` on its k training
+cases only and keeps the maps in its own fold folder.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_te.bench.plan import CONFIGURATION, PLANS, preprocessed_view
+from nnunet_te.bench.plan import CONFIGURATION, PLANS
 from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, trainer_folder
 from nnunet_te.nnunet.few_shot import few_shot_cases
 
@@ -126,13 +125,12 @@ def learning_curve(run_folder: Path) -> dict[str, list[float]]:
 
 
 def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: dict[str, list[str]], fold: int,
-              schedule: Schedule, work: Path, preprocessed_dir: Path, results_csv: Path, device: str = "cpu",
-              seed: int = 0) -> dict | None:
+              schedule: Schedule, work: Path, results_csv: Path, device: str = "cpu") -> dict | None:
     """Train one run with ``nnUNetv2_train`` (resuming a killed one), read its test Dice, append
     the row to ``results_csv`` and return it. Returns None when the run is already in the CSV or
     another live process is training it (pieces may run side by side). ``weights``: the member
-    converted for this dataset (``convert_for_pretrained_weights``); ``seed``: of the risk maps'
-    mixture."""
+    converted for this dataset (``convert_for_pretrained_weights``), also the checkpoint a
+    risk-weighted run's maps come from."""
     log = work / "logs" / run.dataset / f"{run.member}__{run.trainer_name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(log.with_suffix(".lock")) as mine:
@@ -145,8 +143,8 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
                "nnUNet_results": str(work / "runs" / run.member), **schedule.environment(),
                "nnUNet_extTrainer": os.pathsep.join([str(trainer_folder(work)),
                                                      os.environ.get("nnUNet_extTrainer", "")])}
-        if run.trainer == "risk":
-            env["nnUNet_preprocessed"] = str(_risk_view(run, weights, split, work, preprocessed_dir, device, seed))
+        if run.trainer == "risk":  # maps from the member's weights, P(y|z) on the k cases (the trainer's rule)
+            env["nnUNet_te_risk_checkpoint"] = str(weights)
         run_folder = (Path(env["nnUNet_results"]) / run.dataset / f"{run.trainer_name}__{PLANS}__{CONFIGURATION}"
                       / f"fold_{fold}")
         command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(dataset_id), CONFIGURATION,
@@ -201,20 +199,3 @@ def _claimed(lock: Path):
         yield True
     finally:
         lock.unlink(missing_ok=True)
-
-
-def _risk_view(run: Run, weights: Path, split: dict[str, list[str]], work: Path, preprocessed_dir: Path,
-               device: str, seed: int) -> Path:
-    """View root (for ``nnUNet_preprocessed``) holding this run's risk maps, computed now if
-    missing: from ``weights``, every case the trainer loads, ``P(y|z)`` from the k training cases."""
-    from nnunet_te.risk.compute import compute_dataset_risk_maps
-
-    root = work / "views" / "risk" / f"{run.member}_k{run.k}s{run.seed}"
-    plans = json.loads((preprocessed_dir / f"{PLANS}.json").read_text())
-    data_identifier = plans["configurations"][CONFIGURATION]["data_identifier"]
-    view = preprocessed_view(preprocessed_dir, root, data_identifier=data_identifier)
-    train = training_cases(split, run.k, run.seed)
-    compute_dataset_risk_maps(view, plans, CONFIGURATION, view / "dataset.json", weights,
-                              case_ids=sorted(train + split["val"]), fit_case_ids=train, device=device,
-                              seed=seed, overlays=1, progress=False)
-    return root

@@ -194,8 +194,8 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         for run in tqdm(todo, desc=f"fine-tunes {target.dataset}"):
             row = fine_tune(run, dataset_id=target.dataset_id, target=target.source,
                             weights=converted_weights(target, by_name[run.member], work), split=target.split,
-                            fold=target.fold, schedule=schedule, work=work, preprocessed_dir=target.preprocessed,
-                            results_csv=results_csv, device=device)
+                            fold=target.fold, schedule=schedule, work=work, results_csv=results_csv,
+                            device=device)
             new_runs += row is not None  # None: another piece is training this run right now
     summary = {"work": str(work), "targets": [t.dataset for t in targets], "zoo": [b.member.name for b in zoo],
                "new_fine_tunes": new_runs, "seconds": time.perf_counter() - started,
