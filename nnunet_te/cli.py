@@ -301,8 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # The package raises these for bad input, with a message that names the problem; a
+        # traceback would bury it. Anything else is a bug and keeps its traceback.
+        print(f"{parser.prog} {args.verb}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -103,4 +103,5 @@ def test_evaluate_verb_scores_a_saved_ranking_against_truth(tmp_path):
     bad.write_text("candidate,dice\nzzz,0.1\n")
     proc = subprocess.run([sys.executable, "-m", "nnunet_te.cli", "evaluate", str(paths["json"]),
                            str(bad)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "not in the ranking: ['zzz']" in proc.stderr
+    assert proc.returncode == 1 and "not in the ranking: ['zzz']" in proc.stderr
+    assert "nnunet-te evaluate: error: " in proc.stderr and "Traceback" not in proc.stderr
