@@ -159,19 +159,21 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from nnunet_te.bench.ground_truth import Schedule
-    from nnunet_te.bench.run import run_bench
+    from nnunet_te.bench.run import DEFAULT_SCHEDULE, run_bench
     from nnunet_te.bench.tables import write_report
 
+    schedule = Schedule(*args.schedule) if args.schedule else DEFAULT_SCHEDULE
     if args.report_only:
-        for name, path in write_report(Path(args.work), docs=Path(args.docs) if args.docs else None).items():
+        for name, path in write_report(Path(args.work), schedule.label,
+                                       docs=Path(args.docs) if args.docs else None).items():
             print(f"{name}: {path}")
         return 0
     if not args.d:
         raise SystemExit("nnunet-te bench: -d DATASET [DATASET ...] is required (unless --report-only)")
-    given = {"shots": args.shots, "seeds": args.seeds, "risk_shots": args.risk_shots,
-             "schedule": Schedule(*args.schedule) if args.schedule else None}
+    given = {"shots": args.shots, "seeds": args.seeds, "risk_shots": args.risk_shots}
     summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
                         n_test=args.test_cases, device=args.device, fine_tunes=not args.no_fine_tunes,
+                        schedule=schedule,
                         docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in given.items() if v is not None})
     print(f"{summary['new_fine_tunes']} new fine-tune(s) in {summary['seconds']:.0f} s; results: "

@@ -36,7 +36,7 @@ from nnunet_te.bench.plan import (CONFIGURATION, PLANS, bench_split, default_n_t
 from nnunet_te.bench.zoo import BuiltMember, Member, build_zoo, select_members
 
 #: Fine-tuning schedule chosen for the 2-core CPU budget (docs/benchmark.md, "CPU plan").
-DEFAULT_SCHEDULE = Schedule(epochs=3, iterations=20, val_iterations=2)
+DEFAULT_SCHEDULE = Schedule(epochs=5, iterations=20, val_iterations=2)
 DEFAULT_SHOTS = (5, 10)
 DEFAULT_SEEDS = (0, 1)
 #: Risk-weighted vs plain: at these shots, for the top-ranked, the median-ranked and the
@@ -201,7 +201,8 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
                "new_fine_tunes": new_runs, "seconds": time.perf_counter() - started,
                "results_csv": str(results_csv)}
     if report:
-        summary["report"] = {k: str(v) for k, v in write_report(work, docs=Path(docs) if docs else None).items()}
+        summary["report"] = {k: str(v) for k, v in write_report(work, schedule.label,
+                                                                 docs=Path(docs) if docs else None).items()}
     return summary
 
 

@@ -11,8 +11,9 @@
   points, per target, with a paired Wilcoxon signed-rank test over (target, member, seed);
 - learning curves: nnU-Net's logged pseudo Dice on the test cases per epoch.
 
-Everything is written to ``<work>/report/`` (CSV, Markdown, PNG); ``write_report(docs=...)``
-also puts the Markdown between the ``bench_results`` markers of that page, figures beside it.
+Only the fine-tunes of one schedule enter the tables. Everything is written to
+``<work>/report/`` (CSV, Markdown, PNG); ``write_report(docs=...)`` also puts the Markdown
+between the ``bench_results`` markers of that page, figures beside it.
 """
 
 from __future__ import annotations
@@ -241,12 +242,15 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def write_report(work: Path, *, docs: Path | None = None) -> dict[str, Path]:
-    """Compute every table, write ``<work>/report/`` and (with ``docs``) the page's section."""
+def write_report(work: Path, schedule: str, *, docs: Path | None = None) -> dict[str, Path]:
+    """Compute every table from the fine-tunes of one ``schedule`` (its label, e.g. ``"5x20"``:
+    Dice of different schedules are not comparable), write ``<work>/report/`` and (with ``docs``)
+    the page's section."""
     work = Path(work)
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_results(work / "results.csv")
+    every_row = read_results(work / "results.csv")
+    rows = [r for r in every_row if r["schedule"] == schedule]
     truth = ground_truth(rows)
     quality = ranking_quality(work, truth)
     noise = noise_floor(rows)
@@ -259,10 +263,12 @@ def write_report(work: Path, *, docs: Path | None = None) -> dict[str, Path]:
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
-    md, cd_png = _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out, figures)
+    md, cd_png = _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out, figures,
+                                  other_schedules=len(every_row) - len(rows))
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"risk_test": risk_test, "n_fine_tunes": len(rows)}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"schedule": schedule, "risk_test": risk_test,
+                                                  "n_fine_tunes": len(rows)}, indent=1))
     paths = {"md": out / "benchmark.md", **{k: v for k, v in figures.items() if v is not None}}
     if docs is not None:
         images = docs.parent / "images"
@@ -274,13 +280,15 @@ def write_report(work: Path, *, docs: Path | None = None) -> dict[str, Path]:
     return paths
 
 
-def _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict):
+def _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict, *,
+                     other_schedules: int):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
     schedules = sorted({r["schedule"] for r in rows})
     lines.append(f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
-                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule(s) {', '.join(schedules) or '-'} "
-                 "(epochs x iterations). Tables cover only what is in `results.csv`.")
+                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule {', '.join(schedules) or '-'} "
+                 f"(epochs x iterations); {other_schedules} fine-tunes of other schedules left out. Tables cover "
+                 "only what is in `results.csv`.")
     cd_png = None
     for k in sorted({q["k"] for q in quality}):
         table = [q for q in quality if q["k"] == k]

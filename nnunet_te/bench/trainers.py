@@ -4,7 +4,8 @@
 (``nnUNetTrainer_k5s0_bench``, ``RiskWeightedTrainer_k10s1_bench``, ``nnUNetTrainer_bench``, ...):
 the same class (few-shot split, risk weighting, a checkpoint per epoch, ``--c`` resumes) with the
 schedule read from the environment instead of the smoke-run constants, and the final validation
-on every validation case (the benchmark's test cases), not the first two:
+on every validation case (the benchmark's test cases), not the first two, without test-time
+mirroring:
 
 ==============================  =======================================
 ``nnUNet_te_bench_epochs``      epochs (required)
@@ -49,7 +50,7 @@ def read_schedule(environ=os.environ) -> tuple[int, int, int]:
 
 class BenchSchedule:
     """Mixin over a product ``*_cpu`` trainer: schedule from :func:`read_schedule`, final
-    validation on every validation case."""
+    validation on every validation case, not mirrored."""
 
     num_final_validation_cases = None  # slice end: all cases
 
@@ -57,6 +58,13 @@ class BenchSchedule:
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = read_schedule()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # Test-time mirroring quadruples the cost of predicting the test cases, a quarter of a CPU
+        # fine-tune; every member is measured without it. The saved checkpoints keep nnU-Net's
+        # mirroring axes (written before validation), so a later nnUNetv2_predict still mirrors.
+        self.inference_allowed_mirroring_axes = None
+        super().perform_actual_validation(save_probabilities)
 
 
 __all__ = []
