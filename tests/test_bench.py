@@ -53,6 +53,7 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0 and np.isfinite(float(r["dice"])), r
         assert (r["k"], r["seed"], r["schedule"], r["n_test"]) == ("5", "0", "1x2", "3")
+        assert Path(r["run_folder"]).is_relative_to(work / "runs" / "1x2" / r["member"])  # a schedule never resumes another's
         per_class = json.loads(r["dice_per_class"])
         assert list(per_class) == ["1"] and abs(per_class["1"] - float(r["dice"])) < 1e-9
     ranking = json.loads((work / "rankings" / "Dataset981_EPFLEM_mitochondrion" / "k5s0" / "ranking.json").read_text())

@@ -5,8 +5,8 @@ nnU-Net's own final validation (``fold_X/validation/summary.json``).
 
 Every finished run appends one row to ``results.csv`` at once; a run already in the CSV is never
 repeated, and a run killed mid-way continues from its last epoch checkpoint (``--c``). Each
-member trains in its own ``nnUNet_results`` root (nnU-Net names result folders by trainer, plans
-and configuration only, not by initial weights).
+schedule and member trains in its own ``nnUNet_results`` root (nnU-Net names result folders by
+trainer, plans and configuration only, not by initial weights or schedule).
 
 Risk-weighted runs get their maps from the trainer itself (``nnUNet_te_risk_checkpoint`` = the
 member's converted checkpoint): a few-shot RiskWeightedTrainer fits ``P(y|z)`` on its k training
@@ -131,7 +131,7 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
     another live process is training it (pieces may run side by side). ``weights``: the member
     converted for this dataset (``convert_for_pretrained_weights``), also the checkpoint a
     risk-weighted run's maps come from."""
-    log = work / "logs" / run.dataset / f"{run.member}__{run.trainer_name}.log"
+    log = work / "logs" / schedule.label / run.dataset / f"{run.member}__{run.trainer_name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(log.with_suffix(".lock")) as mine:
         if not mine or run.key(schedule) in done_keys(read_results(results_csv)):
@@ -140,7 +140,7 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
         # defaults spawn up to 12 processes, each importing torch, which on 2 cores costs more
         # than a short fine-tune trains.
         env = {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", **os.environ,
-               "nnUNet_results": str(work / "runs" / run.member), **schedule.environment(),
+               "nnUNet_results": str(work / "runs" / schedule.label / run.member), **schedule.environment(),
                "nnUNet_extTrainer": os.pathsep.join([str(trainer_folder(work)),
                                                      os.environ.get("nnUNet_extTrainer", "")])}
         if run.trainer == "risk":  # maps from the member's weights, P(y|z) on the k cases (the trainer's rule)

@@ -9,7 +9,7 @@ fold of ``splits_final.json`` in ``$nnUNet_preprocessed/DatasetXXX``):
 <work>/zoo/<member>-<key>/{nnunet.pth,nnssl.pth,member.json}, zoo/zoo.yaml
 <work>/weights/<Dataset>/<member>.pth        members converted for the dataset's CPU plan
 <work>/rankings/<Dataset>/k{K}s{S}/ranking.json   ranking on the K training cases of seed S
-<work>/runs/<member>/<Dataset>/<trainer>__nnUNetPlans_cpu__2d/fold_F/   nnU-Net results
+<work>/runs/<schedule>/<member>/<Dataset>/<trainer>__nnUNetPlans_cpu__2d/fold_F/   nnU-Net results
 <work>/results.csv                           one row per finished fine-tune
 <work>/report/                               tables (CSV, Markdown) and PNG figures
 ```
