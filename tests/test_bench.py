@@ -136,3 +136,36 @@ def test_unknown_dataset_fails_before_the_zoo(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="999"):
         run_bench([999], tmp_path / "work")
     assert not (tmp_path / "work" / "zoo").exists()
+
+
+def _quality(k, taus):
+    return [{"dataset": d, "k": k, "metric": m, "weighted_tau": t} for (d, m), t in taus.items()]
+
+
+def test_goals_judge_ranking_and_risk_from_the_tables():
+    from nnunet_te.bench.tables import goals
+
+    quality = _quality(5, {("D1_a", "topology"): 0.6, ("D2_b", "topology"): -0.1, ("D1_a", "ccfv"): 0.7,
+                           ("D2_b", "ccfv"): -0.3, ("D1_a", "logme"): 0.1, ("D2_b", "logme"): 0.1,
+                           ("D1_a", "grtd"): 0.9, ("D2_b", "grtd"): 0.9})  # grtd is a component, not a baseline
+    noise = [{"dataset": "D1_a", "k": 5, "noise_floor": 1.0, "spread": 4.0},
+             {"dataset": "D2_b", "k": 5, "noise_floor": 3.0, "spread": 5.0}]
+    pairs = [{"dataset": "D1_a", "k": 5, "difference": d} for d in (3.0, 2.0)] + \
+            [{"dataset": "D2_b", "k": 5, "difference": d} for d in (-4.0, -3.0)]
+    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs)}
+    ahead = rows["fused topology score ahead of every baseline on mean weighted tau"]
+    # topology 0.25 vs ccfv 0.20 and logme 0.10
+    assert ahead["met"] is True and "topology 0.250 vs best baseline ccfv 0.200 (2 target(s))" == ahead["measured"]
+    positive = rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]
+    assert positive["met"] is False and positive["measured"] == "1 of 2 such target(s) positive; not positive: b"
+    gain = rows["risk weighting >= +2 Dice points on average"]
+    assert gain["met"] is False and gain["measured"] == "-0.50 points over 4 pairs"
+    floor = rows["risk weighting never worse than minus the noise floor on any target"]
+    assert floor["met"] is False and floor["measured"] == "1 of 2 target(s) within; b -3.50"
+
+    # a target whose spread is inside its noise floor does not count; nothing measured: not judged
+    noise[1]["spread"] = 2.0
+    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs[:2])}
+    assert rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]["met"] is True
+    assert rows["risk weighting >= +2 Dice points on average"]["met"] is True
+    assert all(g["met"] is None for g in goals([], [], []))

@@ -124,6 +124,65 @@ def risk_vs_plain(rows: list[dict]) -> tuple[list[dict], dict]:
     return pairs, test
 
 
+#: This package's method (the fused score, its two components, the label-free score): the other
+#: metrics are the baselines the fused score is measured against.
+OURS = ("topology", "grtd", "lbtc", "consistency")
+#: The issue's goals: the risk-weighting ones are judged at this k, with this mean gain.
+RISK_GOAL_K, RISK_GOAL_POINTS = 5, 2.0
+
+
+def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dict]:
+    """The benchmark's goals as rows (goal, measured, met), computed from the tables; ``met`` is
+    None while a goal cannot be judged yet (too few targets, members or pairs).
+
+    Ranking, per k: the fused ``topology`` score's mean weighted tau above every baseline's
+    (means over the targets where both were measured); its weighted tau positive on every target
+    whose spread between members exceeds the noise floor. Risk weighting at ``RISK_GOAL_K``: mean
+    gain >= ``RISK_GOAL_POINTS`` Dice points over all pairs; no target's mean gain below minus
+    that target's noise floor.
+    """
+    out = []
+    floors = {(n["dataset"], n["k"]): n for n in noise}
+    for k in sorted({q["k"] for q in quality}):
+        tau = {(q["dataset"], q["metric"]): q["weighted_tau"] for q in quality if q["k"] == k}
+        ours = {d: v for (d, m), v in tau.items() if m == "topology" and np.isfinite(v)}
+        baselines = {m for (_, m) in tau if m not in OURS}
+        means = {m: float(np.nanmean([tau.get((d, m), np.nan) for d in ours])) for m in baselines
+                 if any(np.isfinite(tau.get((d, m), np.nan)) for d in ours)}
+        goal = f"k = {k}: fused topology score ahead of every baseline on mean weighted tau"
+        if ours and means:
+            best = max(means, key=means.get)
+            mean_ours = float(np.mean(list(ours.values())))
+            out.append({"goal": goal, "met": mean_ours > means[best],
+                        "measured": f"topology {mean_ours:.3f} vs best baseline {best} {means[best]:.3f} "
+                                    f"({len(ours)} target(s))"})
+        else:
+            out.append({"goal": goal, "met": None, "measured": "no ranking-quality rows yet"})
+        separated = [d for d in ours if (d, k) in floors
+                     and floors[(d, k)]["spread"] > floors[(d, k)]["noise_floor"]]
+        negative = sorted(_short(d) for d in separated if ours[d] <= 0)
+        out.append({"goal": f"k = {k}: topology weighted tau > 0 on every target whose spread exceeds the noise floor",
+                    "met": not negative if separated else None,
+                    "measured": f"{len(separated) - len(negative)} of {len(separated)} such target(s) positive"
+                                + (f"; not positive: {', '.join(negative)}" if negative else "")})
+    gains = defaultdict(list)
+    for p in pairs:
+        if p["k"] == RISK_GOAL_K:
+            gains[p["dataset"]].append(p["difference"])
+    every = [g for v in gains.values() for g in v]
+    out.append({"goal": f"k = {RISK_GOAL_K}: risk weighting >= +{RISK_GOAL_POINTS:g} Dice points on average",
+                "met": bool(np.mean(every) >= RISK_GOAL_POINTS) if len(every) >= 2 else None,
+                "measured": f"{np.mean(every):+.2f} points over {len(every)} pairs" if every else "no pairs yet"})
+    worse = {d: float(np.mean(v)) for d, v in gains.items()
+             if (d, RISK_GOAL_K) in floors and np.mean(v) < -floors[(d, RISK_GOAL_K)]["noise_floor"]}
+    judged = [d for d in gains if (d, RISK_GOAL_K) in floors and np.isfinite(floors[(d, RISK_GOAL_K)]["noise_floor"])]
+    out.append({"goal": f"k = {RISK_GOAL_K}: risk weighting never worse than minus the noise floor on any target",
+                "met": not worse if judged else None,
+                "measured": f"{len(judged) - len(worse)} of {len(judged)} target(s) within"
+                            + "".join(f"; {_short(d)} {v:+.2f}" for d, v in sorted(worse.items()))})
+    return out
+
+
 def cost(work: Path, rows: list[dict]) -> list[dict]:
     """Per dataset: mean feature extraction and metric seconds per candidate (over its
     rankings), mean seconds of one plain fine-tune (nnUNetv2_train process, wall clock)."""
@@ -255,15 +314,16 @@ def write_report(work: Path, schedule: str, *, docs: Path | None = None) -> dict
     quality = ranking_quality(work, truth)
     noise = noise_floor(rows)
     pairs, risk_test = risk_vs_plain(rows)
+    goal_rows = goals(quality, noise, pairs)
     costs = cost(work, rows)
     scaling_csv = out / "metric_scaling.csv"
     scaling = _read_csv(scaling_csv) if scaling_csv.is_file() else metric_scaling(work)
-    for name, table in (("ranking_quality", quality), ("noise_floor", noise), ("risk_vs_plain", pairs),
-                        ("cost", costs), ("metric_scaling", scaling), ("results", rows)):
+    for name, table in (("goals", goal_rows), ("ranking_quality", quality), ("noise_floor", noise),
+                        ("risk_vs_plain", pairs), ("cost", costs), ("metric_scaling", scaling), ("results", rows)):
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
-    md, cd_png = _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out, figures,
+    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out, figures,
                                   other_schedules=len(every_row) - len(rows))
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
@@ -280,7 +340,7 @@ def write_report(work: Path, schedule: str, *, docs: Path | None = None) -> dict
     return paths
 
 
-def _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict, *,
+def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict, *,
                      other_schedules: int):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
@@ -289,6 +349,9 @@ def _markdown_report(rows, quality, noise, pairs, risk_test, costs, scaling, out
                  f"({', '.join(_short(t) for t in targets) or 'none'}), schedule {', '.join(schedules) or '-'} "
                  f"(epochs x iterations); {other_schedules} fine-tunes of other schedules left out. Tables cover "
                  "only what is in `results.csv`.")
+    verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
+    lines += ["", "### Goals (measured, not tests)", "",
+              _markdown(["goal", "measured", "verdict"], [[g["goal"], g["measured"], verdict[g["met"]]] for g in goal_rows])]
     cd_png = None
     for k in sorted({q["k"] for q in quality}):
         table = [q for q in quality if q["k"] == k]
