@@ -172,7 +172,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit("nnunet-te bench: -d DATASET [DATASET ...] is required (unless --report-only)")
     given = {"shots": args.shots, "seeds": args.seeds, "risk_shots": args.risk_shots}
     summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
-                        n_test=args.test_cases, device=args.device, fine_tunes=not args.no_fine_tunes,
+                        n_test=args.test_cases, device=args.device, jobs=args.jobs,
+                        fine_tunes=not args.no_fine_tunes,
                         schedule=schedule,
                         docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in given.items() if v is not None})
@@ -291,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tuning schedule (default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
     bench.add_argument("--zoo-iterations", type=int, help="override pre-training iterations (miniature runs)")
     bench.add_argument("--test-cases", type=int, help="held-out test cases per dataset (default: a third, <= 20)")
+    bench.add_argument("--jobs", type=int, default=1,
+                       help="fine-tunes trained side by side, on CPU each with cores/jobs torch threads (default 1)")
     bench.add_argument("--no-fine-tunes", action="store_true", help="build the zoo and rankings only")
     bench.add_argument("--report-only", action="store_true", help="only rewrite the tables from what --work holds")
     bench.add_argument("--docs", help="Markdown page to write the results section into, e.g. docs/benchmark.md")

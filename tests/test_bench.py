@@ -40,7 +40,7 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     work, docs = root / "work", root / "benchmark.md"
     command = ["nnunet-te", "bench", "-d", "981", "--work", str(work), "--members", *MEMBERS,
                "--zoo-iterations", "2", "--shots", "5", "--seeds", "0", "--schedule", "1", "2",
-               "--test-cases", "3", "--docs", str(docs), "-device", "cpu"]
+               "--test-cases", "3", "--jobs", "2", "--docs", str(docs), "-device", "cpu"]
     started = time.time()
     first = _run(command, env, root)
     print(f"first run: {time.time() - started:.0f} s")
@@ -53,6 +53,7 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0 and np.isfinite(float(r["dice"])), r
         assert (r["k"], r["seed"], r["schedule"], r["n_test"]) == ("5", "0", "1x2", "3")
+        assert r["torch_threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2))  # 2 jobs share the cores
         assert Path(r["run_folder"]).is_relative_to(work / "runs" / "1x2" / r["member"])  # a schedule never resumes another's
         per_class = json.loads(r["dice_per_class"])
         assert list(per_class) == ["1"] and abs(per_class["1"] - float(r["dice"])) < 1e-9
@@ -169,3 +170,18 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
     assert rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]["met"] is True
     assert rows["risk weighting >= +2 Dice points on average"]["met"] is True
     assert all(g["met"] is None for g in goals([], [], []))
+
+
+def test_results_csv_with_other_columns_is_refused(tmp_path):
+    from nnunet_te.bench.ground_truth import COLUMNS, append_csv_row
+
+    path = tmp_path / "results.csv"
+    row = dict.fromkeys(COLUMNS, "1")
+    append_csv_row(path, row, COLUMNS)
+    append_csv_row(path, row, COLUMNS)
+    assert path.read_text().count("\n") == 3
+    older = [c for c in COLUMNS if c != "torch_threads"]
+    path.write_text(",".join(older) + "\n")
+    with pytest.raises(ValueError, match="torch_threads"):
+        append_csv_row(path, row, COLUMNS)
+    assert path.read_text() == ",".join(older) + "\n"

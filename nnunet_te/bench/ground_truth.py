@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -28,12 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_te.bench.plan import CONFIGURATION, PLANS
-from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, trainer_folder
+from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, trainer_folder
 from nnunet_te.nnunet.few_shot import few_shot_cases
 
 TRAINERS = {"plain": "nnUNetTrainer", "risk": "RiskWeightedTrainer"}
 COLUMNS = ("dataset", "target", "member", "trainer", "k", "seed", "schedule", "dice", "dice_per_class",
-           "train_seconds", "n_test", "fold", "finished", "run_folder")
+           "train_seconds", "torch_threads", "n_test", "fold", "finished", "run_folder")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def read_results(path: Path) -> list[dict]:
         rows = list(csv.DictReader(handle))
     for row in rows:
         row.update(k=int(row["k"]), seed=int(row["seed"]), dice=float(row["dice"]),
-                   train_seconds=float(row["train_seconds"]), n_test=int(row["n_test"]), fold=int(row["fold"]))
+                   train_seconds=float(row["train_seconds"]), torch_threads=int(row["torch_threads"]),
+                   n_test=int(row["n_test"]), fold=int(row["fold"]))
     return rows
 
 
@@ -91,8 +93,15 @@ def done_keys(rows: list[dict]) -> set[tuple]:
 
 def append_csv_row(path: Path, row: dict, columns) -> None:
     """Append ``row`` (its ``columns``) to the results CSV ``path`` as soon as a run finishes,
-    writing the header first if the file is new; an interrupted benchmark keeps every row."""
+    writing the header first if the file is new; an interrupted benchmark keeps every row. A file
+    with other columns (written by another version) is an error, not a misaligned row."""
     new = not path.is_file()
+    if not new:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header != list(columns):
+            raise ValueError(f"{path} has the columns {header}; this version writes {list(columns)}: "
+                             "add the missing columns to the file or start a new one")
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         if new:
@@ -125,12 +134,14 @@ def learning_curve(run_folder: Path) -> dict[str, list[float]]:
 
 
 def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: dict[str, list[str]], fold: int,
-              schedule: Schedule, work: Path, results_csv: Path, device: str = "cpu") -> dict | None:
+              schedule: Schedule, work: Path, results_csv: Path, device: str = "cpu",
+              threads: int | None = None) -> dict | None:
     """Train one run with ``nnUNetv2_train`` (resuming a killed one), read its test Dice, append
     the row to ``results_csv`` and return it. Returns None when the run is already in the CSV or
     another live process is training it (pieces may run side by side). ``weights``: the member
     converted for this dataset (``convert_for_pretrained_weights``), also the checkpoint a
-    risk-weighted run's maps come from."""
+    risk-weighted run's maps come from. ``threads``: torch CPU threads of the run (None:
+    nnUNetv2_train's own choice, one per core)."""
     log = work / "logs" / schedule.label / run.dataset / f"{run.member}__{run.trainer_name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(log.with_suffix(".lock")) as mine:
@@ -143,6 +154,8 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
                "nnUNet_results": str(work / "runs" / schedule.label / run.member), **schedule.environment(),
                "nnUNet_extTrainer": os.pathsep.join([str(trainer_folder(work)),
                                                      os.environ.get("nnUNet_extTrainer", "")])}
+        if threads is not None:
+            env[THREADS_VARIABLE] = str(threads)
         if run.trainer == "risk":  # maps from the member's weights, P(y|z) on the k cases (the trainer's rule)
             env["nnUNet_te_risk_checkpoint"] = str(weights)
         run_folder = (Path(env["nnUNet_results"]) / run.dataset / f"{run.trainer_name}__{PLANS}__{CONFIGURATION}"
@@ -171,6 +184,7 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
         row = {"dataset": run.dataset, "target": target, "member": run.member, "trainer": run.trainer,
                "k": run.k, "seed": run.seed, "schedule": schedule.label, "dice": dice,
                "dice_per_class": json.dumps(per_class), "train_seconds": round(seconds, 1),
+               "torch_threads": threads or multiprocessing.cpu_count(),
                "n_test": len(split["val"]), "fold": fold, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "run_folder": str(run_folder)}
         (run_folder / "learning_curve.json").write_text(json.dumps(learning_curve(run_folder)))

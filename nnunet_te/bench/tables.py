@@ -185,7 +185,8 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dic
 
 def cost(work: Path, rows: list[dict]) -> list[dict]:
     """Per dataset: mean feature extraction and metric seconds per candidate (over its
-    rankings), mean seconds of one plain fine-tune (nnUNetv2_train process, wall clock)."""
+    rankings), mean seconds of one plain fine-tune (nnUNetv2_train process, wall clock) and the
+    torch thread counts they ran with."""
     out = []
     for folder in sorted((work / "rankings").glob("Dataset*")):
         records = [json.loads(p.read_text()) for p in sorted(folder.glob("k*s*/ranking.json"))]
@@ -193,12 +194,13 @@ def cost(work: Path, rows: list[dict]) -> list[dict]:
             continue
         timings = [t for r in records for t in r["timings"].values()]
         metric_names = sorted({m for t in timings for m in t["metric_seconds"]})
-        tunes = [r["train_seconds"] for r in rows if r["dataset"] == folder.name and r["trainer"] == "plain"]
+        tunes = [r for r in rows if r["dataset"] == folder.name and r["trainer"] == "plain"]
         out.append({"dataset": folder.name, "cases_ranked": sorted({len(r["cases"]) for r in records}),
                     "extraction_seconds": float(np.mean([t["extraction_seconds"] for t in timings])),
                     "metric_seconds": {m: float(np.mean([t["metric_seconds"].get(m, np.nan) for t in timings]))
                                        for m in metric_names},
-                    "fine_tune_seconds": float(np.mean(tunes)) if tunes else float("nan")})
+                    "fine_tune_seconds": float(np.mean([r["train_seconds"] for r in tunes])) if tunes else float("nan"),
+                    "fine_tune_threads": sorted({r["torch_threads"] for r in tunes})})
     return out
 
 
@@ -416,10 +418,11 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
     lines += ["", "### Cost per target (seconds, this machine, wall clock)", ""]
     metric_names = sorted({m for c in costs for m in c["metric_seconds"]})
     lines.append(_markdown(["target", "cases ranked", "features / candidate"] + [f"{m} / candidate" for m in metric_names]
-                           + ["one fine-tune"],
+                           + ["one fine-tune (torch threads)"],
                            [[_short(c["dataset"]), ",".join(map(str, c["cases_ranked"])), _fmt(c["extraction_seconds"], 1)]
                             + [_fmt(c["metric_seconds"].get(m, np.nan), 2) for m in metric_names]
-                            + [_fmt(c["fine_tune_seconds"], 0)] for c in costs]))
+                            + [f"{_fmt(c['fine_tune_seconds'], 0)} ({', '.join(map(str, c['fine_tune_threads'])) or '-'})"]
+                            for c in costs]))
     if scaling:
         names = [k for k in scaling[0] if k != "points"]
         lines += ["", "Metric time (s) against the number of sampled points per stage (one candidate's cached "

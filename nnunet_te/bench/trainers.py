@@ -11,6 +11,7 @@ mirroring:
 ``nnUNet_te_bench_epochs``      epochs (required)
 ``nnUNet_te_bench_iterations``  training iterations per epoch (required)
 ``nnUNet_te_bench_val_iterations``  validation iterations per epoch (default 2)
+``nnUNet_te_bench_threads``     torch CPU threads (default: nnU-Net's, every core)
 ==============================  =======================================
 
 nnU-Net finds these names through a one-line shim module that :func:`trainer_folder` writes
@@ -27,6 +28,7 @@ import torch
 from nnunet_te.nnunet import trainers as product
 
 SCHEDULE_VARIABLES = ("nnUNet_te_bench_epochs", "nnUNet_te_bench_iterations", "nnUNet_te_bench_val_iterations")
+THREADS_VARIABLE = "nnUNet_te_bench_threads"
 SHIM_MODULE = "nnunet_te_bench_trainer_classes"
 
 
@@ -58,6 +60,10 @@ class BenchSchedule:
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = read_schedule()
+        threads = os.environ.get(THREADS_VARIABLE)
+        if threads:
+            # nnUNetv2_train gives torch every core; fine-tunes run side by side take a share each
+            torch.set_num_threads(int(threads))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         # Test-time mirroring quadruples the cost of predicting the test cases, a quarter of a CPU
