@@ -114,6 +114,18 @@ def test_candidates_share_voxels_and_labels(cases):
         assert np.array_equal(a.local_stages[name][1], b.local_stages[name][1])
 
 
+def test_a_case_without_boundary_patches_keeps_the_stage_width(cases):
+    # A 2D configuration of 3D data sees many slices without a boundary: their patch arrays are
+    # empty, and must still be (0, P, D) for the cases to be concatenated.
+    case_id, image, labels = cases[0]
+    background_only = (f"{case_id}_background", image, np.zeros_like(labels))
+    both = extract(unet(), [cases[0], background_only])
+    alone = extract(unet(), [cases[0]])
+    for name, (F, L) in both.local_stages.items():
+        assert F.shape[0] > 0 and F.shape[1:] == alone.local_stages[name][0].shape[1:]
+        assert L.shape == F.shape[:2]
+
+
 class Interrupting:
     """A case sequence that records which cases are read and can fail at one of them."""
 

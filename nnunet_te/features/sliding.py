@@ -110,6 +110,10 @@ class _SparseBlend:
 
     def add(self, output: torch.Tensor, start: np.ndarray, weights: np.ndarray) -> None:
         """``output`` (D, *window grid) of the window whose first cell is ``start``."""
+        if self.total is None:
+            # sized by the first window even when no cell is sampled: a slice without boundary
+            # patches must still give (0, D) features, or its case cannot be concatenated
+            self.total = np.zeros((self.cells.size, output.shape[0]))
         local = self.coords - start
         inside = np.all((local >= 0) & (local < np.array(output.shape[1:])), axis=1)
         if not inside.any():
@@ -117,8 +121,6 @@ class _SparseBlend:
         where = tuple(torch.as_tensor(c, device=output.device) for c in local[inside].T)
         values = output[(slice(None), *where)].T.double().cpu().numpy()
         w = weights[tuple(local[inside].T)].astype(np.float64)
-        if self.total is None:
-            self.total = np.zeros((self.cells.size, values.shape[1]))
         self.total[inside] += w[:, None] * values
         self.weight[inside] += w
 
