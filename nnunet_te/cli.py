@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--risk-shots", nargs="*", type=int,
                        help="k values with RiskWeightedTrainer runs (default: 5; given without values: none)")
     bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
-                       help="fine-tuning schedule (default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
+                       help="fine-tuning schedule, also the one whose fine-tunes the tables show "
+                            "(default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
     bench.add_argument("--zoo-iterations", type=int, help="override pre-training iterations (miniature runs)")
     bench.add_argument("--test-cases", type=int, help="held-out test cases per dataset (default: a third, <= 20)")
     bench.add_argument("--jobs", type=int, default=1,
