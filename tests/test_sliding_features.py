@@ -126,6 +126,26 @@ def test_a_case_without_boundary_patches_keeps_the_stage_width(cases):
         assert L.shape == F.shape[:2]
 
 
+def test_a_local_stage_without_patches_in_any_case_is_left_out_with_a_warning():
+    from nnunet_te.features.sampling import CandidateFeatures
+
+    def part(n_deep):
+        rng = np.random.default_rng(n_deep)
+        return CandidateFeatures(n_foreground_classes=1, local_stages={
+            "encoder.1": (rng.normal(size=(3, 49, 4)), rng.integers(0, 2, (3, 49))),
+            "encoder.3": (np.zeros((n_deep, 49, 16)), np.zeros((n_deep, 49), dtype=int))})
+
+    with pytest.warns(UserWarning, match="no boundary anchors at stage.s. encoder.3"):
+        joined = CandidateFeatures.concatenate([part(0), part(0)])
+    assert list(joined.local_stages) == ["encoder.1"] and joined.local_stages["encoder.1"][0].shape == (6, 49, 4)
+    kept = CandidateFeatures.concatenate([part(0), part(2)])
+    assert kept.local_stages["encoder.3"][0].shape == (2, 49, 16)
+    nothing = CandidateFeatures(n_foreground_classes=1, local_stages={
+        "encoder.1": (np.zeros((0, 49, 4)), np.zeros((0, 49), dtype=int))})
+    with pytest.raises(ValueError, match="no boundary anchors found at any local stage"):
+        CandidateFeatures.concatenate([nothing])
+
+
 class Interrupting:
     """A case sequence that records which cases are read and can fail at one of them."""
 

@@ -8,6 +8,7 @@ label -1 marks voxels to ignore (padding); they are never sampled and no patch t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,7 +136,10 @@ class CandidateFeatures:
     def concatenate(cls, parts: list[CandidateFeatures]) -> CandidateFeatures:
         """Join per-case features (same stages, rates and head) into one candidate's features.
 
-        Raises ValueError when no case produced a boundary patch at some local stage.
+        A local stage at which no case produced a boundary patch is left out with a warning
+        (small 2D slices cannot hold a patch at the deepest encoder stages); anchors depend on the
+        labels and stage grids only, so every candidate of a zoo loses the same stages. Raises
+        ValueError when no local stage has a patch.
         """
         if not parts:
             raise ValueError("no cases to concatenate")
@@ -146,10 +150,16 @@ class CandidateFeatures:
                                             zip(*(p.global_stages[name] for p in parts)))
         for name in first.local_stages:
             F, L = (np.concatenate(a) for a in zip(*(p.local_stages[name] for p in parts)))
-            if F.shape[0] == 0:
-                raise ValueError(f"no boundary anchors found at stage {name}: the labels have no "
-                                 "class boundary far enough from the image border")
-            out.local_stages[name] = (F, L)
+            if F.shape[0]:
+                out.local_stages[name] = (F, L)
+        empty = [name for name in first.local_stages if name not in out.local_stages]
+        if empty and not out.local_stages:
+            raise ValueError(f"no boundary anchors found at any local stage ({', '.join(empty)}): the labels "
+                             "have no class boundary far enough from the image border")
+        if empty:
+            warnings.warn(f"no boundary anchors at stage(s) {', '.join(empty)} (no class boundary far enough "
+                          f"from the image border on their grid); boundary patches from "
+                          f"{', '.join(out.local_stages)} only", stacklevel=2)
         if first.source_probabilities is not None:
             out.source_probabilities = np.concatenate([p.source_probabilities for p in parts])
         # only the cases chosen for the consistency score carry its predictions
