@@ -185,3 +185,20 @@ def test_results_csv_with_other_columns_is_refused(tmp_path):
     with pytest.raises(ValueError, match="torch_threads"):
         append_csv_row(path, row, COLUMNS)
     assert path.read_text() == ",".join(older) + "\n"
+
+
+def test_ranking_quality_skips_a_split_where_every_member_reached_the_same_dice(tmp_path):
+    from nnunet_te.bench.tables import ranking_quality
+
+    for seed in (0, 1):
+        folder = tmp_path / "rankings" / "D1_a" / f"k5s{seed}"
+        folder.mkdir(parents=True)
+        scores = {"m0": 0.1, "m1": 0.2, "m2": 0.3}
+        folder.joinpath("ranking.json").write_text(json.dumps(
+            {"metrics": {"topology": {"greater_is_better": True, "scores": scores}}}))
+    truth = {("D1_a", 5, 0): {"m0": 0.0, "m1": 0.0, "m2": 0.0},  # no member left the background
+             ("D1_a", 5, 1): {"m0": 0.5, "m1": 0.6, "m2": 0.7}}
+    (row,) = ranking_quality(tmp_path, truth)
+    assert row["n_seeds"] == 1 and row["weighted_tau"] == pytest.approx(1.0) and row["top1_regret"] == 0.0
+    truth[("D1_a", 5, 1)] = {"m0": 0.0, "m1": 0.0, "m2": 0.0}
+    assert ranking_quality(tmp_path, truth) == []

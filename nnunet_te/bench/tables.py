@@ -63,7 +63,7 @@ def ground_truth(rows: list[dict]) -> dict[tuple, dict[str, float]]:
 
 def ranking_quality(work: Path, truth: dict[tuple, dict[str, float]]) -> list[dict]:
     """One row per (dataset, k, metric): every measure averaged over the seeds whose fine-tunes
-    cover at least 3 ranked members; ``n_seeds``, ``n_members`` recorded."""
+    cover at least 3 ranked members and differ between them; ``n_seeds``, ``n_members`` recorded."""
     per: dict[tuple, list[dict]] = defaultdict(list)
     for (dataset, k, seed), dice in sorted(truth.items()):
         path = work / "rankings" / dataset / f"k{k}s{seed}" / "ranking.json"
@@ -76,6 +76,8 @@ def ranking_quality(work: Path, truth: dict[tuple, dict[str, float]]) -> list[di
             if len(pairs) < 3:
                 continue
             scores, values = map(np.array, zip(*pairs))
+            if np.ptp(values) == 0:
+                continue  # every member reached the same Dice (0 when none left the background): no order to predict
             result = evaluate_ranking(scores, values, n_permutations=2000, random_state=0)
             result["top1_regret"] *= 100  # Dice points
             per[(dataset, k, metric)].append({**result, "n_members": len(pairs)})
