@@ -158,9 +158,9 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
     # topology 0.25 vs ccfv 0.20 and logme 0.10
     assert ahead["met"] is True and "topology 0.250 vs best baseline ccfv 0.200 (2 target(s))" == ahead["measured"]
     # a baseline measured on one target only is compared on that target
-    one_target = {g["goal"]: g for g in goals(quality + _quality(5, {("D2_b", "leep"): 0.0}), noise, pairs)}
-    assert one_target[next(iter(one_target))]["measured"] == "topology -0.100 vs best baseline leep 0.000 (1 target(s))"
-    assert one_target[next(iter(one_target))]["met"] is False
+    ahead_with_leep = goals(quality + _quality(5, {("D2_b", "leep"): 0.0}), noise, pairs)[0]
+    assert ahead_with_leep["measured"] == "topology -0.100 vs best baseline leep 0.000 (1 target(s))"
+    assert ahead_with_leep["met"] is False
     positive = rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]
     assert positive["met"] is False and positive["measured"] == "1 of 2 such target(s) positive; not positive: b"
     gain = rows["risk weighting >= +2 Dice points on average"]

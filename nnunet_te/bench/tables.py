@@ -332,7 +332,7 @@ def write_report(work: Path, schedule: str, *, docs: Path | None = None) -> dict
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
     md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out, figures,
-                                  other_schedules=len(every_row) - len(rows))
+                                  schedule=schedule, other_schedules=len(every_row) - len(rows))
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"schedule": schedule, "risk_test": risk_test,
@@ -349,12 +349,11 @@ def write_report(work: Path, schedule: str, *, docs: Path | None = None) -> dict
 
 
 def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict, *,
-                     other_schedules: int):
+                     schedule: str, other_schedules: int):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
-    schedules = sorted({r["schedule"] for r in rows})
     lines.append(f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
-                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule {', '.join(schedules) or '-'} "
+                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule {schedule} "
                  f"(epochs x iterations); {other_schedules} fine-tunes of other schedules left out. Tables cover "
                  "only what is in `results.csv`.")
     verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
