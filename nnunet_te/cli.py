@@ -158,13 +158,18 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from nnunet_te.bench.ground_truth import Schedule
+    from nnunet_te.bench.ground_truth import Schedule, Schedules
     from nnunet_te.bench.run import DEFAULT_SCHEDULE, run_bench
     from nnunet_te.bench.tables import write_report
 
-    schedule = Schedule(*args.schedule) if args.schedule else DEFAULT_SCHEDULE
+    given_schedules = args.dataset_schedule or ()
+    if not all(e.isdigit() and i.isdigit() for _, e, i in given_schedules):
+        raise ValueError(f"--dataset-schedule D EPOCHS ITERATIONS takes integer EPOCHS and ITERATIONS, got "
+                         f"{[' '.join(g) for g in given_schedules]}")
+    schedules = Schedules(Schedule(*args.schedule) if args.schedule else DEFAULT_SCHEDULE,
+                          {d: Schedule(int(e), int(i)) for d, e, i in given_schedules})
     if args.report_only:
-        for name, path in write_report(Path(args.work), schedule.label,
+        for name, path in write_report(Path(args.work), schedules,
                                        docs=Path(args.docs) if args.docs else None).items():
             print(f"{name}: {path}")
         return 0
@@ -174,7 +179,7 @@ def _bench(args: argparse.Namespace) -> int:
     summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
                         n_test=args.test_cases, device=args.device, jobs=args.jobs,
                         fine_tunes=not args.no_fine_tunes,
-                        schedule=schedule,
+                        schedules=schedules,
                         docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in given.items() if v is not None})
     print(f"{summary['new_fine_tunes']} new fine-tune(s) in {summary['seconds']:.0f} s; results: "
@@ -291,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
                        help="fine-tuning schedule, also the one whose fine-tunes the tables show "
                             "(default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
+    bench.add_argument("--dataset-schedule", nargs=3, action="append", metavar=("D", "EPOCHS", "ITERATIONS"),
+                       help="schedule of one dataset instead of --schedule (repeatable), e.g. for a small structure "
+                            "that stays all background over the default schedule")
     bench.add_argument("--zoo-iterations", type=int, help="override pre-training iterations (miniature runs)")
     bench.add_argument("--test-cases", type=int, help="held-out test cases per dataset (default: a third, <= 20)")
     bench.add_argument("--jobs", type=int, default=1,

@@ -102,6 +102,10 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     _run(["nnunet-te", "bench", "--report-only", "--work", str(work), "--schedule", "9", "9", "--docs", str(docs)],
          env, root)
     assert "Measured so far: 0 fine-tunes" in docs.read_text() and "4 fine-tunes of other schedules left out" in docs.read_text()
+    # ... unless the target is given its own schedule
+    _run(["nnunet-te", "bench", "--report-only", "--work", str(work), "--schedule", "9", "9",
+          "--dataset-schedule", "981", "1", "2", "--docs", str(docs)], env, root)
+    assert "Measured so far: 4 fine-tunes" in docs.read_text() and "9x9 (981: 1x2)" in docs.read_text()
 
 
 def test_bad_shots_fail_before_any_work(tmp_path):
@@ -137,6 +141,23 @@ def test_unknown_dataset_fails_before_the_zoo(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="999"):
         run_bench([999], tmp_path / "work")
     assert not (tmp_path / "work" / "zoo").exists()
+
+
+def test_schedules_give_each_dataset_its_own_by_id_or_name():
+    from nnunet_te.bench.ground_truth import Schedule, Schedules
+
+    schedules = Schedules(Schedule(5, 20), {"508": Schedule(40, 20), "Dataset501_EPFLEM_mitochondrion": Schedule(3, 20)})
+    assert schedules.of("Dataset508_Hippocampus") == schedules.of(508) == Schedule(40, 20)
+    assert schedules.of(501).label == "3x20" and schedules.of("Dataset507_JSRTLungs") == Schedule(5, 20)
+    assert schedules.describe() == "5x20 (501: 3x20, 508: 40x20)"
+    with pytest.raises(ValueError, match="not an nnU-Net dataset id"):
+        Schedules(Schedule(5, 20), {"Hippocampus": Schedule(40, 20)})
+
+
+def test_dataset_schedule_needs_integers(tmp_path):
+    done = subprocess.run([str(BIN / "nnunet-te"), "bench", "--report-only", "--work", str(tmp_path),
+                           "--dataset-schedule", "508", "forty", "20"], capture_output=True, text=True)
+    assert done.returncode == 1 and "--dataset-schedule D EPOCHS ITERATIONS takes integer" in done.stderr
 
 
 def _quality(k, taus):

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 from nnunet_te.bench.plan import CONFIGURATION, PLANS
 from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, trainer_folder
 from nnunet_te.nnunet.few_shot import few_shot_cases
+from nnunet_te.nnunet.paths import dataset_id
 
 TRAINERS = {"plain": "nnUNetTrainer", "risk": "RiskWeightedTrainer"}
 COLUMNS = ("dataset", "target", "member", "trainer", "k", "seed", "schedule", "dice", "dice_per_class",
@@ -56,6 +57,28 @@ class Schedule:
 
     def environment(self) -> dict[str, str]:
         return dict(zip(SCHEDULE_VARIABLES, map(str, (self.epochs, self.iterations, self.val_iterations))))
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """The fine-tuning schedule of each target: ``per_dataset`` (keyed by dataset id or name) where
+    given, else ``default``. Targets may need different lengths (a small structure can stay in
+    nnU-Net's all-background phase for the whole default schedule); within a target every
+    member and trainer gets the same schedule, so rankings and risk pairs stay comparable."""
+
+    default: Schedule
+    per_dataset: dict[int | str, Schedule] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "per_dataset", {dataset_id(d): s for d, s in self.per_dataset.items()})
+
+    def of(self, dataset: int | str) -> Schedule:
+        return self.per_dataset.get(dataset_id(dataset), self.default)
+
+    def describe(self) -> str:
+        """``"5x20"``, or ``"5x20 (508: 20x20)"`` with per-dataset schedules."""
+        overrides = ", ".join(f"{d}: {s.label}" for d, s in sorted(self.per_dataset.items()))
+        return f"{self.default.label} ({overrides})" if overrides else self.default.label
 
 
 @dataclass(frozen=True)

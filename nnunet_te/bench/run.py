@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nnunet_te.bench.ground_truth import Run, Schedule, done_keys, fine_tune, read_results, training_cases
+from nnunet_te.bench.ground_truth import Run, Schedule, Schedules, done_keys, fine_tune, read_results, training_cases
 from nnunet_te.bench.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
                                   preprocessed_view, write_cpu_plans)
 from nnunet_te.bench.zoo import BuiltMember, Member, build_zoo, select_members
@@ -75,7 +75,7 @@ def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | N
     """CPU plan, split and allowed members of one dataset; clear errors before any long work."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_te.nnunet.paths import dataset_name, preprocessed_dataset_dir
+    from nnunet_te.nnunet.paths import dataset_id, dataset_name, preprocessed_dataset_dir
 
     name = dataset_name(dataset)
     folder = preprocessed_dataset_dir(name)
@@ -87,7 +87,7 @@ def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | N
     dataset_json = json.loads((folder / "dataset.json").read_text())
     source = dataset_json.get("nnunet_te", {}).get("source", name)
     allowed = [m.name for m in members if source not in m.excluded_for]
-    return Target(name, int(name[len("Dataset"):len("Dataset") + 3]), source, folder, split,
+    return Target(name, dataset_id(name), source, folder, split,
                   ensure_split(folder, split), allowed)
 
 
@@ -144,7 +144,7 @@ def risk_members(ranking_json: Path, primary: str = "topology") -> list[str]:
 
 def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: list[str] | None = None,
               shots: tuple[int, ...] = DEFAULT_SHOTS, seeds: tuple[int, ...] = DEFAULT_SEEDS,
-              risk_shots: tuple[int, ...] = DEFAULT_RISK_SHOTS, schedule: Schedule = DEFAULT_SCHEDULE,
+              risk_shots: tuple[int, ...] = DEFAULT_RISK_SHOTS, schedules: Schedules = Schedules(DEFAULT_SCHEDULE),
               zoo_iterations: int | None = None, n_test: int | None = None, split_seed: int = 0,
               device: str = "cpu", jobs: int = 1, fine_tunes: bool = True, report: bool = True,
               docs: str | os.PathLike | None = None) -> dict:
@@ -153,7 +153,8 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
 
     ``jobs`` fine-tunes train side by side, on CPU each with its share of the cores as torch
     threads (on 2 cores, 2 jobs of 1 thread finish about 1.5 x as many runs per hour as 1 job of 2:
-    process start and validation do not use the second core).
+    process start and validation do not use the second core). ``schedules`` gives each target
+    its fine-tuning schedule (by default :data:`DEFAULT_SCHEDULE` for all).
     ``fine_tunes=False`` builds the zoo and the rankings only; ``report`` writes the tables and
     figures from everything in ``results.csv`` (all datasets so far) to ``<work>/report`` and,
     with ``docs``, into that Markdown page.
@@ -194,6 +195,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         for k in risk_shots:
             picked = risk_members(rankings[(k, seeds[0])])
             runs += [Run(target.dataset, m, "risk", k, s) for s in seeds for m in picked]
+        schedule = schedules.of(target.dataset)
         done = done_keys(read_results(results_csv))
         todo = [r for r in runs if r.key(schedule) not in done]
         by_name = {b.member.name: b for b in target.members}
@@ -210,7 +212,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
                "new_fine_tunes": new_runs, "seconds": time.perf_counter() - started,
                "results_csv": str(results_csv)}
     if report:
-        summary["report"] = {k: str(v) for k, v in write_report(work, schedule.label,
+        summary["report"] = {k: str(v) for k, v in write_report(work, schedules,
                                                                  docs=Path(docs) if docs else None).items()}
     return summary
 

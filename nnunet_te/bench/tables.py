@@ -11,9 +11,9 @@
   points, per target, with a paired Wilcoxon signed-rank test over (target, member, seed);
 - learning curves: nnU-Net's logged pseudo Dice on the test cases per epoch.
 
-Only the fine-tunes of one schedule enter the tables. Everything is written to
-``<work>/report/`` (CSV, Markdown, PNG); ``write_report(docs=...)`` also puts the Markdown
-between the ``bench_results`` markers of that page, figures beside it.
+Only the fine-tunes of each target's schedule (``Schedules``) enter the tables. Everything is
+written to ``<work>/report/`` (CSV, Markdown, PNG); ``write_report(docs=...)`` also puts the
+Markdown between the ``bench_results`` markers of that page, figures beside it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from nnunet_te.bench.docs import write_section
-from nnunet_te.bench.ground_truth import read_results
+from nnunet_te.bench.ground_truth import Schedules, read_results
 from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
                                              nemenyi_cd, rank_methods)
 
@@ -96,15 +96,18 @@ def noise_floor(rows: list[dict]) -> list[dict]:
     seeds' Dice (seed-to-seed spread, Dice points); spread = standard deviation of the members'
     seed-averaged Dice (Dice points)."""
     by: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    schedules = defaultdict(set)
     for r in rows:
         if r["trainer"] == "plain":
             by[(r["dataset"], r["k"])][r["member"]][r["seed"]] = r["dice"]
+            schedules[(r["dataset"], r["k"])].add(r["schedule"])
     out = []
     for (dataset, k), members in sorted(by.items()):
         diffs = [np.mean(np.abs(np.subtract.outer(v, v))[np.triu_indices(len(v), 1)])
                  for v in (np.array(list(s.values())) for s in members.values()) if len(v) >= 2]
         means = [np.mean(list(s.values())) for s in members.values()]
-        out.append({"dataset": dataset, "k": k, "n_members": len(members),
+        out.append({"dataset": dataset, "k": k, "schedule": ",".join(sorted(schedules[(dataset, k)])),
+                    "n_members": len(members),
                     "noise_floor": 100 * float(np.mean(diffs)) if diffs else float("nan"),
                     "spread": 100 * float(np.std(means)) if len(means) >= 2 else float("nan"),
                     "best": max(members, key=lambda m: np.mean(list(members[m].values())))})
@@ -206,6 +209,7 @@ def cost(work: Path, rows: list[dict]) -> list[dict]:
                     "metric_seconds": {m: float(np.mean([t["metric_seconds"].get(m, np.nan) for t in timings]))
                                        for m in metric_names},
                     "fine_tune_seconds": float(np.mean([r["train_seconds"] for r in tunes])) if tunes else float("nan"),
+                    "fine_tune_schedule": sorted({r["schedule"] for r in tunes}),
                     "fine_tune_threads": sorted({r["torch_threads"] for r in tunes})})
     return out
 
@@ -309,15 +313,15 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def write_report(work: Path, schedule: str, *, docs: Path | None = None) -> dict[str, Path]:
-    """Compute every table from the fine-tunes of one ``schedule`` (its label, e.g. ``"5x20"``:
-    Dice of different schedules are not comparable), write ``<work>/report/`` and (with ``docs``)
-    the page's section."""
+def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) -> dict[str, Path]:
+    """Compute every table from the fine-tunes of each target's schedule in ``schedules`` (Dice
+    of different schedules are not comparable), write ``<work>/report/`` and (with ``docs``) the
+    page's section."""
     work = Path(work)
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
     every_row = read_results(work / "results.csv")
-    rows = [r for r in every_row if r["schedule"] == schedule]
+    rows = [r for r in every_row if r["schedule"] == schedules.of(r["dataset"]).label]
     truth = ground_truth(rows)
     quality = ranking_quality(work, truth)
     noise = noise_floor(rows)
@@ -332,10 +336,10 @@ def write_report(work: Path, schedule: str, *, docs: Path | None = None) -> dict
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
     md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out, figures,
-                                  schedule=schedule, other_schedules=len(every_row) - len(rows))
+                                  schedule=schedules.describe(), other_schedules=len(every_row) - len(rows))
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"schedule": schedule, "risk_test": risk_test,
+    (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_test": risk_test,
                                                   "n_fine_tunes": len(rows)}, indent=1))
     paths = {"md": out / "benchmark.md", **{k: v for k, v in figures.items() if v is not None}}
     if docs is not None:
@@ -353,8 +357,8 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
     lines = []
     targets = sorted({r["dataset"] for r in rows})
     lines.append(f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
-                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule {schedule} "
-                 f"(epochs x iterations); {other_schedules} fine-tunes of other schedules left out. Tables cover "
+                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule (epochs x iterations) {schedule}; "
+                 f"{other_schedules} fine-tunes of other schedules left out. Tables cover "
                  "only what is in `results.csv`.")
     verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
     lines += ["", "### Goals (measured, not tests)", "",
@@ -402,9 +406,9 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
     lines.append(_markdown(["member"] + [f"{_short(d)} k={k}" for d, k in keys], body))
     lines += ["", "(n) = number of seeds. Members trained on a target's own task are not fine-tuned on it (`-`).", "",
               "### Noise floor", "",
-              _markdown(["target", "k", "members", "noise floor (Dice pts)", "spread between members (Dice pts)",
-                         "best member"],
-                        [[_short(n["dataset"]), str(n["k"]), str(n["n_members"]), _fmt(n["noise_floor"], 2),
+              _markdown(["target", "k", "schedule", "members", "noise floor (Dice pts)",
+                         "spread between members (Dice pts)", "best member"],
+                        [[_short(n["dataset"]), str(n["k"]), n["schedule"], str(n["n_members"]), _fmt(n["noise_floor"], 2),
                           _fmt(n["spread"], 2), n["best"]] for n in noise]),
               "", "Noise floor: mean over members of the absolute difference between two seeds' Dice (the seed "
                   "changes the k training cases and the training randomness). Spread: standard deviation of the "
@@ -423,10 +427,11 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
     lines += ["", "### Cost per target (seconds, this machine, wall clock)", ""]
     metric_names = sorted({m for c in costs for m in c["metric_seconds"]})
     lines.append(_markdown(["target", "cases ranked", "features / candidate"] + [f"{m} / candidate" for m in metric_names]
-                           + ["one fine-tune (torch threads)"],
+                           + ["one fine-tune (schedule, torch threads)"],
                            [[_short(c["dataset"]), ",".join(map(str, c["cases_ranked"])), _fmt(c["extraction_seconds"], 1)]
                             + [_fmt(c["metric_seconds"].get(m, np.nan), 2) for m in metric_names]
-                            + [f"{_fmt(c['fine_tune_seconds'], 0)} ({', '.join(map(str, c['fine_tune_threads'])) or '-'})"]
+                            + [f"{_fmt(c['fine_tune_seconds'], 0)} ({', '.join(c['fine_tune_schedule']) or '-'}; "
+                               f"{', '.join(map(str, c['fine_tune_threads'])) or '-'})"]
                             for c in costs]))
     if scaling:
         names = [k for k in scaling[0] if k != "points"]

@@ -43,6 +43,15 @@ def nnunet_results() -> Path:
     return env_folder("nnUNet_results")
 
 
+def dataset_id(dataset: int | str) -> int:
+    """The nnU-Net dataset id of ``508``, ``"508"`` or ``"Dataset508_Hippocampus"``."""
+    text = str(dataset)
+    digits = text[len("Dataset"):len("Dataset") + 3] if text.startswith("Dataset") else text
+    if not digits.isdigit():
+        raise ValueError(f"not an nnU-Net dataset id or DatasetXXX_Name: {dataset!r}")
+    return int(digits)
+
+
 def dataset_name(dataset: int | str) -> str:
     """``DatasetXXX_Name`` for a dataset id (``4``, ``"4"``) or name, resolved by nnU-Net itself.
 
