@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nnunet_te.data import load_sample_cases
-from nnunet_te.features.cache import FeatureCache, state_dict_sha256
+from nnunet_te.features.cache import FORMAT, FeatureCache, state_dict_sha256
 from nnunet_te.features.extract import pad_to_multiple, split_stages, zscore
 from nnunet_te.features.hooks import stage_outputs
 from nnunet_te.features.models import build_unet
@@ -162,14 +162,14 @@ class Interrupting:
         return self.cases[index]
 
 
-def test_cache_skips_forward_passes_and_resumes(cases, tmp_path):
+def test_cache_skips_forward_passes_and_resumes(cases, tmp_path, monkeypatch):
     net = unet()
     cache = FeatureCache(tmp_path / "a")
     g, loc = split_stages(net)
-    key = cache.key(candidate_sha256=state_dict_sha256(net), dataset="Dataset004_Hippocampus",
-                    configuration="3d_fullres", case_ids=[c[0] for c in cases], patch_size=PATCH,
-                    n_classes=3, config=CONFIG, global_stages=list(g), local_stages=list(loc),
-                    consistency_rates=(0.2,))
+    parts = dict(dataset="Dataset004_Hippocampus", configuration="3d_fullres", case_ids=[c[0] for c in cases],
+                 patch_size=PATCH, n_classes=3, config=CONFIG, global_stages=list(g), local_stages=list(loc),
+                 consistency_rates=(0.2,))
+    key = cache.key(candidate_sha256=state_dict_sha256(net), **parts)
     calls = count_forwards(net)
     first = extract(net, cases, cache=cache, key=key, consistency_rates=(0.2,))
     assert len(calls) > 0
@@ -178,11 +178,12 @@ def test_cache_skips_forward_passes_and_resumes(cases, tmp_path):
     assert calls == []
     assert_same(first, second)
     assert not list((cache.folder(key) / "cases").glob("*.npz"))
-    assert key == FeatureCache(tmp_path).key(
-        candidate_sha256=state_dict_sha256(unet()), dataset="Dataset004_Hippocampus",
-        configuration="3d_fullres", case_ids=[c[0] for c in cases], patch_size=PATCH,
-        n_classes=3, config=CONFIG, global_stages=list(g), local_stages=list(loc),
-        consistency_rates=(0.2,))
+    assert key == FeatureCache(tmp_path).key(candidate_sha256=state_dict_sha256(unet()), **parts)
+    # entries stored by code with another layout are never read back
+    monkeypatch.setattr("nnunet_te.features.cache.FORMAT", FORMAT + 1)
+    newer = cache.key(candidate_sha256=state_dict_sha256(net), **parts)
+    assert newer != key and cache.load(newer) is None
+    monkeypatch.undo()
 
     resumed = FeatureCache(tmp_path / "b")
     killed = Interrupting(cases, fail_at=2)

@@ -6,12 +6,13 @@ Layout under ``root``::
     <key>/meta.json           the key's parts, readable by humans
     <key>/cases/<index>.npz   per-case results while an extraction is running
 
-The key hashes everything the samples depend on: the candidate's content (checkpoint file hash
-or :func:`state_dict_sha256`), dataset, configuration, the case list (the per-class quota
-depends on the number of cases), patch size, class count, sampling settings with their seed,
-the hooked stage names, the consistency rates and their seed. Every write is atomic (temporary
-file + rename), so a killed run leaves whole files only. Per-case files are deleted once the
-finished result is stored.
+The key hashes everything the samples depend on: the layout version :data:`FORMAT` (raised
+whenever what extraction stores changes, so entries written by older code are never read back),
+the candidate's content (checkpoint file hash or :func:`state_dict_sha256`), dataset,
+configuration, the case list (the per-class quota depends on the number of cases), patch size,
+class count, sampling settings with their seed, the hooked stage names, the consistency rates
+and their seed. Every write is atomic (temporary file + rename), so a killed run leaves whole
+files only. Per-case files are deleted once the finished result is stored.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from nnunet_te.risk.storage import atomic_write
 FEATURES = "features.npz"
 META = "meta.json"
 CASES = "cases"
+#: 2: a case without boundary patches stores (0, P, D) patch features, not (0, P, 1).
+FORMAT = 2
 
 
 def state_dict_sha256(network: nn.Module) -> str:
@@ -96,7 +99,7 @@ class FeatureCache:
             consistency_rates: Sequence[float] = (), seed: int = 0,
             source_head: bool = False) -> str:
         """Hex key of everything the extracted samples depend on (see the module docstring)."""
-        parts = {"candidate_sha256": candidate_sha256, "dataset": dataset,
+        parts = {"format": FORMAT, "candidate_sha256": candidate_sha256, "dataset": dataset,
                  "configuration": configuration, "case_ids": list(case_ids),
                  "patch_size": [int(p) for p in patch_size], "n_classes": int(n_classes),
                  "sampling": asdict(config), "global_stages": list(global_stages),
