@@ -76,6 +76,13 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     assert len(manifest["shapes"]) == 8
     curve = json.loads((run_folder / "learning_curve.json").read_text())
     assert len(curve["train_losses"]) == 1 and np.isfinite(curve["train_losses"]).all()
+    # the cost table splits each fine-tune's wall time into phases read from nnU-Net's log
+    from nnunet_te.bench.ground_truth import read_results
+    from nnunet_te.bench.tables import fine_tune_phases
+
+    for row in read_results(work / "results.csv"):
+        phases = fine_tune_phases(row)
+        assert min(phases.values()) > 0 and sum(phases.values()) == pytest.approx(row["train_seconds"], abs=1.5)
 
     # zoo: both formats per member, loadable
     from nnunet_te.nnunet.weights import read_checkpoint

@@ -23,6 +23,7 @@ import json
 import shutil
 import time
 from collections import defaultdict
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -192,10 +193,34 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dic
     return out
 
 
+def _log_time(line: str) -> datetime:
+    return datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f")
+
+
+def fine_tune_phases(row: dict) -> dict[str, float] | None:
+    """Seconds of one fine-tune's phases, from its last ``nnUNetv2_train`` invocation (the one
+    ``train_seconds`` times): ``start`` (process start to the first epoch), ``epochs`` (first
+    epoch to nnU-Net's "Training done."), ``validation`` (final validation, export and process
+    exit), read from the timestamps of nnU-Net's training log. None when that invocation trained
+    no epoch (``--val``) or left no log."""
+    logs = sorted(Path(row["run_folder"]).glob("training_log_*.txt"))
+    if not logs:
+        return None
+    lines = logs[-1].read_text().splitlines()
+    first_epoch = next((_log_time(x) for x in lines if x[26:].startswith(": Epoch ")), None)
+    done = next((_log_time(x) for x in lines if x[26:].startswith(": Training done.")), None)
+    if first_epoch is None or done is None:
+        return None
+    finished = datetime.fromisoformat(row["finished"])
+    started = finished - timedelta(seconds=row["train_seconds"])
+    return {"start": (first_epoch - started).total_seconds(), "epochs": (done - first_epoch).total_seconds(),
+            "validation": (finished - done).total_seconds()}
+
+
 def cost(work: Path, rows: list[dict]) -> list[dict]:
     """Per dataset: mean feature extraction and metric seconds per candidate (over its
-    rankings), mean seconds of one plain fine-tune (nnUNetv2_train process, wall clock) and the
-    torch thread counts they ran with."""
+    rankings), mean seconds of one plain fine-tune (nnUNetv2_train process, wall clock) and of
+    its phases (:func:`fine_tune_phases`), and the torch thread counts they ran with."""
     out = []
     for folder in sorted((work / "rankings").glob("Dataset*")):
         records = [json.loads(p.read_text()) for p in sorted(folder.glob("k*s*/ranking.json"))]
@@ -204,11 +229,14 @@ def cost(work: Path, rows: list[dict]) -> list[dict]:
         timings = [t for r in records for t in r["timings"].values()]
         metric_names = sorted({m for t in timings for m in t["metric_seconds"]})
         tunes = [r for r in rows if r["dataset"] == folder.name and r["trainer"] == "plain"]
+        phases = [p for p in map(fine_tune_phases, tunes) if p is not None]
         out.append({"dataset": folder.name, "cases_ranked": sorted({len(r["cases"]) for r in records}),
                     "extraction_seconds": float(np.mean([t["extraction_seconds"] for t in timings])),
                     "metric_seconds": {m: float(np.mean([t["metric_seconds"].get(m, np.nan) for t in timings]))
                                        for m in metric_names},
                     "fine_tune_seconds": float(np.mean([r["train_seconds"] for r in tunes])) if tunes else float("nan"),
+                    "fine_tune_phase_seconds": {name: float(np.mean([p[name] for p in phases])) if phases
+                                                else float("nan") for name in ("start", "epochs", "validation")},
                     "fine_tune_schedule": sorted({r["schedule"] for r in tunes}),
                     "fine_tune_threads": sorted({r["torch_threads"] for r in tunes})})
     return out
@@ -427,11 +455,12 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
     lines += ["", "### Cost per target (seconds, this machine, wall clock)", ""]
     metric_names = sorted({m for c in costs for m in c["metric_seconds"]})
     lines.append(_markdown(["target", "cases ranked", "features / candidate"] + [f"{m} / candidate" for m in metric_names]
-                           + ["one fine-tune (schedule, torch threads)"],
+                           + ["one fine-tune (schedule, torch threads)", "start / epochs / final validation"],
                            [[_short(c["dataset"]), ",".join(map(str, c["cases_ranked"])), _fmt(c["extraction_seconds"], 1)]
                             + [_fmt(c["metric_seconds"].get(m, np.nan), 2) for m in metric_names]
                             + [f"{_fmt(c['fine_tune_seconds'], 0)} ({', '.join(c['fine_tune_schedule']) or '-'}; "
-                               f"{', '.join(map(str, c['fine_tune_threads'])) or '-'})"]
+                               f"{', '.join(map(str, c['fine_tune_threads'])) or '-'})",
+                               " / ".join(_fmt(v, 0) for v in c["fine_tune_phase_seconds"].values())]
                             for c in costs]))
     if scaling:
         names = [k for k in scaling[0] if k != "points"]
