@@ -167,6 +167,19 @@ def test_dataset_schedule_needs_integers(tmp_path):
     assert done.returncode == 1 and "--dataset-schedule D EPOCHS ITERATIONS takes integer" in done.stderr
 
 
+def test_fine_tune_phases_come_from_the_last_log(tmp_path):
+    from nnunet_te.bench.tables import fine_tune_phases
+
+    (tmp_path / "training_log_2026_01_01_10_00_00.txt").write_text("2026-01-01 10:00:05.000001: Epoch 0\n")
+    (tmp_path / "training_log_2026_01_01_11_00_00.txt").write_text(  # resumed with --c: this invocation counts
+        "Configuration name: 2d\n2026-01-01 11:00:10: Epoch 3 \n2026-01-01 11:00:20.5: Epoch 4 \n"
+        "2026-01-01 11:00:40.250000: Training done.\n")
+    row = {"run_folder": str(tmp_path), "finished": "2026-01-01T11:00:55", "train_seconds": 50.0}
+    assert fine_tune_phases(row) == {"start": 5.0, "epochs": 30.25, "validation": 14.75}
+    (tmp_path / "training_log_2026_01_01_12_00_00.txt").write_text("2026-01-01 12:00:10: Using splits\n")
+    assert fine_tune_phases(row) is None  # --val only: no epoch in the last invocation
+
+
 def _quality(k, taus):
     return [{"dataset": d, "k": k, "metric": m, "weighted_tau": t} for (d, m), t in taus.items()]
 

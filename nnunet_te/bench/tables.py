@@ -193,8 +193,14 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dic
     return out
 
 
-def _log_time(line: str) -> datetime:
-    return datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f")
+def _first_logged(lines: list[str], message: str) -> datetime | None:
+    """Time of the first line of an nnU-Net training log (``<datetime>: <message>``) whose
+    message starts with ``message``."""
+    for line in lines:
+        stamp, _, text = line.partition(": ")
+        if text.startswith(message):
+            return datetime.fromisoformat(stamp)
+    return None
 
 
 def fine_tune_phases(row: dict) -> dict[str, float] | None:
@@ -207,8 +213,7 @@ def fine_tune_phases(row: dict) -> dict[str, float] | None:
     if not logs:
         return None
     lines = logs[-1].read_text().splitlines()
-    first_epoch = next((_log_time(x) for x in lines if x[26:].startswith(": Epoch ")), None)
-    done = next((_log_time(x) for x in lines if x[26:].startswith(": Training done.")), None)
+    first_epoch, done = _first_logged(lines, "Epoch "), _first_logged(lines, "Training done.")
     if first_epoch is None or done is None:
         return None
     finished = datetime.fromisoformat(row["finished"])
