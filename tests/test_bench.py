@@ -180,6 +180,19 @@ def test_fine_tune_phases_come_from_the_last_log(tmp_path):
     assert fine_tune_phases(row) is None  # --val only: no epoch in the last invocation
 
 
+def test_classes_no_member_segmented_are_named():
+    from nnunet_te.bench.tables import unlearned_classes
+
+    def row(member, seed, per_class, trainer="plain"):
+        return {"dataset": "D8_h", "k": 5, "member": member, "seed": seed, "trainer": trainer,
+                "dice_per_class": json.dumps(per_class)}
+
+    rows = [row("a", 0, {"1": 0.0, "2": 0.0}), row("a", 1, {"1": 0.4, "2": 0.0}), row("b", 0, {"1": 0.0, "2": 0.0}),
+            row("b", 0, {"1": 0.0, "2": 0.3}, trainer="risk")]  # risk runs are not the ground truth
+    assert unlearned_classes(rows) == {("D8_h", 5): ["2"]}
+    assert unlearned_classes(rows[1:2] + [row("b", 1, {"1": 0.1, "2": 0.2})]) == {}
+
+
 def _quality(k, taus):
     return [{"dataset": d, "k": k, "metric": m, "weighted_tau": t} for (d, m), t in taus.items()]
 

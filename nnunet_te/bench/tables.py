@@ -5,7 +5,8 @@
   training cases) against the fine-tuned test Dice of the same k-shot split, averaged over seeds;
   averages over targets; Friedman test and a critical-difference plot on the weighted tau;
 - ground truth: mean test Dice per target and member; the noise floor (mean absolute seed-to-seed
-  difference of a member's Dice) beside the spread between members;
+  difference of a member's Dice) beside the spread between members; classes that no member
+  segmented (a schedule too short for the target);
 - cost (seed 001's Table 2): feature extraction and metric time per candidate, one fine-tune;
 - risk weighting: RiskWeightedTrainer minus nnUNetTrainer, same member, split and seed, in Dice
   points, per target, with a paired Wilcoxon signed-rank test over (target, member, seed);
@@ -113,6 +114,19 @@ def noise_floor(rows: list[dict]) -> list[dict]:
                     "spread": 100 * float(np.std(means)) if len(means) >= 2 else float("nan"),
                     "best": max(members, key=lambda m: np.mean(list(members[m].values())))})
     return out
+
+
+def unlearned_classes(rows: list[dict]) -> dict[tuple, list[str]]:
+    """{(dataset, k): labels} of the classes that no plain fine-tune of that target segmented
+    at all (test Dice 0 for every member and seed): the schedule ended before any member left
+    nnU-Net's all-background phase on them, so the ground truth cannot order the members there."""
+    best: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in rows:
+        if r["trainer"] == "plain":
+            for label, dice in json.loads(r["dice_per_class"]).items():
+                best[(r["dataset"], r["k"])][label] = max(best[(r["dataset"], r["k"])][label], dice)
+    return {key: [label for label, dice in sorted(labels.items()) if dice == 0]
+            for key, labels in sorted(best.items()) if 0 in labels.values()}
 
 
 def risk_vs_plain(rows: list[dict]) -> tuple[list[dict], dict]:
@@ -446,6 +460,10 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
               "", "Noise floor: mean over members of the absolute difference between two seeds' Dice (the seed "
                   "changes the k training cases and the training randomness). Spread: standard deviation of the "
                   "members' seed-averaged Dice."]
+    lines += [f"\n**{_short(d)}, k = {k}: no member segmented class{'es' * (len(labels) > 1)} {', '.join(labels)}** "
+              "(test Dice 0 in every "
+              "fine-tune): the schedule ends before any member leaves nnU-Net's all-background phase there; give this "
+              "target a longer one (`--dataset-schedule`)." for (d, k), labels in unlearned_classes(rows).items()]
     lines += ["", "### Risk weighting: RiskWeightedTrainer - nnUNetTrainer (Dice points)", ""]
     by_target = defaultdict(list)
     for p in pairs:
