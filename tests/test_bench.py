@@ -1,6 +1,7 @@
 """The benchmark in miniature, end to end through ``nnunet-te bench`` and the real nnU-Net CLI:
 3 zoo members (one excluded for the target), 1 real 2D target (EPFL mitochondria, 12 slices),
-k = 5, one seed, a 1 x 2 schedule; then a resumed run that must not train again."""
+k = 5, one seed, a 1 x 2 schedule (given for the dataset); then a resumed run that must not train
+again."""
 
 import csv
 import json
@@ -39,7 +40,8 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     root, env = epfl_tree
     work, docs = root / "work", root / "benchmark.md"
     command = ["nnunet-te", "bench", "-d", "981", "--work", str(work), "--members", *MEMBERS,
-               "--zoo-iterations", "2", "--shots", "5", "--seeds", "0", "--schedule", "1", "2",
+               "--zoo-iterations", "2", "--shots", "5", "--seeds", "0", "--schedule", "9", "9",
+               "--dataset-schedule", "981", "1", "2",  # the target's own schedule wins
                "--test-cases", "3", "--jobs", "2", "--docs", str(docs), "-device", "cpu"]
     started = time.time()
     first = _run(command, env, root)
