@@ -461,9 +461,9 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
                   "changes the k training cases and the training randomness). Spread: standard deviation of the "
                   "members' seed-averaged Dice."]
     lines += [f"\n**{_short(d)}, k = {k}: no member segmented class{'es' * (len(labels) > 1)} {', '.join(labels)}** "
-              "(test Dice 0 in every "
-              "fine-tune): the schedule ends before any member leaves nnU-Net's all-background phase there; give this "
-              "target a longer one (`--dataset-schedule`)." for (d, k), labels in unlearned_classes(rows).items()]
+              "(test Dice 0 in every fine-tune): the schedule ends before any member leaves nnU-Net's "
+              "all-background phase there; give this target a longer one (`--dataset-schedule`)."
+              for (d, k), labels in unlearned_classes(rows).items()]
     lines += ["", "### Risk weighting: RiskWeightedTrainer - nnUNetTrainer (Dice points)", ""]
     by_target = defaultdict(list)
     for p in pairs:
