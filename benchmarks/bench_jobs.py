@@ -7,7 +7,8 @@ preprocesses them (2d), builds the two randomly initialised zoo members and thei
 (``--no-fine-tunes``, not timed), then times ``nnunet-te bench`` over the same plain fine-tunes
 (2 members x 2 seeds at k = 5) for each ``--jobs`` value (the seconds it reports), clearing the
 previous value's runs first. Each fine-tune's phases (process start, epochs, final validation)
-come from nnU-Net's log (``fine_tune_phases``). Work lives in ``--workdir`` (default: a temporary folder).
+come from nnU-Net's log (``fine_tune_phases``). Work lives in ``--workdir`` (default: a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main() -> None:
         wall = float(re.search(r"new fine-tune\(s\) in (\d+) s", printed).group(1))
         runs = read_results(work / "results.csv")
         phases = [fine_tune_phases(r) for r in runs]
-        rows.append({"jobs": jobs, "threads": runs[0]["torch_threads"], "runs": len(runs), "wall": wall,
+        rows.append({"jobs": jobs, "threads": runs[0]["torch_threads"], "n_test": runs[0]["n_test"],
+                     "runs": len(runs), "wall": wall,
                      "per_run": statistics.mean(r["train_seconds"] for r in runs),
                      **{name: statistics.mean(p[name] for p in phases) for name in ("start", "epochs", "validation")}})
     base = rows[0]["runs"] / rows[0]["wall"]
@@ -87,7 +89,7 @@ def main() -> None:
         "## Fine-tunes side by side (`nnunet-te bench --jobs`)",
         "",
         f"`benchmarks/bench_jobs.py --jobs {' '.join(map(str, args.jobs))} --schedule {args.schedule[0]} "
-        f"{args.schedule[1]}`: real EPFL mitochondrion (27 slices, 9 held out), the CPU plan, "
+        f"{args.schedule[1]}`: real EPFL mitochondrion ({rows[0]['n_test']} slices held out), the CPU plan, "
         f"{rows[0]['runs']} plain fine-tunes ({', '.join(MEMBERS)} x seeds 0, 1 at k = 5) per row, "
         "wall clock of the fine-tunes as `nnunet-te bench` reports it (zoo and rankings built before, not timed).",
         "",

@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--risk-shots", nargs="*", type=int,
                        help="k values with RiskWeightedTrainer runs (default: 5; given without values: none)")
     bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
-                       help="fine-tuning schedule, also the one whose fine-tunes the tables show "
-                            "(default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
+                       help="fine-tuning schedule of every dataset without --dataset-schedule, also the one "
+                            "whose fine-tunes the tables show (default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
     bench.add_argument("--dataset-schedule", nargs=3, action="append", metavar=("D", "EPOCHS", "ITERATIONS"),
                        help="schedule of one dataset instead of --schedule (repeatable), e.g. for a small structure "
                             "that stays all background over the default schedule")
