@@ -98,18 +98,15 @@ def noise_floor(rows: list[dict]) -> list[dict]:
     seeds' Dice (seed-to-seed spread, Dice points); spread = standard deviation of the members'
     seed-averaged Dice (Dice points)."""
     by: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    schedules = defaultdict(set)
     for r in rows:
         if r["trainer"] == "plain":
             by[(r["dataset"], r["k"])][r["member"]][r["seed"]] = r["dice"]
-            schedules[(r["dataset"], r["k"])].add(r["schedule"])
     out = []
     for (dataset, k), members in sorted(by.items()):
         diffs = [np.mean(np.abs(np.subtract.outer(v, v))[np.triu_indices(len(v), 1)])
                  for v in (np.array(list(s.values())) for s in members.values()) if len(v) >= 2]
         means = [np.mean(list(s.values())) for s in members.values()]
-        out.append({"dataset": dataset, "k": k, "schedule": ",".join(sorted(schedules[(dataset, k)])),
-                    "n_members": len(members),
+        out.append({"dataset": dataset, "k": k, "n_members": len(members),
                     "noise_floor": 100 * float(np.mean(diffs)) if diffs else float("nan"),
                     "spread": 100 * float(np.std(means)) if len(means) >= 2 else float("nan"),
                     "best": max(members, key=lambda m: np.mean(list(members[m].values())))})
@@ -256,7 +253,6 @@ def cost(work: Path, rows: list[dict]) -> list[dict]:
                     "fine_tune_seconds": float(np.mean([r["train_seconds"] for r in tunes])) if tunes else float("nan"),
                     "fine_tune_phase_seconds": {name: float(np.mean([p[name] for p in phases])) if phases
                                                 else float("nan") for name in ("start", "epochs", "validation")},
-                    "fine_tune_schedule": sorted({r["schedule"] for r in tunes}),
                     "fine_tune_threads": sorted({r["torch_threads"] for r in tunes})})
     return out
 
@@ -383,7 +379,7 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
     md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out, figures,
-                                  schedule=schedules.describe(), other_schedules=len(every_row) - len(rows))
+                                  schedules=schedules, other_schedules=len(every_row) - len(rows))
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_test": risk_test,
@@ -400,11 +396,12 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
 
 
 def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict, *,
-                     schedule: str, other_schedules: int):
+                     schedules: Schedules, other_schedules: int):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
     lines.append(f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
-                 f"({', '.join(_short(t) for t in targets) or 'none'}), schedule (epochs x iterations) {schedule}; "
+                 f"({', '.join(_short(t) for t in targets) or 'none'}), "
+                 f"schedule (epochs x iterations) {schedules.describe()}; "
                  f"{other_schedules} fine-tunes of other schedules left out. Tables cover "
                  "only what is in `results.csv`.")
     verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
@@ -455,8 +452,8 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
               "### Noise floor", "",
               _markdown(["target", "k", "schedule", "members", "noise floor (Dice pts)",
                          "spread between members (Dice pts)", "best member"],
-                        [[_short(n["dataset"]), str(n["k"]), n["schedule"], str(n["n_members"]), _fmt(n["noise_floor"], 2),
-                          _fmt(n["spread"], 2), n["best"]] for n in noise]),
+                        [[_short(n["dataset"]), str(n["k"]), schedules.of(n["dataset"]).label, str(n["n_members"]),
+                          _fmt(n["noise_floor"], 2), _fmt(n["spread"], 2), n["best"]] for n in noise]),
               "", "Noise floor: mean over members of the absolute difference between two seeds' Dice (the seed "
                   "changes the k training cases and the training randomness). Spread: standard deviation of the "
                   "members' seed-averaged Dice."]
@@ -481,7 +478,7 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
                            + ["one fine-tune (schedule, torch threads)", "start / epochs / final validation"],
                            [[_short(c["dataset"]), ",".join(map(str, c["cases_ranked"])), _fmt(c["extraction_seconds"], 1)]
                             + [_fmt(c["metric_seconds"].get(m, np.nan), 2) for m in metric_names]
-                            + [f"{_fmt(c['fine_tune_seconds'], 0)} ({', '.join(c['fine_tune_schedule']) or '-'}; "
+                            + [f"{_fmt(c['fine_tune_seconds'], 0)} ({schedules.of(c['dataset']).label}; "
                                f"{', '.join(map(str, c['fine_tune_threads'])) or '-'})",
                                " / ".join(_fmt(v, 0) for v in c["fine_tune_phase_seconds"].values())]
                             for c in costs]))
