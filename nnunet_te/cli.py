@@ -175,7 +175,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if not args.d:
         raise SystemExit("nnunet-te bench: -d DATASET [DATASET ...] is required (unless --report-only)")
-    given = {"shots": args.shots, "seeds": args.seeds, "risk_shots": args.risk_shots}
+    given = {"shots": args.shots, "seeds": args.seeds, "risk_shots": args.risk_shots,
+             "risk_trainers": args.risk_trainers}
     summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
                         n_test=args.test_cases, device=args.device, jobs=args.jobs,
                         fine_tunes=not args.no_fine_tunes,
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", nargs="+", type=int, help="few-shot seeds (default: 0 1)")
     bench.add_argument("--risk-shots", nargs="*", type=int,
                        help="k values with RiskWeightedTrainer runs (default: 5; given without values: none)")
+    bench.add_argument("--risk-trainers", nargs="+",
+                       help="risk-weighted kinds paired with plain runs: risk (the product's defaults), "
+                            "risk_pixel_ce (nnUNet_te_ce_normalisation=pixels) (default: risk)")
     bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
                        help="fine-tuning schedule of every dataset without --dataset-schedule, also the one "
                             "whose fine-tunes the tables show (default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")

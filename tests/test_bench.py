@@ -116,6 +116,48 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
           "--dataset-schedule", "981", "1", "2", "--docs", str(docs)], env, root)
     assert "Measured so far: 4 fine-tunes" in docs.read_text() and "9x9 (981: 1x2)" in docs.read_text()
 
+    # an option variant of RiskWeightedTrainer: its own runs beside the default ones, its option set
+    # for nnU-Net's process only (a user's own setting does not leak into the default kind's rows)
+    third = _run(command + ["--risk-trainers", "risk_pixel_ce"], {**env, "nnUNet_te_beta": "7"}, root)
+    assert "2 new fine-tune(s)" in third
+    from nnunet_te.bench.ground_truth import read_results
+
+    rows = read_results(work / "results.csv")
+    variant = [r for r in rows if r["trainer"] == "risk_pixel_ce"]
+    assert sorted(r["member"] for r in variant) == ["random_s0", "sup_isbi_membranes"]
+    for r in rows:
+        if r["trainer"] != "plain":
+            options = json.loads((Path(r["run_folder"]) / "risk_options.json").read_text())["options"]
+            assert options["ce_normalisation"] == ("pixels" if r in variant else "foreground")
+            assert options["beta"] == 1.0
+    assert all(Path(r["run_folder"]).is_relative_to(work / "runs" / "1x2" / r["member"] / "risk_pixel_ce")
+               for r in variant)
+    assert "Paired test, risk_pixel_ce, over 2 (target, member, seed) pairs" in docs.read_text()
+
+
+@pytest.mark.slow
+def test_a_few_shot_draw_without_a_class_is_named_before_any_work(epfl_tree, tmp_path):
+    """Real EPFL slices whose dataset.json declares a second class no slice has (as EPFL axon, where
+    19 of 27 slices have none and the k = 5 draw of seed 0 holds no axon)."""
+    import shutil
+
+    from nnunet_te.bench.plan import write_cpu_plans
+    from nnunet_te.bench.run import Target, check_few_shot_classes
+
+    root, _ = epfl_tree
+    folder = tmp_path / "Dataset981_EPFLEM_mitochondrion"
+    shutil.copytree(root / "nnUNet_preprocessed" / folder.name, folder)
+    write_cpu_plans(folder)
+    cases = sorted(p.name.removesuffix(".b2nd") for p in (folder / "nnUNetPlans_2d").glob("*.b2nd")
+                   if not p.name.endswith("_seg.b2nd"))
+    target = Target(folder.name, 981, folder.name, folder, {"train": cases[:8], "val": cases[8:]}, 0, [])
+    check_few_shot_classes(target, (5,), (0, 1))  # every slice has mitochondria
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json["labels"]["ghost"] = 2
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    with pytest.raises(ValueError, match=r"class\(es\) 2 \(ghost\) occur in none .* k = 5 training cases of seed 0"):
+        check_few_shot_classes(target, (5,), (0, 1))
+
 
 def test_bad_shots_fail_before_any_work(tmp_path):
     from nnunet_te.bench.run import run_bench
@@ -207,8 +249,8 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
                            ("D1_a", "grtd"): 0.9, ("D2_b", "grtd"): 0.9})  # grtd is a component, not a baseline
     noise = [{"dataset": "D1_a", "k": 5, "noise_floor": 1.0, "spread": 4.0},
              {"dataset": "D2_b", "k": 5, "noise_floor": 3.0, "spread": 5.0}]
-    pairs = [{"dataset": "D1_a", "k": 5, "difference": d} for d in (3.0, 2.0)] + \
-            [{"dataset": "D2_b", "k": 5, "difference": d} for d in (-4.0, -3.0)]
+    pairs = [{"dataset": "D1_a", "k": 5, "trainer": "risk", "difference": d} for d in (3.0, 2.0)] + \
+            [{"dataset": "D2_b", "k": 5, "trainer": "risk", "difference": d} for d in (-4.0, -3.0)]
     rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs)}
     ahead = rows["fused topology score ahead of every baseline on mean weighted tau"]
     # topology 0.25 vs ccfv 0.20 and logme 0.10
@@ -230,6 +272,29 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
     assert rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]["met"] is True
     assert rows["risk weighting >= +2 Dice points on average"]["met"] is True
     assert all(g["met"] is None for g in goals([], [], []))
+
+    # an option variant is judged on its own pairs, beside the product's defaults
+    variant = [{**p, "trainer": "risk_pixel_ce", "difference": p["difference"] + 5} for p in pairs]
+    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs + variant)}
+    assert rows["risk weighting >= +2 Dice points on average"]["measured"] == "-0.50 points over 4 pairs"
+    assert rows["risk weighting (risk_pixel_ce) >= +2 Dice points on average"]["measured"] == "+4.50 points over 4 pairs"
+    assert rows["risk weighting (risk_pixel_ce) never worse than minus the noise floor on any target"]["met"] is True
+
+
+def test_risk_pairs_and_tests_per_trainer_kind():
+    from nnunet_te.bench.tables import risk_vs_plain
+
+    def row(member, seed, trainer, dice):
+        return {"dataset": "D1_a", "member": member, "k": 5, "seed": seed, "trainer": trainer, "dice": dice}
+
+    rows = [row(m, s, "plain", 0.5) for m in "ab" for s in (0, 1)]
+    rows += [row("a", 0, "risk", 0.4), row("a", 1, "risk", 0.45), row("a", 0, "risk_pixel_ce", 0.6),
+             row("b", 2, "risk", 0.9)]  # no plain run of that seed: not a pair
+    pairs, tests = risk_vs_plain(rows)
+    assert sorted((p["trainer"], p["seed"], round(p["difference"], 6)) for p in pairs) == [
+        ("risk", 0, -10.0), ("risk", 1, -5.0), ("risk_pixel_ce", 0, 10.0)]
+    assert tests["risk"]["n_pairs"] == 2 and tests["risk"]["mean_difference"] == pytest.approx(-7.5)
+    assert "wilcoxon_p" in tests["risk"] and tests["risk_pixel_ce"] == {"n_pairs": 1, "mean_difference": pytest.approx(10.0)}
 
 
 def test_results_csv_with_other_columns_is_refused(tmp_path):

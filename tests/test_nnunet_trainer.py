@@ -160,8 +160,9 @@ def test_options_environment_over_plans_over_defaults():
     plans = {"nnunet_te": {"beta": 2.0, "weighting": "exp"}}
     assert read_options({}, {}) == RiskOptions()
     assert read_options(plans, {}) == RiskOptions(beta=2.0, weighting="exp")
-    assert read_options(plans, {"nnUNet_te_beta": "0.5", "nnUNet_te_refresh_every": "3"}) == \
-        RiskOptions(beta=0.5, weighting="exp", refresh_every=3)
+    assert read_options(plans, {"nnUNet_te_beta": "0.5", "nnUNet_te_refresh_every": "3",
+                                "nnUNet_te_ce_normalisation": "pixels"}) == \
+        RiskOptions(beta=0.5, weighting="exp", refresh_every=3, ce_normalisation="pixels")
 
 
 @pytest.mark.parametrize("plans, env, message", [
@@ -169,6 +170,7 @@ def test_options_environment_over_plans_over_defaults():
     ({}, {"nnUNet_te_beta": "much"}, "nnUNet_te_beta"),
     ({"nnunet_te": {"betta": 1}}, {}, "unknown option"),
     ({}, {"nnUNet_te_refresh_every": "-1"}, "refresh_every"),
+    ({}, {"nnUNet_te_ce_normalisation": "batch"}, "ce_normalisation must be one of"),
     ({}, {"nnUNet_te_zoo": "/nonexistent/zoo.yaml"}, "nnUNet_te_zoo: /nonexistent/zoo.yaml is not a file"),
 ])
 def test_bad_options_fail_clearly(plans, env, message):

@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_te.risk.loss import (RiskWeightedDeepSupervisionLoss, deep_supervision_weights,
-                                 downsample_weights, risk_weighted_loss)
+from nnunet_te.risk.loss import (CE_NORMALISATIONS, RiskWeightedDeepSupervisionLoss,
+                                 deep_supervision_weights, downsample_weights, risk_weighted_loss)
 
 
 def _batch(seed=0, shape=(2, 3, 8, 8, 6), device="cpu"):
@@ -31,6 +32,49 @@ def test_unit_weights_reduce_to_normalised_ce_plus_nnunet_dice(batch_dice):
     torch.testing.assert_close(loss, ce + dice, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(risk_weighted_loss(logits, target, torch.ones_like(logits[:, :1]),
                                                   dice_weight=0.0), ce, rtol=1e-6, atol=1e-6)
+
+
+def _nnunet_loss(batch_dice, ignore_label=None):
+    """The loss stock nnU-Net trains with (``nnUNetTrainer._build_loss`` without deep supervision)."""
+    return DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=ignore_label,
+                          dice_class=MemoryEfficientSoftDiceLoss)
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_pixel_normalisation_with_unit_weights_is_nnunets_loss(batch_dice):
+    logits, target = _batch(seed=1)
+    loss = risk_weighted_loss(logits, target, torch.ones_like(target, dtype=torch.float32),
+                              batch_dice=batch_dice, ce_normalisation="pixels")
+    torch.testing.assert_close(loss, _nnunet_loss(batch_dice)(logits, target), rtol=1e-6, atol=1e-6)
+
+
+def test_pixel_normalisation_counts_labelled_pixels_only():
+    logits, target = _batch(seed=5, shape=(1, 3, 6, 6))
+    target[..., :2] = 3
+    loss = risk_weighted_loss(logits, target, torch.ones_like(logits[:, :1]), ignore_label=3,
+                              batch_dice=True, ce_normalisation="pixels")
+    torch.testing.assert_close(loss, _nnunet_loss(True, ignore_label=3)(logits, target), rtol=1e-6, atol=1e-6)
+
+
+def test_foreground_normalisation_scales_ce_by_pixels_over_foreground():
+    """Why the two normalisations differ in practice: an image with foreground fraction f gets its
+    cross-entropy multiplied by about 1/f, an empty one by its pixel count."""
+    logits, target = _batch(seed=6, shape=(2, 2, 10, 10))
+    target[0] = 0
+    target[1] = 0
+    target[1, 0, :2] = 1  # 20 of 100 pixels
+    weights = torch.ones_like(logits[:, :1])
+    per_image = [risk_weighted_loss(logits[i:i + 1], target[i:i + 1], weights[i:i + 1], dice_weight=0.0,
+                                    ce_normalisation=mode) for i in range(2) for mode in CE_NORMALISATIONS]
+    torch.testing.assert_close(per_image[0] / per_image[1], torch.tensor(100.0))
+    torch.testing.assert_close(per_image[2] / per_image[3], torch.tensor(100 / 21))
+
+
+def test_unknown_ce_normalisation_raises():
+    logits, target = _batch()
+    with pytest.raises(ValueError, match="ce_normalisation must be one of"):
+        risk_weighted_loss(logits, target, torch.ones_like(logits[:, :1]), ce_normalisation="batch")
 
 
 def test_all_background_patch_is_finite_with_finite_gradients():

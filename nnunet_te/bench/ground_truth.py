@@ -31,9 +31,13 @@ import numpy as np
 from nnunet_te.bench.plan import CONFIGURATION, PLANS
 from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, trainer_folder
 from nnunet_te.nnunet.few_shot import few_shot_cases
+from nnunet_te.nnunet.options import ENVIRONMENT as RISK_OPTION_VARIABLES
 from nnunet_te.nnunet.paths import dataset_id
 
-TRAINERS = {"plain": "nnUNetTrainer", "risk": "RiskWeightedTrainer"}
+#: Trainer kinds: the nnU-Net trainer class each runs, and the RiskWeightedTrainer options
+#: (``nnunet_te.nnunet.options``) a variant sets. ``risk`` is the product's default.
+TRAINERS = {"plain": ("nnUNetTrainer", {}), "risk": ("RiskWeightedTrainer", {}),
+            "risk_pixel_ce": ("RiskWeightedTrainer", {"nnUNet_te_ce_normalisation": "pixels"})}
 COLUMNS = ("dataset", "target", "member", "trainer", "k", "seed", "schedule", "dice", "dice_per_class",
            "train_seconds", "torch_threads", "n_test", "fold", "finished", "run_folder")
 
@@ -91,7 +95,17 @@ class Run:
 
     @property
     def trainer_name(self) -> str:
-        return f"{TRAINERS[self.trainer]}_k{self.k}s{self.seed}_bench"
+        return f"{TRAINERS[self.trainer][0]}_k{self.k}s{self.seed}_bench"
+
+    @property
+    def options(self) -> dict[str, str]:
+        return TRAINERS[self.trainer][1]
+
+    def results_root(self, work: Path, schedule: Schedule) -> Path:
+        """``nnUNet_results`` of the run: one per schedule and member, and one more per option
+        variant (nnU-Net names its folders by trainer class, which the variants share)."""
+        root = work / "runs" / schedule.label / self.member
+        return root / self.trainer if self.options else root
 
     def key(self, schedule: Schedule) -> tuple:
         return self.dataset, self.member, self.trainer, self.k, self.seed, schedule.label
@@ -165,21 +179,24 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
     converted for this dataset (``convert_for_pretrained_weights``), also the checkpoint a
     risk-weighted run's maps come from. ``threads``: torch CPU threads of the run (None:
     nnUNetv2_train's own choice, one per core)."""
-    log = work / "logs" / schedule.label / run.dataset / f"{run.member}__{run.trainer_name}.log"
+    variant = f"__{run.trainer}" if run.options else ""
+    log = work / "logs" / schedule.label / run.dataset / f"{run.member}__{run.trainer_name}{variant}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(log.with_suffix(".lock")) as mine:
         if not mine or run.key(schedule) in done_keys(read_results(results_csv)):
             return None
+        # RiskWeightedTrainer options come from the run's kind only, so a row means what its label says
+        inherited = {k: v for k, v in os.environ.items() if k not in RISK_OPTION_VARIABLES.values()}
         # One augmentation worker and one export worker unless the user says otherwise: nnU-Net's
         # defaults spawn up to 12 processes, each importing torch, which on 2 cores costs more
         # than a short fine-tune trains.
-        env = {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", **os.environ,
-               "nnUNet_results": str(work / "runs" / schedule.label / run.member), **schedule.environment(),
+        env = {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", **inherited,
+               "nnUNet_results": str(run.results_root(work, schedule)), **schedule.environment(), **run.options,
                "nnUNet_extTrainer": os.pathsep.join([str(trainer_folder(work)),
                                                      os.environ.get("nnUNet_extTrainer", "")])}
         if threads is not None:
             env[THREADS_VARIABLE] = str(threads)
-        if run.trainer == "risk":  # maps from the member's weights, P(y|z) on the k cases (the trainer's rule)
+        if run.trainer != "plain":  # maps from the member's weights, P(y|z) on the k cases (the trainer's rule)
             env["nnUNet_te_risk_checkpoint"] = str(weights)
         run_folder = (Path(env["nnUNet_results"]) / run.dataset / f"{run.trainer_name}__{PLANS}__{CONFIGURATION}"
                       / f"fold_{fold}")

@@ -10,6 +10,7 @@ fold of ``splits_final.json`` in ``$nnUNet_preprocessed/DatasetXXX``):
 <work>/weights/<Dataset>/<member>.pth        members converted for the dataset's CPU plan
 <work>/rankings/<Dataset>/k{K}s{S}/ranking.json   ranking on the K training cases of seed S
 <work>/runs/<schedule>/<member>/<Dataset>/<trainer>__nnUNetPlans_cpu__2d/fold_F/   nnU-Net results
+<work>/runs/<schedule>/<member>/<kind>/<Dataset>/...   the same for a RiskWeightedTrainer option variant
 <work>/results.csv                           one row per finished fine-tune
 <work>/report/                               tables (CSV, Markdown) and PNG figures
 ```
@@ -31,7 +32,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nnunet_te.bench.ground_truth import Run, Schedule, Schedules, done_keys, fine_tune, read_results, training_cases
+from nnunet_te.bench.ground_truth import (TRAINERS, Run, Schedule, Schedules, done_keys, fine_tune, read_results,
+                                          training_cases)
 from nnunet_te.bench.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
                                   preprocessed_view, write_cpu_plans)
 from nnunet_te.bench.zoo import BuiltMember, Member, build_zoo, select_members
@@ -43,6 +45,8 @@ DEFAULT_SEEDS = (0, 1)
 #: Risk-weighted vs plain: at these shots, for the top-ranked, the median-ranked and the
 #: bottom-ranked member of each target.
 DEFAULT_RISK_SHOTS = (5,)
+#: Risk-weighted trainer kinds run against the plain one (keys of ``TRAINERS``).
+DEFAULT_RISK_TRAINERS = ("risk",)
 
 
 @dataclass
@@ -89,6 +93,27 @@ def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | N
     allowed = [m.name for m in members if source not in m.excluded_for]
     return Target(name, dataset_id(name), source, folder, split,
                   ensure_split(folder, split), allowed)
+
+
+def check_few_shot_classes(target: Target, shots: tuple[int, ...], seeds: tuple[int, ...]) -> None:
+    """Raise ValueError unless every foreground class occurs in the k training cases of every
+    (k, seed): a draw without one can be neither ranked nor learned from."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_te.ranking.rank import PreprocessedCases, check_classes_present
+
+    plans = PlansManager(str(target.preprocessed / f"{PLANS}.json"))
+    dataset_json = json.loads((target.preprocessed / "dataset.json").read_text())
+    labels = plans.get_label_manager(dataset_json)
+    data = target.preprocessed / plans.get_configuration(CONFIGURATION).data_identifier
+    for k in shots:
+        for seed in seeds:
+            cases = training_cases(target.split, k, seed)
+            check_classes_present(PreprocessedCases(data, cases, labels.ignore_label, ndim=2),
+                                  labels.num_segmentation_heads, dataset_json["labels"],
+                                  remedy=f"these are the k = {k} training cases of seed {seed} on "
+                                         f"{target.dataset} ({', '.join(cases)}), nothing to rank or learn "
+                                         "from; leave the dataset out or choose other --shots / --seeds")
 
 
 def converted_weights(target: Target, member: BuiltMember, work: Path) -> Path:
@@ -144,7 +169,8 @@ def risk_members(ranking_json: Path, primary: str = "topology") -> list[str]:
 
 def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: list[str] | None = None,
               shots: tuple[int, ...] = DEFAULT_SHOTS, seeds: tuple[int, ...] = DEFAULT_SEEDS,
-              risk_shots: tuple[int, ...] = DEFAULT_RISK_SHOTS, schedules: Schedules = Schedules(DEFAULT_SCHEDULE),
+              risk_shots: tuple[int, ...] = DEFAULT_RISK_SHOTS, risk_trainers: tuple[str, ...] = DEFAULT_RISK_TRAINERS,
+              schedules: Schedules = Schedules(DEFAULT_SCHEDULE),
               zoo_iterations: int | None = None, n_test: int | None = None, split_seed: int = 0,
               device: str = "cpu", jobs: int = 1, fine_tunes: bool = True, report: bool = True,
               docs: str | os.PathLike | None = None) -> dict:
@@ -154,7 +180,9 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     ``jobs`` fine-tunes train side by side, on CPU each with its share of the cores as torch
     threads (on 2 cores, 2 jobs of 1 thread finish about 1.5 x as many runs per hour as 1 job of 2:
     process start and validation do not use the second core). ``schedules`` gives each target
-    its fine-tuning schedule (by default :data:`DEFAULT_SCHEDULE` for all).
+    its fine-tuning schedule (by default :data:`DEFAULT_SCHEDULE` for all). ``risk_trainers``:
+    the risk-weighted kinds of :data:`~nnunet_te.bench.ground_truth.TRAINERS` paired with the
+    plain runs of the top-, median- and bottom-ranked members at ``risk_shots``.
     ``fine_tunes=False`` builds the zoo and the rankings only; ``report`` writes the tables and
     figures from everything in ``results.csv`` (all datasets so far) to ``<work>/report`` and,
     with ``docs``, into that Markdown page.
@@ -167,6 +195,9 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     if unknown or not set(risk_shots) <= set(shots):
         raise ValueError(f"shots must be among {_few_shot_k()} and risk shots among the shots; got {shots}, "
                          f"{risk_shots}")
+    unknown_kinds = [t for t in risk_trainers if t not in TRAINERS or t == "plain"]
+    if unknown_kinds:
+        raise ValueError(f"risk trainers must be among {[t for t in TRAINERS if t != 'plain']}, got {unknown_kinds}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     bad_seeds = [s for s in seeds if s not in _few_shot_seeds()]
@@ -182,6 +213,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     for target in targets:
         if len(target.split["train"]) < max(shots):
             raise ValueError(f"{target.dataset}: {len(target.split['train'])} training cases, fewer than k={max(shots)}")
+        check_few_shot_classes(target, shots, seeds)
     zoo = build_zoo(chosen, work / "zoo", device=device)
     for target in targets:
         target.members = [b for b in zoo if b.member.name in target.allowed]
@@ -194,7 +226,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         runs = [Run(target.dataset, b.member.name, "plain", k, s) for k in shots for s in seeds for b in target.members]
         for k in risk_shots:
             picked = risk_members(rankings[(k, seeds[0])])
-            runs += [Run(target.dataset, m, "risk", k, s) for s in seeds for m in picked]
+            runs += [Run(target.dataset, m, kind, k, s) for kind in risk_trainers for s in seeds for m in picked]
         schedule = schedules.of(target.dataset)
         done = done_keys(read_results(results_csv))
         todo = [r for r in runs if r.key(schedule) not in done]

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from nnunet_te.bench.docs import write_section
-from nnunet_te.bench.ground_truth import Schedules, read_results
+from nnunet_te.bench.ground_truth import TRAINERS, Schedules, read_results
 from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
                                              nemenyi_cd, rank_methods)
 
@@ -52,6 +52,11 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def _short(dataset: str) -> str:
     return dataset.split("_", 1)[1] if "_" in dataset else dataset
+
+
+def _describe_kind(kind: str) -> str:
+    trainer, options = TRAINERS[kind]
+    return f"{trainer}, " + (", ".join(f"{k}={v}" for k, v in options.items()) or "the product's defaults")
 
 
 def ground_truth(rows: list[dict]) -> dict[tuple, dict[str, float]]:
@@ -126,19 +131,22 @@ def unlearned_classes(rows: list[dict]) -> dict[tuple, list[str]]:
             for key, labels in sorted(best.items()) if 0 in labels.values()}
 
 
-def risk_vs_plain(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Paired differences risk - plain (Dice points) and the test over all pairs."""
+def risk_vs_plain(rows: list[dict]) -> tuple[list[dict], dict[str, dict]]:
+    """Paired differences risk-weighted - plain (Dice points), one pair per risk-weighted row
+    (``trainer`` = its kind), and per kind the test over all its pairs."""
     plain = {(r["dataset"], r["member"], r["k"], r["seed"]): r["dice"] for r in rows if r["trainer"] == "plain"}
-    pairs = [{"dataset": r["dataset"], "member": r["member"], "k": r["k"], "seed": r["seed"],
+    pairs = [{"dataset": r["dataset"], "member": r["member"], "k": r["k"], "seed": r["seed"], "trainer": r["trainer"],
               "plain": plain[key], "risk": r["dice"], "difference": 100 * (r["dice"] - plain[key])}
-             for r in rows if r["trainer"] == "risk"
+             for r in rows if r["trainer"] != "plain"
              and (key := (r["dataset"], r["member"], r["k"], r["seed"])) in plain]
-    d = np.array([p["difference"] for p in pairs])
-    test = {"n_pairs": len(d), "mean_difference": float(d.mean()) if len(d) else float("nan")}
-    if len(d) >= 2 and np.any(d != 0):
-        test["wilcoxon_p"] = float(stats.wilcoxon(d).pvalue)
-        test["t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
-    return pairs, test
+    tests = {}
+    for kind in sorted({p["trainer"] for p in pairs}):
+        d = np.array([p["difference"] for p in pairs if p["trainer"] == kind])
+        tests[kind] = {"n_pairs": len(d), "mean_difference": float(d.mean())}
+        if len(d) >= 2 and np.any(d != 0):
+            tests[kind]["wilcoxon_p"] = float(stats.wilcoxon(d).pvalue)
+            tests[kind]["t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return pairs, tests
 
 
 #: This package's method (the fused score, its two components, the label-free score): the other
@@ -186,22 +194,28 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dic
                     "met": not negative if separated else None,
                     "measured": f"{len(separated) - len(negative)} of {len(separated)} such target(s) positive"
                                 + (f"; not positive: {', '.join(negative)}" if negative else "")})
+    for kind in sorted({p["trainer"] for p in pairs}, key=lambda t: t != "risk") or ["risk"]:
+        out += _risk_goals([p for p in pairs if p["trainer"] == kind], floors,
+                           "risk weighting" if kind == "risk" else f"risk weighting ({kind})")
+    return out
+
+
+def _risk_goals(pairs: list[dict], floors: dict, name: str) -> list[dict]:
     gains = defaultdict(list)
     for p in pairs:
         if p["k"] == RISK_GOAL_K:
             gains[p["dataset"]].append(p["difference"])
     every = [g for v in gains.values() for g in v]
-    out.append({"goal": f"k = {RISK_GOAL_K}: risk weighting >= +{RISK_GOAL_POINTS:g} Dice points on average",
-                "met": bool(np.mean(every) >= RISK_GOAL_POINTS) if len(every) >= 2 else None,
-                "measured": f"{np.mean(every):+.2f} points over {len(every)} pairs" if every else "no pairs yet"})
     worse = {d: float(np.mean(v)) for d, v in gains.items()
              if (d, RISK_GOAL_K) in floors and np.mean(v) < -floors[(d, RISK_GOAL_K)]["noise_floor"]}
     judged = [d for d in gains if (d, RISK_GOAL_K) in floors and np.isfinite(floors[(d, RISK_GOAL_K)]["noise_floor"])]
-    out.append({"goal": f"k = {RISK_GOAL_K}: risk weighting never worse than minus the noise floor on any target",
-                "met": not worse if judged else None,
-                "measured": f"{len(judged) - len(worse)} of {len(judged)} target(s) within"
-                            + "".join(f"; {_short(d)} {v:+.2f}" for d, v in sorted(worse.items()))})
-    return out
+    return [{"goal": f"k = {RISK_GOAL_K}: {name} >= +{RISK_GOAL_POINTS:g} Dice points on average",
+             "met": bool(np.mean(every) >= RISK_GOAL_POINTS) if len(every) >= 2 else None,
+             "measured": f"{np.mean(every):+.2f} points over {len(every)} pairs" if every else "no pairs yet"},
+            {"goal": f"k = {RISK_GOAL_K}: {name} never worse than minus the noise floor on any target",
+             "met": not worse if judged else None,
+             "measured": f"{len(judged) - len(worse)} of {len(judged)} target(s) within"
+                         + "".join(f"; {_short(d)} {v:+.2f}" for d, v in sorted(worse.items()))}]
 
 
 def _first_logged(lines: list[str], message: str) -> datetime | None:
@@ -368,7 +382,7 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     truth = ground_truth(rows)
     quality = ranking_quality(work, truth)
     noise = noise_floor(rows)
-    pairs, risk_test = risk_vs_plain(rows)
+    pairs, risk_tests = risk_vs_plain(rows)
     goal_rows = goals(quality, noise, pairs)
     costs = cost(work, rows)
     scaling_csv = out / "metric_scaling.csv"
@@ -378,11 +392,11 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
-    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out, figures,
+    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, scaling, out, figures,
                                   schedules=schedules, other_schedules=len(every_row) - len(rows))
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_test": risk_test,
+    (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_tests": risk_tests,
                                                   "n_fine_tunes": len(rows)}, indent=1))
     paths = {"md": out / "benchmark.md", **{k: v for k, v in figures.items() if v is not None}}
     if docs is not None:
@@ -395,7 +409,7 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     return paths
 
 
-def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, scaling, out: Path, figures: dict, *,
+def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, scaling, out: Path, figures: dict, *,
                      schedules: Schedules, other_schedules: int):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
@@ -464,14 +478,19 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_test, costs, s
     lines += ["", "### Risk weighting: RiskWeightedTrainer - nnUNetTrainer (Dice points)", ""]
     by_target = defaultdict(list)
     for p in pairs:
-        by_target[(p["dataset"], p["k"])].append(p["difference"])
-    lines.append(_markdown(["target", "k", "pairs", "mean difference", "min", "max"],
-                           [[_short(d), str(k), str(len(v)), _fmt(np.mean(v), 2), _fmt(min(v), 2), _fmt(max(v), 2)]
-                            for (d, k), v in sorted(by_target.items())]))
-    test = f"over {risk_test['n_pairs']} (target, member, seed) pairs: mean {_fmt(risk_test['mean_difference'], 2)} Dice points"
-    if "wilcoxon_p" in risk_test:
-        test += f", Wilcoxon signed-rank p = {risk_test['wilcoxon_p']:.3g}, paired t-test p = {risk_test['t_p']:.3g}"
-    lines += ["", f"Paired test {test}."]
+        by_target[(p["trainer"], p["dataset"], p["k"])].append(p["difference"])
+    lines.append(_markdown(["trainer", "target", "k", "pairs", "mean difference", "min", "max"],
+                           [[t, _short(d), str(k), str(len(v)), _fmt(np.mean(v), 2), _fmt(min(v), 2), _fmt(max(v), 2)]
+                            for (t, d, k), v in sorted(by_target.items())]))
+    lines.append("")
+    for kind, test in risk_tests.items():
+        line = (f"Paired test, {kind}, over {test['n_pairs']} (target, member, seed) pairs: mean "
+                f"{_fmt(test['mean_difference'], 2)} Dice points")
+        if "wilcoxon_p" in test:
+            line += f", Wilcoxon signed-rank p = {test['wilcoxon_p']:.3g}, paired t-test p = {test['t_p']:.3g}"
+        lines += [line + ".", ""]
+    lines += [f"Trainers: {', '.join(f'`{t}` ({_describe_kind(t)})' for t in sorted(risk_tests))}." if risk_tests
+              else "No risk-weighted fine-tunes yet."]
     lines += ["", "### Cost per target (seconds, this machine, wall clock)", ""]
     metric_names = sorted({m for c in costs for m in c["metric_seconds"]})
     lines.append(_markdown(["target", "cases ranked", "features / candidate"] + [f"{m} / candidate" for m in metric_names]

@@ -4,24 +4,27 @@ Each option is read, in order of precedence, from an environment variable, from 
 ``"nnunet_te"`` of the plans file (``{"nnunet_te": {"beta": 2.0, ...}}`` at the top level of
 ``nnUNetPlans.json``), or falls back to its default:
 
-==================  ==========================  =========  =========================================
-option              environment variable        default    meaning
-==================  ==========================  =========  =========================================
-``beta``            ``nnUNet_te_beta``          1.0        weight scale: ``w = 1 + beta r``
-``weighting``       ``nnUNet_te_weighting``     linear     ``linear`` (1 + beta r) or ``exp`` (exp(beta r))
-``sigma``           ``nnUNet_te_sigma``         1.0        smoothing of -T (voxels) when maps are computed
-``refresh_every``   ``nnUNet_te_refresh_every`` 0          recompute maps from the current network every
-                                                           N epochs (0: never)
-``checkpoint``      ``nnUNet_te_risk_checkpoint`` ""       checkpoint the maps are computed from when
-                                                           missing ("": the network as initialised,
-                                                           i.e. the ``-pretrained_weights`` encoder)
-``zoo``             ``nnUNet_te_zoo``           ""         zoo file (``nnunet-te rank --zoo``): at the
-                                                           first start, rank it on the run's training
-                                                           cases and start from the best nnU-Net-
-                                                           compatible candidate instead of
-                                                           ``-pretrained_weights``; a ``--c`` resume
-                                                           keeps the first start's choice
-==================  ==========================  =========  =========================================
+====================  ==============================  ==========  =======================================================
+option                environment variable            default     meaning
+====================  ==============================  ==========  =======================================================
+``beta``              ``nnUNet_te_beta``              1.0         weight scale: ``w = 1 + beta r``
+``weighting``         ``nnUNet_te_weighting``         linear      ``linear`` (1 + beta r) or ``exp`` (exp(beta r))
+``sigma``             ``nnUNet_te_sigma``             1.0         smoothing of -T (voxels) when maps are computed
+``ce_normalisation``  ``nnUNet_te_ce_normalisation``  foreground  what a patch's weighted cross-entropy is divided by:
+                                                                  ``foreground`` (its foreground pixels + 1, seed 003) or
+                                                                  ``pixels`` (its pixel count, nnU-Net's own scale)
+``refresh_every``     ``nnUNet_te_refresh_every``     0           recompute maps from the current network every
+                                                                  N epochs (0: never)
+``checkpoint``        ``nnUNet_te_risk_checkpoint``   ""          checkpoint the maps are computed from when
+                                                                  missing ("": the network as initialised,
+                                                                  i.e. the ``-pretrained_weights`` encoder)
+``zoo``               ``nnUNet_te_zoo``               ""          zoo file (``nnunet-te rank --zoo``): at the
+                                                                  first start, rank it on the run's training
+                                                                  cases and start from the best nnU-Net-
+                                                                  compatible candidate instead of
+                                                                  ``-pretrained_weights``; a ``--c`` resume
+                                                                  keeps the first start's choice
+====================  ==============================  ==========  =======================================================
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from nnunet_te.risk.loss import CE_NORMALISATIONS
 from nnunet_te.risk.maps import risk_weights
 
 #: Top-level key of the plans file holding option values.
@@ -41,6 +45,7 @@ ENVIRONMENT = {
     "beta": "nnUNet_te_beta",
     "weighting": "nnUNet_te_weighting",
     "sigma": "nnUNet_te_sigma",
+    "ce_normalisation": "nnUNet_te_ce_normalisation",
     "refresh_every": "nnUNet_te_refresh_every",
     "checkpoint": "nnUNet_te_risk_checkpoint",
     "zoo": "nnUNet_te_zoo",
@@ -54,6 +59,7 @@ class RiskOptions:
     beta: float = 1.0
     weighting: str = "linear"
     sigma: float = 1.0
+    ce_normalisation: str = "foreground"
     refresh_every: int = 0
     checkpoint: str = ""
     zoo: str = ""
@@ -62,6 +68,8 @@ class RiskOptions:
         risk_weights(np.zeros(1), beta=self.beta, weighting=self.weighting)  # raises on bad values
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.ce_normalisation not in CE_NORMALISATIONS:
+            raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {self.ce_normalisation!r}")
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0 (0 = never), got {self.refresh_every}")
         for name in ("checkpoint", "zoo"):

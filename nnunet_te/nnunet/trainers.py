@@ -125,7 +125,8 @@ class RiskWeightedTrainer(nnUNetTrainer):
             raise ValueError("RiskWeightedTrainer does not support region-based training: its loss is "
                              "softmax cross-entropy + soft Dice over classes")
         return _LossWithBoundWeights(RiskWeightedDeepSupervisionLoss(
-            ignore_label=self.label_manager.ignore_label, batch_dice=self.configuration_manager.batch_dice))
+            ignore_label=self.label_manager.ignore_label, batch_dice=self.configuration_manager.batch_dice,
+            ce_normalisation=self.risk_options.ce_normalisation))
 
     def _weights_from_batch(self, batch: dict) -> torch.Tensor:
         """Take the risk channel out of ``batch['data']`` and map it to loss weights on the device."""

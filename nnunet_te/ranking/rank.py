@@ -134,8 +134,9 @@ def _select_cases(case_ids: list[str], max_cases: int | None, seed: int) -> list
     return sorted(case_ids[i] for i in chosen)
 
 
-def check_classes_present(cases: PreprocessedCases, n_classes: int, labels: dict) -> None:
-    """Raise ValueError naming every foreground class absent from all sampled cases."""
+def check_classes_present(cases: PreprocessedCases, n_classes: int, labels: dict, *,
+                          remedy: str = "sample more cases (all: no --cases) or fix the labels") -> None:
+    """Raise ValueError naming every foreground class absent from all sampled cases, and ``remedy``."""
     present: set[int] = set()
     for index in range(len(cases)):
         present |= set(np.unique(cases.labels(index)).tolist())
@@ -144,8 +145,7 @@ def check_classes_present(cases: PreprocessedCases, n_classes: int, labels: dict
     if absent:
         described = ", ".join(f"{c} ({names.get(c, '?')})" for c in absent)
         raise ValueError(f"foreground class(es) {described} occur in none of the {len(cases)} sampled "
-                         f"cases; no metric can score them: sample more cases (all: no --cases) or "
-                         f"fix the labels")
+                         f"cases; no metric can score them: {remedy}")
 
 
 def default_ranking_root(dataset: int | str, plans: str, configuration: str) -> Path:

@@ -15,6 +15,10 @@ from torch import nn
 
 #: nnU-Net's soft-Dice smoothing (``nnUNetTrainer._build_loss``): keeps an empty class finite.
 DICE_SMOOTH = 1e-5
+#: What the weighted cross-entropy of an image is divided by: ``foreground`` = its number of
+#: ground-truth foreground pixels + 1 (seed 003), ``pixels`` = its number of labelled pixels
+#: (nnU-Net's mean cross-entropy).
+CE_NORMALISATIONS = ("foreground", "pixels")
 
 
 def _check_shapes(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> None:
@@ -33,7 +37,7 @@ def _check_shapes(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
 
 def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, *,
                        ignore_label: int | None = None, dice_weight: float = 1.0,
-                       batch_dice: bool = False) -> torch.Tensor:
+                       batch_dice: bool = False, ce_normalisation: str = "foreground") -> torch.Tensor:
     r"""Risk-weighted cross-entropy normalised by foreground size, plus weighted soft Dice.
 
     Per image ``b`` of the batch (seed 003, METHODS.md 1.7 step 4):
@@ -66,11 +70,19 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
           the GPU every iteration).
         - output: scalar tensor.
 
+    ``ce_normalisation="pixels"`` divides by the number of labelled pixels of the patch instead of
+    :math:`|FG_b| + 1`, which keeps the cross-entropy at nnU-Net's scale. The foreground
+    normalisation multiplies it by about the inverse foreground fraction of the patch, and by
+    the patch size on an all-background patch; on the hippocampus benchmark that alone (weights
+    all 1) made the rarer foreground class vanish (docs/benchmark.md).
+
     Ignored pixels get weight 0 in both terms and do not count as foreground. An
     all-background patch gives a finite loss and finite gradients (``|FG| + 1 >= 1``; the Dice
     smoothing keeps empty classes finite).
     """
     _check_shapes(logits, target, weights)
+    if ce_normalisation not in CE_NORMALISATIONS:
+        raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {ce_normalisation!r}")
     spatial = tuple(range(1, logits.ndim - 1))
     labels = target[:, 0].long()
     w = weights[:, 0].float()
@@ -81,9 +93,13 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
         # keeps ignored pixels out of the foreground count.
         labels = torch.where(valid, labels, 0)
 
-    n_foreground = (labels > 0).sum(spatial)
+    if ce_normalisation == "foreground":
+        normaliser = (labels > 0).sum(spatial) + 1
+    else:
+        normaliser = (valid.sum(spatial).clamp_min(1) if ignore_label is not None
+                      else labels[0].numel())
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    ce_per_image = (w * ce).sum(spatial) / (n_foreground + 1)
+    ce_per_image = (w * ce).sum(spatial) / normaliser
 
     if dice_weight == 0:
         return ce_per_image.mean()
@@ -140,15 +156,17 @@ class RiskWeightedDeepSupervisionLoss(nn.Module):
     """
 
     def __init__(self, *, ignore_label: int | None = None, dice_weight: float = 1.0,
-                 batch_dice: bool = False):
+                 batch_dice: bool = False, ce_normalisation: str = "foreground"):
         super().__init__()
         self.ignore_label = ignore_label
         self.dice_weight = dice_weight
         self.batch_dice = batch_dice
+        self.ce_normalisation = ce_normalisation
 
     def _single(self, logits, target, weights):
         return risk_weighted_loss(logits, target, weights, ignore_label=self.ignore_label,
-                                  dice_weight=self.dice_weight, batch_dice=self.batch_dice)
+                                  dice_weight=self.dice_weight, batch_dice=self.batch_dice,
+                                  ce_normalisation=self.ce_normalisation)
 
     def forward(self, outputs, targets, weights: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
