@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="k values with RiskWeightedTrainer runs (default: 5; given without values: none)")
     bench.add_argument("--risk-trainers", nargs="+",
                        help="risk-weighted kinds paired with plain runs: risk (the product's defaults), "
-                            "risk_pixel_ce (nnUNet_te_ce_normalisation=pixels) (default: risk)")
+                            "risk_fg_ce (nnUNet_te_ce_normalisation=foreground, seed 003's loss) (default: risk)")
     bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
                        help="fine-tuning schedule of every dataset without --dataset-schedule, also the one "
                             "whose fine-tunes the tables show (default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")

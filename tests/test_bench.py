@@ -118,21 +118,21 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
 
     # an option variant of RiskWeightedTrainer: its own runs beside the default ones, its option set
     # for nnU-Net's process only (a user's own setting does not leak into the default kind's rows)
-    third = _run(command + ["--risk-trainers", "risk_pixel_ce"], {**env, "nnUNet_te_beta": "7"}, root)
+    third = _run(command + ["--risk-trainers", "risk_fg_ce"], {**env, "nnUNet_te_beta": "7"}, root)
     assert "2 new fine-tune(s)" in third
     from nnunet_te.bench.ground_truth import read_results
 
     rows = read_results(work / "results.csv")
-    variant = [r for r in rows if r["trainer"] == "risk_pixel_ce"]
+    variant = [r for r in rows if r["trainer"] == "risk_fg_ce"]
     assert sorted(r["member"] for r in variant) == ["random_s0", "sup_isbi_membranes"]
     for r in rows:
         if r["trainer"] != "plain":
             options = json.loads((Path(r["run_folder"]) / "risk_options.json").read_text())["options"]
-            assert options["ce_normalisation"] == ("pixels" if r in variant else "foreground")
+            assert options["ce_normalisation"] == ("foreground" if r in variant else "pixels")
             assert options["beta"] == 1.0
-    assert all(Path(r["run_folder"]).is_relative_to(work / "runs" / "1x2" / r["member"] / "risk_pixel_ce")
+    assert all(Path(r["run_folder"]).is_relative_to(work / "runs" / "1x2" / r["member"] / "risk_fg_ce")
                for r in variant)
-    assert "Paired test, risk_pixel_ce, over 2 (target, member, seed) pairs" in docs.read_text()
+    assert "Paired test, risk_fg_ce, over 2 (target, member, seed) pairs" in docs.read_text()
 
 
 @pytest.mark.slow
@@ -274,11 +274,11 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
     assert all(g["met"] is None for g in goals([], [], []))
 
     # an option variant is judged on its own pairs, beside the product's defaults
-    variant = [{**p, "trainer": "risk_pixel_ce", "difference": p["difference"] + 5} for p in pairs]
+    variant = [{**p, "trainer": "risk_fg_ce", "difference": p["difference"] + 5} for p in pairs]
     rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs + variant)}
     assert rows["risk weighting >= +2 Dice points on average"]["measured"] == "-0.50 points over 4 pairs"
-    assert rows["risk weighting (risk_pixel_ce) >= +2 Dice points on average"]["measured"] == "+4.50 points over 4 pairs"
-    assert rows["risk weighting (risk_pixel_ce) never worse than minus the noise floor on any target"]["met"] is True
+    assert rows["risk weighting (risk_fg_ce) >= +2 Dice points on average"]["measured"] == "+4.50 points over 4 pairs"
+    assert rows["risk weighting (risk_fg_ce) never worse than minus the noise floor on any target"]["met"] is True
 
 
 def test_risk_pairs_and_tests_per_trainer_kind():
@@ -288,13 +288,13 @@ def test_risk_pairs_and_tests_per_trainer_kind():
         return {"dataset": "D1_a", "member": member, "k": 5, "seed": seed, "trainer": trainer, "dice": dice}
 
     rows = [row(m, s, "plain", 0.5) for m in "ab" for s in (0, 1)]
-    rows += [row("a", 0, "risk", 0.4), row("a", 1, "risk", 0.45), row("a", 0, "risk_pixel_ce", 0.6),
+    rows += [row("a", 0, "risk", 0.4), row("a", 1, "risk", 0.45), row("a", 0, "risk_fg_ce", 0.6),
              row("b", 2, "risk", 0.9)]  # no plain run of that seed: not a pair
     pairs, tests = risk_vs_plain(rows)
     assert sorted((p["trainer"], p["seed"], round(p["difference"], 6)) for p in pairs) == [
-        ("risk", 0, -10.0), ("risk", 1, -5.0), ("risk_pixel_ce", 0, 10.0)]
+        ("risk", 0, -10.0), ("risk", 1, -5.0), ("risk_fg_ce", 0, 10.0)]
     assert tests["risk"]["n_pairs"] == 2 and tests["risk"]["mean_difference"] == pytest.approx(-7.5)
-    assert "wilcoxon_p" in tests["risk"] and tests["risk_pixel_ce"] == {"n_pairs": 1, "mean_difference": pytest.approx(10.0)}
+    assert "wilcoxon_p" in tests["risk"] and tests["risk_fg_ce"] == {"n_pairs": 1, "mean_difference": pytest.approx(10.0)}
 
 
 def test_results_csv_with_other_columns_is_refused(tmp_path):

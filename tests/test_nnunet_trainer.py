@@ -161,8 +161,8 @@ def test_options_environment_over_plans_over_defaults():
     assert read_options({}, {}) == RiskOptions()
     assert read_options(plans, {}) == RiskOptions(beta=2.0, weighting="exp")
     assert read_options(plans, {"nnUNet_te_beta": "0.5", "nnUNet_te_refresh_every": "3",
-                                "nnUNet_te_ce_normalisation": "pixels"}) == \
-        RiskOptions(beta=0.5, weighting="exp", refresh_every=3, ce_normalisation="pixels")
+                                "nnUNet_te_ce_normalisation": "foreground"}) == \
+        RiskOptions(beta=0.5, weighting="exp", refresh_every=3, ce_normalisation="foreground")
 
 
 @pytest.mark.parametrize("plans, env, message", [

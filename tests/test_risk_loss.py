@@ -21,7 +21,7 @@ def _batch(seed=0, shape=(2, 3, 8, 8, 6), device="cpu"):
 def test_unit_weights_reduce_to_normalised_ce_plus_nnunet_dice(batch_dice):
     logits, target = _batch()
     loss = risk_weighted_loss(logits, target, torch.ones_like(target, dtype=torch.float32),
-                              batch_dice=batch_dice)
+                              batch_dice=batch_dice, ce_normalisation="foreground")
     n_pixels = target[0].numel()
     fg = (target > 0).flatten(1).sum(1)
     ce_mean = F.cross_entropy(logits, target[:, 0], reduction="none").flatten(1).mean(1)
@@ -30,8 +30,8 @@ def test_unit_weights_reduce_to_normalised_ce_plus_nnunet_dice(batch_dice):
                                        batch_dice=batch_dice, do_bg=False, smooth=1e-5,
                                        ddp=False)(logits, target)
     torch.testing.assert_close(loss, ce + dice, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(risk_weighted_loss(logits, target, torch.ones_like(logits[:, :1]),
-                                                  dice_weight=0.0), ce, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(risk_weighted_loss(logits, target, torch.ones_like(logits[:, :1]), dice_weight=0.0,
+                                                  ce_normalisation="foreground"), ce, rtol=1e-6, atol=1e-6)
 
 
 def _nnunet_loss(batch_dice, ignore_label=None):
@@ -65,10 +65,10 @@ def test_foreground_normalisation_scales_ce_by_pixels_over_foreground():
     target[1] = 0
     target[1, 0, :2] = 1  # 20 of 100 pixels
     weights = torch.ones_like(logits[:, :1])
-    per_image = [risk_weighted_loss(logits[i:i + 1], target[i:i + 1], weights[i:i + 1], dice_weight=0.0,
-                                    ce_normalisation=mode) for i in range(2) for mode in CE_NORMALISATIONS]
-    torch.testing.assert_close(per_image[0] / per_image[1], torch.tensor(100.0))
-    torch.testing.assert_close(per_image[2] / per_image[3], torch.tensor(100 / 21))
+    ce = {(i, mode): risk_weighted_loss(logits[i:i + 1], target[i:i + 1], weights[i:i + 1], dice_weight=0.0,
+                                        ce_normalisation=mode) for i in range(2) for mode in CE_NORMALISATIONS}
+    torch.testing.assert_close(ce[0, "foreground"] / ce[0, "pixels"], torch.tensor(100.0))
+    torch.testing.assert_close(ce[1, "foreground"] / ce[1, "pixels"], torch.tensor(100 / 21))
 
 
 def test_unknown_ce_normalisation_raises():
@@ -118,9 +118,13 @@ def test_ignore_label_pixels_neither_weigh_nor_count_as_foreground():
     masked = weights.clone()
     masked[..., :3] = 0
     cropped_target = torch.where(ignored == 3, 0, ignored)
-    expected = risk_weighted_loss(logits, cropped_target, masked)
-    torch.testing.assert_close(risk_weighted_loss(logits, ignored, weights, ignore_label=3),
-                               expected)
+    expected = risk_weighted_loss(logits, cropped_target, masked, ce_normalisation="foreground")
+    torch.testing.assert_close(risk_weighted_loss(logits, ignored, weights, ignore_label=3,
+                                                  ce_normalisation="foreground"), expected)
+    # with the pixel normalisation they do not count as labelled pixels either: 18 of 36 are
+    expected_pixels = risk_weighted_loss(logits, cropped_target, masked, dice_weight=0.0) * 36 / 18
+    torch.testing.assert_close(risk_weighted_loss(logits, ignored, weights, ignore_label=3, dice_weight=0.0),
+                               expected_pixels)
 
 
 def test_deep_supervision_weights_mirror_nnunet():

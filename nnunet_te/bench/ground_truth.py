@@ -35,9 +35,10 @@ from nnunet_te.nnunet.options import ENVIRONMENT as RISK_OPTION_VARIABLES
 from nnunet_te.nnunet.paths import dataset_id
 
 #: Trainer kinds: the nnU-Net trainer class each runs, and the RiskWeightedTrainer options
-#: (``nnunet_te.nnunet.options``) a variant sets. ``risk`` is the product's default.
+#: (``nnunet_te.nnunet.options``) a variant sets. ``risk`` is RiskWeightedTrainer as the product
+#: ships it; ``risk_fg_ce`` divides the cross-entropy by the foreground size, as seed 003 does.
 TRAINERS = {"plain": ("nnUNetTrainer", {}), "risk": ("RiskWeightedTrainer", {}),
-            "risk_pixel_ce": ("RiskWeightedTrainer", {"nnUNet_te_ce_normalisation": "pixels"})}
+            "risk_fg_ce": ("RiskWeightedTrainer", {"nnUNet_te_ce_normalisation": "foreground"})}
 COLUMNS = ("dataset", "target", "member", "trainer", "k", "seed", "schedule", "dice", "dice_per_class",
            "train_seconds", "torch_threads", "n_test", "fold", "finished", "run_folder")
 

@@ -10,9 +10,9 @@ option                environment variable            default     meaning
 ``beta``              ``nnUNet_te_beta``              1.0         weight scale: ``w = 1 + beta r``
 ``weighting``         ``nnUNet_te_weighting``         linear      ``linear`` (1 + beta r) or ``exp`` (exp(beta r))
 ``sigma``             ``nnUNet_te_sigma``             1.0         smoothing of -T (voxels) when maps are computed
-``ce_normalisation``  ``nnUNet_te_ce_normalisation``  foreground  what a patch's weighted cross-entropy is divided by:
-                                                                  ``foreground`` (its foreground pixels + 1, seed 003) or
-                                                                  ``pixels`` (its pixel count, nnU-Net's own scale)
+``ce_normalisation``  ``nnUNet_te_ce_normalisation``  pixels      what a patch's weighted cross-entropy is divided by:
+                                                                  ``pixels`` (its pixel count, nnU-Net's own scale) or
+                                                                  ``foreground`` (its foreground pixels + 1, seed 003)
 ``refresh_every``     ``nnUNet_te_refresh_every``     0           recompute maps from the current network every
                                                                   N epochs (0: never)
 ``checkpoint``        ``nnUNet_te_risk_checkpoint``   ""          checkpoint the maps are computed from when
@@ -59,7 +59,7 @@ class RiskOptions:
     beta: float = 1.0
     weighting: str = "linear"
     sigma: float = 1.0
-    ce_normalisation: str = "foreground"
+    ce_normalisation: str = "pixels"
     refresh_every: int = 0
     checkpoint: str = ""
     zoo: str = ""

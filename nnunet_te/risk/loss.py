@@ -15,10 +15,10 @@ from torch import nn
 
 #: nnU-Net's soft-Dice smoothing (``nnUNetTrainer._build_loss``): keeps an empty class finite.
 DICE_SMOOTH = 1e-5
-#: What the weighted cross-entropy of an image is divided by: ``foreground`` = its number of
-#: ground-truth foreground pixels + 1 (seed 003), ``pixels`` = its number of labelled pixels
-#: (nnU-Net's mean cross-entropy).
-CE_NORMALISATIONS = ("foreground", "pixels")
+#: What the weighted cross-entropy of an image is divided by: ``pixels`` = its number of
+#: labelled pixels (nnU-Net's mean cross-entropy; the default), ``foreground`` = its number of
+#: ground-truth foreground pixels + 1 (seed 003).
+CE_NORMALISATIONS = ("pixels", "foreground")
 
 
 def _check_shapes(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> None:
@@ -37,30 +37,38 @@ def _check_shapes(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
 
 def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, *,
                        ignore_label: int | None = None, dice_weight: float = 1.0,
-                       batch_dice: bool = False, ce_normalisation: str = "foreground") -> torch.Tensor:
-    r"""Risk-weighted cross-entropy normalised by foreground size, plus weighted soft Dice.
+                       batch_dice: bool = False, ce_normalisation: str = "pixels") -> torch.Tensor:
+    r"""Risk-weighted cross-entropy plus weighted soft Dice.
 
     Per image ``b`` of the batch (seed 003, METHODS.md 1.7 step 4):
 
     .. math::
-        \mathrm{CE}_b = \frac{1}{|FG_b| + 1} \sum_p w_p\, \mathrm{CE}_p, \qquad
+        \mathrm{CE}_b = \frac{1}{N_b} \sum_p w_p\, \mathrm{CE}_p, \qquad
         \mathrm{Dice}_b = -\frac{1}{C-1} \sum_{c \ge 1}
             \frac{2\,TP_{bc} + s}{2\,TP_{bc} + FP_{bc} + FN_{bc} + s},
 
     with :math:`TP_{bc} = \sum_p w_p\, \pi_{pc}\, [y_p = c]`,
     :math:`FP_{bc} = \sum_p w_p\, \pi_{pc}\, [y_p \ne c]`,
     :math:`FN_{bc} = \sum_p w_p\, (1 - \pi_{pc})\, [y_p = c]`, :math:`\pi` = softmax(logits),
-    :math:`|FG_b|` the number of ground-truth foreground pixels (label > 0, not ignored) of
-    the patch, and ``s = 1e-5`` as in nnU-Net. The loss is
-    ``mean_b(CE_b) + dice_weight * mean_b(Dice_b)``.
+    and ``s = 1e-5`` as in nnU-Net. The loss is ``mean_b(CE_b) + dice_weight * mean_b(Dice_b)``.
+
+    :math:`N_b` is set by ``ce_normalisation``:
+
+    - ``"pixels"`` (default): the number of labelled (not ignored) pixels of the patch, the
+      scale of nnU-Net's own cross-entropy. With all weights 1 and patches of one size the loss
+      is then exactly nnU-Net's ``DC_and_CE_loss``.
+    - ``"foreground"``: :math:`|FG_b| + 1`, the patch's ground-truth foreground pixels (label > 0,
+      not ignored) plus one, seed 003's normalisation. It multiplies the cross-entropy by about
+      the inverse foreground fraction of the patch, and by the patch size on an all-background
+      patch; on the 2D hippocampus benchmark that alone (weights all 1) made the rarer
+      foreground class vanish, and over 7 benchmark targets it did worse than ``"pixels"``
+      (docs/benchmark.md).
 
     The Dice term follows nnU-Net's ``MemoryEfficientSoftDiceLoss`` (foreground classes only,
-    negative Dice, same smoothing), so with all weights 1 the loss is exactly
-    ``mean_b(n_b / (|FG_b| + 1) * CE_mean_b) + MemoryEfficientSoftDiceLoss(...)``.
-    Dice is per image by default (``batch_dice=False``) because the paper defines the loss per
-    image; ``batch_dice=True`` pools TP/FP/FN over the batch first, as nnU-Net does for
-    configurations whose plans set ``batch_dice`` (pass ``configuration_manager.batch_dice``
-    to match stock nnU-Net).
+    negative Dice, same smoothing). Dice is per image by default (``batch_dice=False``) because
+    the paper defines the loss per image; ``batch_dice=True`` pools TP/FP/FN over the batch
+    first, as nnU-Net does for configurations whose plans set ``batch_dice`` (pass
+    ``configuration_manager.batch_dice`` to match stock nnU-Net).
 
     Shape:
         - logits: (B, C, *spatial) raw network output, C >= 2 (class 0 = background).
@@ -70,15 +78,9 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
           the GPU every iteration).
         - output: scalar tensor.
 
-    ``ce_normalisation="pixels"`` divides by the number of labelled pixels of the patch instead of
-    :math:`|FG_b| + 1`, which keeps the cross-entropy at nnU-Net's scale. The foreground
-    normalisation multiplies it by about the inverse foreground fraction of the patch, and by
-    the patch size on an all-background patch; on the hippocampus benchmark that alone (weights
-    all 1) made the rarer foreground class vanish (docs/benchmark.md).
-
-    Ignored pixels get weight 0 in both terms and do not count as foreground. An
-    all-background patch gives a finite loss and finite gradients (``|FG| + 1 >= 1``; the Dice
-    smoothing keeps empty classes finite).
+    Ignored pixels get weight 0 in both terms and count neither as labelled nor as foreground.
+    An all-background patch gives a finite loss and finite gradients (:math:`N_b \ge 1`; the
+    Dice smoothing keeps empty classes finite).
     """
     _check_shapes(logits, target, weights)
     if ce_normalisation not in CE_NORMALISATIONS:
@@ -156,7 +158,7 @@ class RiskWeightedDeepSupervisionLoss(nn.Module):
     """
 
     def __init__(self, *, ignore_label: int | None = None, dice_weight: float = 1.0,
-                 batch_dice: bool = False, ce_normalisation: str = "foreground"):
+                 batch_dice: bool = False, ce_normalisation: str = "pixels"):
         super().__init__()
         self.ignore_label = ignore_label
         self.dice_weight = dice_weight
