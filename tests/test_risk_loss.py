@@ -18,7 +18,7 @@ def _batch(seed=0, shape=(2, 3, 8, 8, 6), device="cpu"):
 
 
 @pytest.mark.parametrize("batch_dice", [False, True])
-def test_unit_weights_reduce_to_normalised_ce_plus_nnunet_dice(batch_dice):
+def test_foreground_normalisation_with_unit_weights_is_scaled_ce_plus_nnunet_dice(batch_dice):
     logits, target = _batch()
     loss = risk_weighted_loss(logits, target, torch.ones_like(target, dtype=torch.float32),
                               batch_dice=batch_dice, ce_normalisation="foreground")
