@@ -35,7 +35,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from nnunet_te.risk.loss import CE_NORMALISATIONS
+from nnunet_te.risk.loss import check_ce_normalisation
 from nnunet_te.risk.maps import risk_weights
 
 #: Top-level key of the plans file holding option values.
@@ -68,8 +68,7 @@ class RiskOptions:
         risk_weights(np.zeros(1), beta=self.beta, weighting=self.weighting)  # raises on bad values
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
-        if self.ce_normalisation not in CE_NORMALISATIONS:
-            raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {self.ce_normalisation!r}")
+        check_ce_normalisation(self.ce_normalisation)
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0 (0 = never), got {self.refresh_every}")
         for name in ("checkpoint", "zoo"):

@@ -21,6 +21,12 @@ DICE_SMOOTH = 1e-5
 CE_NORMALISATIONS = ("pixels", "foreground")
 
 
+def check_ce_normalisation(value: str) -> None:
+    """Raise ValueError unless ``value`` is one of :data:`CE_NORMALISATIONS`."""
+    if value not in CE_NORMALISATIONS:
+        raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {value!r}")
+
+
 def _check_shapes(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> None:
     if logits.ndim < 3:
         raise ValueError(f"logits must be (B, C, *spatial) with 1-3 spatial axes, got shape "
@@ -83,8 +89,7 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
     Dice smoothing keeps empty classes finite).
     """
     _check_shapes(logits, target, weights)
-    if ce_normalisation not in CE_NORMALISATIONS:
-        raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {ce_normalisation!r}")
+    check_ce_normalisation(ce_normalisation)
     spatial = tuple(range(1, logits.ndim - 1))
     labels = target[:, 0].long()
     w = weights[:, 0].float()
