@@ -224,6 +224,18 @@ def test_fine_tune_phases_come_from_the_last_log(tmp_path):
     assert fine_tune_phases(row) is None  # --val only: no epoch in the last invocation
 
 
+def test_fine_tune_hours_count_overlapping_runs_once():
+    from nnunet_te.bench.tables import fine_tune_hours
+
+    rows = [{"finished": "2026-01-01T10:30:00", "train_seconds": 1800.0},  # 10:00-10:30
+            {"finished": "2026-01-01T10:45:00", "train_seconds": 1800.0},  # 10:15-10:45, beside the first
+            {"finished": "2026-01-01T10:40:00", "train_seconds": 300.0},   # inside both
+            {"finished": "2026-01-01T13:00:00", "train_seconds": 3600.0}]  # after a pause
+    hours = fine_tune_hours(rows)
+    assert hours["summed"] == 7500 / 3600
+    assert abs(hours["elapsed"] - 1.75) < 1e-9
+
+
 def test_classes_no_member_segmented_are_named():
     from nnunet_te.bench.tables import unlearned_classes
 

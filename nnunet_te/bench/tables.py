@@ -275,6 +275,19 @@ def cost(work: Path, rows: list[dict]) -> list[dict]:
 SCALING_POINTS = (256, 512, 1024, 2048)
 
 
+def fine_tune_hours(rows: list[dict]) -> dict[str, float]:
+    """``summed``: hours of all fine-tunes one after the other (their ``train_seconds``);
+    ``elapsed``: hours of the union of their [start, finish] intervals, the wall clock the grid's
+    fine-tunes took as run (``--jobs`` overlaps runs; pauses between pieces do not count)."""
+    intervals = sorted((datetime.fromisoformat(r["finished"]) - timedelta(seconds=r["train_seconds"]),
+                        datetime.fromisoformat(r["finished"])) for r in rows)
+    elapsed, covered_until = timedelta(0), datetime.min
+    for start, end in intervals:
+        elapsed += max(end - max(start, covered_until), timedelta(0))
+        covered_until = max(covered_until, end)
+    return {"summed": sum(r["train_seconds"] for r in rows) / 3600, "elapsed": elapsed.total_seconds() / 3600}
+
+
 def metric_scaling(work: Path, points: tuple[int, ...] = SCALING_POINTS, seed: int = 0) -> list[dict]:
     """Seconds per segmentation metric at each number of sampled points per global stage, on the
     cached features of one candidate (the first feature folder in ``<work>/feature_cache``):
@@ -392,12 +405,13 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
+    hours = fine_tune_hours(rows)
     md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, scaling, out, figures,
-                                  schedules=schedules, other_schedules=len(every_row) - len(rows))
+                                  schedules=schedules, other_schedules=len(every_row) - len(rows), hours=hours)
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_tests": risk_tests,
-                                                  "n_fine_tunes": len(rows)}, indent=1))
+                                                  "n_fine_tunes": len(rows), "fine_tune_hours": hours}, indent=1))
     paths = {"md": out / "benchmark.md", **{k: v for k, v in figures.items() if v is not None}}
     if docs is not None:
         images = docs.parent / "images"
@@ -410,14 +424,16 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
 
 
 def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, scaling, out: Path, figures: dict, *,
-                     schedules: Schedules, other_schedules: int):
+                     schedules: Schedules, other_schedules: int, hours: dict[str, float]):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
     lines.append(f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
                  f"({', '.join(_short(t) for t in targets) or 'none'}), "
                  f"schedule (epochs x iterations) {schedules.describe()}; "
                  f"{other_schedules} fine-tunes of other schedules left out. Tables cover "
-                 "only what is in `results.csv`.")
+                 "only what is in `results.csv`. Fine-tune time: "
+                 f"{hours['summed']:.1f} h one after the other, {hours['elapsed']:.1f} h of wall clock as run "
+                 "(runs side by side with `--jobs`; pauses between pieces not counted).")
     verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
     lines += ["", "### Goals (measured, not tests)", "",
               _markdown(["goal", "measured", "verdict"], [[g["goal"], g["measured"], verdict[g["met"]]] for g in goal_rows])]
