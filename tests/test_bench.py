@@ -78,6 +78,7 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     assert len(manifest["shapes"]) == 8
     curve = json.loads((run_folder / "learning_curve.json").read_text())
     assert len(curve["train_losses"]) == 1 and np.isfinite(curve["train_losses"]).all()
+    assert (run_folder / "progress.png").is_file()  # drawn after the last epoch
     # the cost table splits each fine-tune's wall time into phases read from nnU-Net's log
     from nnunet_te.bench.ground_truth import read_results
     from nnunet_te.bench.tables import fine_tune_phases
@@ -222,6 +223,23 @@ def test_fine_tune_phases_come_from_the_last_log(tmp_path):
     assert fine_tune_phases(row) == {"start": 5.0, "epochs": 30.25, "validation": 14.75}
     (tmp_path / "training_log_2026_01_01_12_00_00.txt").write_text("2026-01-01 12:00:10: Using splits\n")
     assert fine_tune_phases(row) is None  # --val only: no epoch in the last invocation
+
+
+def test_bench_trainers_draw_nnunets_progress_plot_after_the_last_epoch_only(tmp_path):
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    from nnunet_te.bench.trainers import _ProgressPlotAfterLastEpoch
+
+    logger = _ProgressPlotAfterLastEpoch(MetaLogger(str(tmp_path), False), num_epochs=3)
+    for epoch in range(3):
+        for key in ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses", "lrs"):
+            logger.log(key, 0.5, epoch)
+        logger.log("dice_per_class_or_region", [0.5], epoch)
+        logger.log("epoch_start_timestamps", float(epoch), epoch)
+        logger.log("epoch_end_timestamps", epoch + 1.0, epoch)
+        logger.plot_progress_png(str(tmp_path))
+        assert (tmp_path / "progress.png").is_file() == (epoch == 2), epoch
+    assert logger.get_checkpoint()["epoch_end_timestamps"] == [1.0, 2.0, 3.0]  # the rest is nnU-Net's logger
 
 
 def test_fine_tune_hours_count_overlapping_runs_once():
