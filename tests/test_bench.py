@@ -99,6 +99,12 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     text = docs.read_text()
     assert "<!-- bench_results:start -->" in text
     assert "| random_s0 |" in text and "over 2 (target, member, seed) pairs" in text
+    # the grid's time as run: the zoo's members as recorded, the 4 fine-tunes side by side (--jobs 2)
+    hours = json.loads((work / "report" / "summary.json").read_text())["hours"]
+    built = sum(json.loads(next((work / "zoo").glob(f"{m}-*/member.json")).read_text())["seconds"]
+                for m in MEMBERS)
+    assert hours["zoo"] == pytest.approx(built / 3600)
+    assert hours["rankings"] > 0 and 0 < hours["fine_tunes"] < hours["fine_tunes_summed"]
     docs.write_text(text.replace("Measured so far", "STALE"))
     logs = {p: p.stat().st_size for p in (work / "logs").rglob("*.log")}
 

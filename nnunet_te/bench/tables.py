@@ -35,6 +35,7 @@ from nnunet_te.bench.docs import write_section
 from nnunet_te.bench.ground_truth import TRAINERS, Schedules, read_results
 from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
                                              nemenyi_cd, rank_methods)
+from nnunet_te.ranking.zoo import read_zoo
 
 MEASURES = {"weighted_tau": "weighted Kendall tau", "kendall_tau_b": "Kendall tau-b",
             "spearman_rho": "Spearman rho", "top1_regret": "top-1 regret (Dice points)"}
@@ -288,6 +289,21 @@ def fine_tune_hours(rows: list[dict]) -> dict[str, float]:
     return {"summed": sum(r["train_seconds"] for r in rows) / 3600, "elapsed": elapsed.total_seconds() / 3600}
 
 
+def grid_hours(work: Path, rows: list[dict]) -> dict[str, float]:
+    """Hours the grid took as it was run: ``zoo`` (building the members of ``zoo.yaml``),
+    ``rankings`` (feature extraction and metrics of every saved ranking), ``fine_tunes`` (wall
+    clock, :func:`fine_tune_hours` ``elapsed``) and ``fine_tunes_summed``."""
+    zoo = work / "zoo" / "zoo.yaml"
+    zoo_seconds = sum(json.loads((c.checkpoint.parent / "member.json").read_text())["seconds"]
+                      for c in (read_zoo(zoo) if zoo.is_file() else []))
+    timings = [t for p in (work / "rankings").glob("Dataset*/k*s*/ranking.json")
+               for t in json.loads(p.read_text())["timings"].values()]
+    ranking_seconds = sum(t["extraction_seconds"] + np.nansum(list(t["metric_seconds"].values())) for t in timings)
+    tunes = fine_tune_hours(rows)
+    return {"zoo": zoo_seconds / 3600, "rankings": float(ranking_seconds) / 3600,
+            "fine_tunes": tunes["elapsed"], "fine_tunes_summed": tunes["summed"]}
+
+
 def metric_scaling(work: Path, points: tuple[int, ...] = SCALING_POINTS, seed: int = 0) -> list[dict]:
     """Seconds per segmentation metric at each number of sampled points per global stage, on the
     cached features of one candidate (the first feature folder in ``<work>/feature_cache``):
@@ -405,13 +421,13 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
-    hours = fine_tune_hours(rows)
+    hours = grid_hours(work, rows)
     md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, scaling, out, figures,
                                   schedules=schedules, other_schedules=len(every_row) - len(rows), hours=hours)
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_tests": risk_tests,
-                                                  "n_fine_tunes": len(rows), "fine_tune_hours": hours}, indent=1))
+                                                  "n_fine_tunes": len(rows), "hours": hours}, indent=1))
     paths = {"md": out / "benchmark.md", **{k: v for k, v in figures.items() if v is not None}}
     if docs is not None:
         images = docs.parent / "images"
@@ -431,9 +447,10 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, 
                  f"({', '.join(_short(t) for t in targets) or 'none'}), "
                  f"schedule (epochs x iterations) {schedules.describe()}; "
                  f"{other_schedules} fine-tunes of other schedules left out. Tables cover "
-                 "only what is in `results.csv`. Fine-tune time: "
-                 f"{hours['summed']:.1f} h one after the other, {hours['elapsed']:.1f} h of wall clock as run "
-                 "(runs side by side with `--jobs`; pauses between pieces not counted).")
+                 "only what is in `results.csv`. Time as run: zoo "
+                 f"{hours['zoo']:.1f} h, rankings {hours['rankings']:.1f} h, fine-tunes {hours['fine_tunes']:.1f} h "
+                 f"of wall clock ({hours['fine_tunes_summed']:.1f} h one after the other; `--jobs` runs them side "
+                 "by side; pauses between pieces not counted).")
     verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
     lines += ["", "### Goals (measured, not tests)", "",
               _markdown(["goal", "measured", "verdict"], [[g["goal"], g["measured"], verdict[g["met"]]] for g in goal_rows])]
