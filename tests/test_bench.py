@@ -295,6 +295,9 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
     ahead_with_leep = goals(quality + _quality(5, {("D2_b", "leep"): 0.0}), noise, pairs)[0]
     assert ahead_with_leep["measured"] == "topology -0.100 vs best baseline leep 0.000 (1 target(s))"
     assert ahead_with_leep["met"] is False
+    # a tie names the same baseline whatever the process's string hashing (LEEP and NCE often tie)
+    tied = goals(quality + _quality(5, {("D2_b", "nce"): 0.0, ("D2_b", "leep"): 0.0}), noise, pairs)[0]
+    assert tied["measured"] == "topology -0.100 vs best baseline leep 0.000 (1 target(s))"
     positive = rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]
     assert positive["met"] is False and positive["measured"] == "1 of 2 such target(s) positive; not positive: b"
     gain = rows["risk weighting >= +2 Dice points on average"]

@@ -175,7 +175,7 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dic
         # each baseline against topology on the targets where both were measured (LEEP/NCE exist only
         # where a member's source head fits the target)
         versus = {}
-        for m in {m for (_, m) in tau if m not in OURS}:
+        for m in sorted({m for (_, m) in tau if m not in OURS}):  # ties: the first name, in every process
             common = [d for d in ours if np.isfinite(tau.get((d, m), np.nan))]
             if common:
                 versus[m] = (float(np.mean([tau[(d, m)] for d in common])),
