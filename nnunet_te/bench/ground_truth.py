@@ -102,11 +102,21 @@ class Run:
     def options(self) -> dict[str, str]:
         return TRAINERS[self.trainer][1]
 
+    @property
+    def variant(self) -> str | None:
+        """The kind's name if it sets options: nnU-Net names folders by trainer class, which the
+        variants share, so their results and logs need the kind in their paths."""
+        return self.trainer if self.options else None
+
     def results_root(self, work: Path, schedule: Schedule) -> Path:
-        """``nnUNet_results`` of the run: one per schedule and member, and one more per option
-        variant (nnU-Net names its folders by trainer class, which the variants share)."""
+        """``nnUNet_results`` of the run: one per schedule and member, and one more per variant."""
         root = work / "runs" / schedule.label / self.member
-        return root / self.trainer if self.options else root
+        return root / self.variant if self.variant else root
+
+    def log_path(self, work: Path, schedule: Schedule) -> Path:
+        """The run's ``nnUNetv2_train`` output (a lock file beside it while it trains)."""
+        suffix = f"__{self.variant}" if self.variant else ""
+        return work / "logs" / schedule.label / self.dataset / f"{self.member}__{self.trainer_name}{suffix}.log"
 
     def key(self, schedule: Schedule) -> tuple:
         return self.dataset, self.member, self.trainer, self.k, self.seed, schedule.label
@@ -180,8 +190,7 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
     converted for this dataset (``convert_for_pretrained_weights``), also the checkpoint a
     risk-weighted run's maps come from. ``threads``: torch CPU threads of the run (None:
     nnUNetv2_train's own choice, one per core)."""
-    variant = f"__{run.trainer}" if run.options else ""
-    log = work / "logs" / schedule.label / run.dataset / f"{run.member}__{run.trainer_name}{variant}.log"
+    log = run.log_path(work, schedule)
     log.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(log.with_suffix(".lock")) as mine:
         if not mine or run.key(schedule) in done_keys(read_results(results_csv)):

@@ -93,18 +93,16 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
     spatial = tuple(range(1, logits.ndim - 1))
     labels = target[:, 0].long()
     w = weights[:, 0].float()
+    n_labelled = labels[0].numel()
     if ignore_label is not None:
         valid = labels != ignore_label
         w = w * valid
+        n_labelled = valid.sum(spatial).clamp_min(1)
         # Any class will do under weight 0; 0 keeps the one-hot and CE indices in range and
         # keeps ignored pixels out of the foreground count.
         labels = torch.where(valid, labels, 0)
 
-    if ce_normalisation == "foreground":
-        normaliser = (labels > 0).sum(spatial) + 1
-    else:
-        normaliser = (valid.sum(spatial).clamp_min(1) if ignore_label is not None
-                      else labels[0].numel())
+    normaliser = (labels > 0).sum(spatial) + 1 if ce_normalisation == "foreground" else n_labelled
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     ce_per_image = (w * ce).sum(spatial) / normaliser
 
