@@ -40,7 +40,7 @@ from nnunet_te.classification.finetune import fine_tune
 from nnunet_te.classification.rank import rank_classification
 from nnunet_te.classification.zoo import build_architecture, candidate_adapter, read_classification_zoo
 from nnunet_te.evaluation.statistics import top1_regret, weighted_tau
-from nnunet_te.features.models import pretrain_self_supervised
+from nnunet_te.networks.unets import pretrain_self_supervised
 from nnunet_te.ranking.zoo import Candidate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def _torchvision_entry(name, factory, kwargs=None):
 
 
 def _unet_entry(name, architecture):
-    return {"name": name, "architecture": {"class": "nnunet_te.features.models.build_unet", "kwargs": {
+    return {"name": name, "architecture": {"class": "nnunet_te.networks.unets.build_unet", "kwargs": {
         "architecture": architecture, "dim": 2, "features_per_stage": list(UNET_FEATURES), "num_classes": 2}},
             "input": NNUNET}
 

@@ -49,7 +49,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from nnunet_te.nnunet.datasets import SOURCES, convert
+    from nnunet_te.data.raw import SOURCES, convert
 
     if args.list or not args.source:
         print("| source | dim | description |\n|---|---|---|")
@@ -70,7 +70,7 @@ def _data(args: argparse.Namespace) -> int:
 
 def _preprocessed_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """(dataset folder, plans file, dataset.json) of a preprocessed dataset, checked to exist."""
-    from nnunet_te.nnunet.paths import preprocessed_dataset_dir
+    from nnunet_te.data.paths import preprocessed_dataset_dir
 
     folder = preprocessed_dataset_dir(args.d)
     plans, dataset_json = folder / f"{args.p}.json", folder / "dataset.json"
@@ -92,7 +92,7 @@ def _riskmap(args: argparse.Namespace) -> int:
 
 
 def _convert_weights(args: argparse.Namespace) -> int:
-    from nnunet_te.nnunet.weights import convert_for_pretrained_weights
+    from nnunet_te.networks.weights import convert_for_pretrained_weights
 
     _, plans, dataset_json = _preprocessed_inputs(args)
     report = convert_for_pretrained_weights(args.checkpoint, plans, args.c, dataset_json,
@@ -105,7 +105,9 @@ def _convert_weights(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     from nnunet_te.features.sampling import SamplingConfig
-    from nnunet_te.ranking.rank import check_trainer, prepare_training, rank_zoo, run_training
+    from nnunet_te.ranking.rank import rank_zoo
+    from nnunet_te.training.handoff import prepare_training, run_training
+    from nnunet_te.training.trainers import check_trainer
 
     if args.train is not None:
         check_trainer(args.tr)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from nnunet_te.data import SAMPLE_LABELS, load_sample_cases
 from nnunet_te.features.extract import extract_candidate_features, pad_to_multiple, zscore
-from nnunet_te.features.models import build_unet, pretrain_self_supervised
+from nnunet_te.networks.unets import build_unet, pretrain_self_supervised
 from nnunet_te.features.sampling import SamplingConfig
 from nnunet_te.metrics.registry import SEGMENTATION, metrics_for
 from nnunet_te.ranking.report import markdown_table, write_ranking

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_te.nnunet.weights import network_for_configuration
+from nnunet_te.networks.weights import network_for_configuration
 
 BASIC_UNET = {"class": "monai.networks.nets.BasicUNet", "kwargs": {"features": [4, 4, 8, 8, 16, 4]}}
 

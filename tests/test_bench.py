@@ -88,7 +88,7 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
         assert min(phases.values()) > 0 and sum(phases.values()) == pytest.approx(row["train_seconds"], abs=1.5)
 
     # zoo: both formats per member, loadable
-    from nnunet_te.nnunet.weights import read_checkpoint
+    from nnunet_te.io.checkpoints import read_checkpoint
 
     for name in MEMBERS:
         folder = next((work / "zoo").glob(f"{name}-*"))

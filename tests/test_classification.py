@@ -23,8 +23,8 @@ from nnunet_te.classification.data import ImageSet, load_image_set, stratified_s
 from nnunet_te.classification.feature_update import feature_update_score, triplet_margin_loss
 from nnunet_te.classification.finetune import fine_tune
 from nnunet_te.classification.zoo import candidate_adapter, read_classification_zoo
-from nnunet_te.features.models import build_unet
-from nnunet_te.nnunet.weights import network_for_configuration
+from nnunet_te.networks.unets import build_unet
+from nnunet_te.networks.weights import network_for_configuration
 from nnunet_te.ranking.zoo import CandidateError
 
 
@@ -374,7 +374,7 @@ def test_rank_cls_cli_on_breastmnist(tmp_path, shared_data):
              "block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 32, 64], "spatial_dims": 2,
              "n_input_channels": 1, "conv1_t_stride": 2, "num_classes": 2}}},
         {"name": "resenc", "checkpoint": "u.pth", "input": {"normalize": "zscore"},
-         "architecture": {"class": "nnunet_te.features.models.build_unet",
+         "architecture": {"class": "nnunet_te.networks.unets.build_unet",
                           "kwargs": {"architecture": "ResidualEncoderUNet", "dim": 2,
                                      "features_per_stage": [8, 16, 32], "num_classes": 2}}},
         {"name": "wrong_weights", "checkpoint": "u.pth", "architecture": {"class": "torchvision.models.resnet18"},

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
-from nnunet_te.evaluation.medmnist_transfer import (
-    METHOD_NAMES, METHODS, load_setting, load_table, reproduce_seed002_table, seed002_scores)
+from medmnist_transfer import (METHOD_NAMES, METHODS, load_setting, load_table, reproduce_seed002_table,
+                               seed002_scores)
 from nnunet_te.evaluation.statistics import (
     critical_difference_plot, evaluate_ranking, friedman, kendall_tau_b, nemenyi_cd,
     rank_methods, spearman, top1_regret, top1_relative_accuracy, weighted_tau)

@@ -7,7 +7,7 @@ import torch
 from nnunet_te.data import load_sample_cases
 from nnunet_te.features.extract import extract_candidate_features, pad_to_multiple, zscore
 from nnunet_te.features.hooks import stage_outputs, unet_stage_modules
-from nnunet_te.features.models import build_unet, pretrain_self_supervised
+from nnunet_te.networks.unets import build_unet, pretrain_self_supervised
 from nnunet_te.features.sampling import (
     IGNORE,
     SamplingConfig,

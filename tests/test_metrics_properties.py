@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
 from nnunet_te.metrics._validation import DegenerateInputWarning
-from nnunet_te.metrics.evidence import logme
+from nnunet_te.metrics.logme import logme
 from nnunet_te.metrics.gbc import gbc
 from nnunet_te.metrics.hscore import h_score, regularized_h_score
 from nnunet_te.metrics.leep import leep, leep_per_sample, nce, nleep

@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 from skimage import io
 
-from nnunet_te.nnunet import paths
-from nnunet_te.nnunet.datasets import SOURCES, convert, convert_msd_hippocampus
+from nnunet_te.data import paths
+from nnunet_te.data.raw import SOURCES, convert, convert_msd_hippocampus
 
 
 @pytest.fixture()

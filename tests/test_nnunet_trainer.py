@@ -18,11 +18,12 @@ from checkpoints import nnssl_checkpoint, nnunet_checkpoint, write_zoo
 from conftest import copy_nnunet_tree
 
 import nnunet_te_trainers
-from nnunet_te.nnunet.dataloading import RiskDataLoader
-from nnunet_te.nnunet.few_shot import few_shot_cases
-from nnunet_te.nnunet.options import RiskOptions, read_options
-from nnunet_te.nnunet.trainers import FewShotSplit, RiskWeightedTrainer
-from nnunet_te.risk.storage import file_sha256, read_manifest, save_case_map
+from nnunet_te.training.dataloading import RiskDataLoader
+from nnunet_te.training.few_shot import few_shot_cases
+from nnunet_te.training.options import RiskOptions, read_options
+from nnunet_te.training.trainers import FewShotSplit, RiskWeightedTrainer
+from nnunet_te.io.files import file_sha256
+from nnunet_te.risk.storage import read_manifest, save_case_map
 
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
@@ -42,7 +43,7 @@ def test_nnunet_finds_trainers_in_a_fresh_interpreter():
             "    c = f(name); print('FOUND', c.__module__, c.__name__)")
     out = subprocess.run([PYTHON, "-c", code], env=_clean_env(), capture_output=True, text=True, check=True)
     for name in names:
-        assert f"FOUND nnunet_te.nnunet.trainers {name}" in out.stdout
+        assert f"FOUND nnunet_te.training.trainers {name}" in out.stdout
 
 
 def test_pth_keeps_a_users_trainer_folders_first(tmp_path):
@@ -61,7 +62,7 @@ def test_with_folder_does_not_duplicate():
 
 
 def test_discovery_fallback_prints_export_line():
-    out = subprocess.run([PYTHON, "-m", "nnunet_te.nnunet.discovery"], env=_clean_env(),
+    out = subprocess.run([PYTHON, "-m", "nnunet_te.training.discovery"], env=_clean_env(),
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"export nnUNet_extTrainer={nnunet_te_trainers.FOLDER}"
 

@@ -13,10 +13,10 @@ import torch
 from monai.networks.nets import UNet
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-from nnunet_te.features.models import build_unet
-from nnunet_te.nnunet.weights import (
-    convert_for_pretrained_weights, load_pretrained, network_for_configuration, parse_checkpoint, read_checkpoint,
-)
+from nnunet_te.networks.unets import build_unet
+from nnunet_te.io.checkpoints import parse_checkpoint, read_checkpoint
+from nnunet_te.networks.weights import (convert_for_pretrained_weights, load_pretrained,
+                                        network_for_configuration)
 
 DNA = "dynamic_network_architectures.architectures.unet."
 

@@ -12,7 +12,7 @@ from conftest import SHARED, _require
 from scipy.special import softmax
 from threadpoolctl import threadpool_limits
 
-from nnunet_te.metrics.evidence import logme
+from nnunet_te.metrics.logme import logme
 from nnunet_te.metrics.gbc import gbc
 from nnunet_te.metrics.hscore import h_score, regularized_h_score
 from nnunet_te.metrics.leep import leep, nce, nleep

@@ -15,9 +15,9 @@ from checkpoints import (BASIC_UNET, basic_unet_checkpoint, nnssl_checkpoint, nn
 from conftest import copy_nnunet_tree
 
 from nnunet_te.ranking.rank import rank_zoo
-from nnunet_te.ranking.zoo import (CandidateError, candidate_network, read_zoo, stage_modules,
-                                   window_size)
-from nnunet_te.risk.storage import file_sha256
+from nnunet_te.networks.stages import stage_modules, window_size
+from nnunet_te.ranking.zoo import CandidateError, candidate_network, read_zoo
+from nnunet_te.io.files import file_sha256
 
 BIN = Path(sys.executable).parent
 

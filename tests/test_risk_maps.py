@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_te.features.models import build_unet
+from nnunet_te.networks.unets import build_unet
 from nnunet_te.metrics.leep import leep
 from nnunet_te.risk.maps import (case_outputs, gmm_source_probabilities, pixel_transferability,
                                  risk_map, risk_weights)

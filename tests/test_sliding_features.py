@@ -10,7 +10,7 @@ from nnunet_te.data import load_sample_cases
 from nnunet_te.features.cache import FORMAT, FeatureCache, state_dict_sha256
 from nnunet_te.features.extract import pad_to_multiple, split_stages, zscore
 from nnunet_te.features.hooks import stage_outputs
-from nnunet_te.features.models import build_unet
+from nnunet_te.networks.unets import build_unet
 from nnunet_te.features.sampling import SamplingConfig, StageSampler
 from nnunet_te.features.sliding import extract_dataset_features, sliding_windows
 from nnunet_te.metrics.registry import METRICS

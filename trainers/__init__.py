@@ -4,7 +4,7 @@ nnU-Net 2.8 looks for ``-tr NAME`` in its own trainer folder, then in every fold
 environment variable ``nnUNet_extTrainer`` (``os.pathsep``-separated), importing each module
 there as a top-level module. This folder holds one such module,
 ``nnunet_te_trainer_classes.py``, which only re-exports the classes of
-:mod:`nnunet_te.nnunet.trainers`.
+:mod:`nnunet_te.training.trainers`.
 
 The ``nnunet_te_trainers.pth`` file that ``pip install`` puts into site-packages calls
 :func:`register` at every interpreter start, so ``nnUNetv2_train ... -tr RiskWeightedTrainer``

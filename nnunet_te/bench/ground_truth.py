@@ -30,12 +30,12 @@ import numpy as np
 
 from nnunet_te.bench.plan import CONFIGURATION, PLANS
 from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, trainer_folder
-from nnunet_te.nnunet.few_shot import few_shot_cases
-from nnunet_te.nnunet.options import ENVIRONMENT as RISK_OPTION_VARIABLES
-from nnunet_te.nnunet.paths import dataset_id
+from nnunet_te.training.few_shot import few_shot_cases
+from nnunet_te.training.options import ENVIRONMENT as RISK_OPTION_VARIABLES
+from nnunet_te.data.paths import dataset_id
 
 #: Trainer kinds: the nnU-Net trainer class each runs, and the RiskWeightedTrainer options
-#: (``nnunet_te.nnunet.options``) a variant sets. ``risk`` is RiskWeightedTrainer as the product
+#: (``nnunet_te.training.options``) a variant sets. ``risk`` is RiskWeightedTrainer as the product
 #: ships it; ``risk_fg_ce`` divides the cross-entropy by the foreground size, as seed 003 does.
 TRAINERS = {"plain": ("nnUNetTrainer", {}), "risk": ("RiskWeightedTrainer", {}),
             "risk_fg_ce": ("RiskWeightedTrainer", {"nnUNet_te_ce_normalisation": "foreground"})}

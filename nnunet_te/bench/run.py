@@ -79,7 +79,7 @@ def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | N
     """CPU plan, split and allowed members of one dataset; clear errors before any long work."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_te.nnunet.paths import dataset_id, dataset_name, preprocessed_dataset_dir
+    from nnunet_te.data.paths import dataset_id, dataset_name, preprocessed_dataset_dir
 
     name = dataset_name(dataset)
     folder = preprocessed_dataset_dir(name)
@@ -118,7 +118,7 @@ def check_few_shot_classes(target: Target, shots: tuple[int, ...], seeds: tuple[
 
 def converted_weights(target: Target, member: BuiltMember, work: Path) -> Path:
     """The member's checkpoint as a ``-pretrained_weights`` file for this dataset (cached)."""
-    from nnunet_te.nnunet.weights import convert_for_pretrained_weights
+    from nnunet_te.networks.weights import convert_for_pretrained_weights
 
     out = work / "weights" / target.dataset / f"{member.member.name}-{member.record['key'][:12]}.pth"
     if not out.is_file():
@@ -203,7 +203,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     bad_seeds = [s for s in seeds if s not in _few_shot_seeds()]
     if bad_seeds:
         raise ValueError(f"seeds must be among {_few_shot_seeds()} (the product's few-shot trainers), got {bad_seeds}")
-    from nnunet_te.nnunet.paths import ENV_VARIABLES, env_folder
+    from nnunet_te.data.paths import ENV_VARIABLES, env_folder
 
     for variable in ENV_VARIABLES:
         env_folder(variable)  # raises naming the unset variable
@@ -267,12 +267,12 @@ def _in_parallel(train, runs: list[Run], jobs: int, *, desc: str) -> int:
 
 
 def _few_shot_k() -> tuple[int, ...]:
-    from nnunet_te.nnunet.trainers import FEW_SHOT_K
+    from nnunet_te.training.trainers import FEW_SHOT_K
 
     return FEW_SHOT_K
 
 
 def _few_shot_seeds() -> tuple[int, ...]:
-    from nnunet_te.nnunet.trainers import FEW_SHOT_SEEDS
+    from nnunet_te.training.trainers import FEW_SHOT_SEEDS
 
     return FEW_SHOT_SEEDS

@@ -1,6 +1,6 @@
 """The benchmark's training schedule on top of the product's CPU trainers.
 
-``<name>_bench`` for every ``<name>_cpu`` trainer of :mod:`nnunet_te.nnunet.trainers`
+``<name>_bench`` for every ``<name>_cpu`` trainer of :mod:`nnunet_te.training.trainers`
 (``nnUNetTrainer_k5s0_bench``, ``RiskWeightedTrainer_k10s1_bench``, ``nnUNetTrainer_bench``, ...):
 the same class (few-shot split, risk weighting, a checkpoint per epoch, ``--c`` resumes) with the
 schedule read from the environment instead of the smoke-run constants, and the final validation
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_te.nnunet import trainers as product
+from nnunet_te.training import trainers as product
 
 SCHEDULE_VARIABLES = ("nnUNet_te_bench_epochs", "nnUNet_te_bench_iterations", "nnUNet_te_bench_val_iterations")
 THREADS_VARIABLE = "nnUNet_te_bench_threads"

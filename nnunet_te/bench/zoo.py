@@ -4,7 +4,7 @@ made from the real data in ``../shared/data`` by project code, deterministic and
 Members (:data:`MEMBERS`):
 
 - ``random_s{0,1}``: nnU-Net's initialisation with two seeds;
-- ``ssl_masked``, ``ssl_denoising``: self-supervised (:func:`nnunet_te.features.models.pretrain_self_supervised`,
+- ``ssl_masked``, ``ssl_denoising``: self-supervised (:func:`nnunet_te.networks.unets.pretrain_self_supervised`,
   SimMIM-like masked-image reconstruction, denoising) on a pool of unlabeled real 2D images of four
   modalities (ISBI 2012 ssTEM train + unlabeled test, the 5 EPFL test slices, MNI152 T1 axial
   slices, the stardist fluorescence image);
@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from nnunet_te.bench.plan import CONFIGURATION, PLANS, build_cpu_network, cpu_architecture
 from nnunet_te.features.extract import zscore
-from nnunet_te.features.models import pretrain_self_supervised
-from nnunet_te.nnunet.datasets import SHARED_DATA
+from nnunet_te.networks.unets import pretrain_self_supervised
+from nnunet_te.data.raw import SHARED_DATA
 
 #: Bump when the way members are made changes, so cached members are rebuilt.
 ZOO_VERSION = 1
@@ -218,7 +218,7 @@ def pretrain_supervised(network: torch.nn.Module, images: list[np.ndarray], labe
 # ---- building, saving, caching ---------------------------------------------------------------------
 def member_key(member: Member) -> str:
     """sha256 over what the member's weights depend on (see the module docstring)."""
-    from nnunet_te.risk.storage import file_sha256
+    from nnunet_te.io.files import file_sha256
 
     digest = hashlib.sha256(json.dumps([ZOO_VERSION, asdict(member), cpu_architecture()], sort_keys=True,
                                        default=list).encode())

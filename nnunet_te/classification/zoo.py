@@ -17,7 +17,7 @@ per candidate the classification keys::
 
 ``architecture.class`` is imported and called with ``kwargs`` (a torchvision or MONAI class, a
 ``dynamic_network_architectures`` U-Net, ``timm.create_model`` with ``model_name``); the checkpoint
-is loaded with :func:`nnunet_te.nnunet.weights.load_pretrained` (by name and shape, nnssl key
+is loaded with :func:`nnunet_te.networks.weights.load_pretrained` (by name and shape, nnssl key
 renames, 1-channel stem repeated over the network's input channels). A 2D nnU-Net trainer
 checkpoint needs no ``architecture``: the network is rebuilt from the plans, configuration and
 dataset.json stored in it.
@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from nnunet_te.classification.adapters import ClassificationAdapter
-from nnunet_te.nnunet.weights import load_pretrained, network_for_configuration, read_checkpoint
+from nnunet_te.io.checkpoints import read_checkpoint
+from nnunet_te.networks.weights import load_pretrained, network_for_configuration
 from nnunet_te.ranking.zoo import Candidate, CandidateError, read_zoo_entries
 
 CLASSIFICATION_KEYS = {"input", "layers", "feature_layer"}

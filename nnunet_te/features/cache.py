@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from nnunet_te.features.sampling import CandidateFeatures, SamplingConfig
-from nnunet_te.risk.storage import atomic_write
+from nnunet_te.io.files import atomic_write
 
 FEATURES = "features.npz"
 META = "meta.json"

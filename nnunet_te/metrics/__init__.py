@@ -6,7 +6,7 @@ direction. ``registry.METRICS`` names them for the CLI and the ranking.
 
 from nnunet_te.metrics.ccfv import ccfv
 from nnunet_te.metrics.consistency import adapted_rand_error, effective_invariance
-from nnunet_te.metrics.evidence import logme
+from nnunet_te.metrics.logme import logme
 from nnunet_te.metrics.gbc import gbc
 from nnunet_te.metrics.hscore import h_score, regularized_h_score
 from nnunet_te.metrics.leep import leep, leep_per_sample, nce, nleep

@@ -24,7 +24,7 @@ from nnunet_te.features.sampling import CandidateFeatures
 from nnunet_te.metrics import topology
 from nnunet_te.metrics.ccfv import ccfv
 from nnunet_te.metrics.consistency import effective_invariance
-from nnunet_te.metrics.evidence import logme
+from nnunet_te.metrics.logme import logme
 from nnunet_te.metrics.gbc import gbc
 from nnunet_te.metrics.hscore import h_score, regularized_h_score
 from nnunet_te.metrics.leep import leep, nce, nleep

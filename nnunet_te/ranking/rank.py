@@ -1,4 +1,4 @@
-"""Rank a model zoo on a preprocessed nnU-Net dataset: ``rank_zoo`` and the hook before training.
+"""Rank a model zoo on a preprocessed nnU-Net dataset: ``rank_zoo``.
 
 Steps of :func:`rank_zoo`, cheapest checks first so a bad input fails in seconds:
 
@@ -23,10 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shlex
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -43,16 +39,13 @@ from nnunet_te.features.cache import FeatureCache
 from nnunet_te.features.sampling import IGNORE, SamplingConfig
 from nnunet_te.features.sliding import extract_dataset_features
 from nnunet_te.metrics.registry import SEGMENTATION, Metric, metrics_for
-from nnunet_te.nnunet.paths import dataset_name, nnunet_results, preprocessed_dataset_dir
+from nnunet_te.data.paths import dataset_name, nnunet_results, preprocessed_dataset_dir
 from nnunet_te.ranking.report import write_ranking
 from nnunet_te.ranking.scoring import ZooScores, score_zoo
-from nnunet_te.ranking.zoo import (Candidate, CandidateError, candidate_network, read_zoo,
-                                   target_for, window_size)
+from nnunet_te.networks.stages import window_size
+from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network, read_zoo, target_for
 
 RANKING_FOLDER = "nnunet_te_ranking__{plans}__{configuration}"
-TRAINER = "RiskWeightedTrainer"
-#: Name of the ranking copy placed in the trainer's results folder.
-RANKING_COPY = "nnunet_te_ranking.json"
 #: Metric the ranking is sorted by when it was computed (seed 001's fused score).
 PRIMARY = "topology"
 #: Bottleneck channel-dropout rates of the label-free consistency score (METHODS.md 1.8).
@@ -334,112 +327,3 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     paths = write_ranking(scores, out_folder, primary=primary, metadata=metadata)
     ranking = json.loads(paths["json"].read_text())["ranking"]
     return RankingResult(candidates, scores, primary, ranking, errors, out_folder, paths, metadata)
-
-
-# ---- the hook before training -------------------------------------------------------------------
-@dataclass
-class TrainingPlan:
-    """What :func:`prepare_training` prepared: the chosen candidate, its converted weights, the
-    risk-map folder, the ranking copy next to the training results, and the command to run."""
-
-    candidate: str
-    weights: Path
-    risk_maps: Path
-    ranking_copy: Path
-    command: list[str]
-
-    @property
-    def command_line(self) -> str:
-        return shlex.join(self.command)
-
-
-def trainable_winner(result: RankingResult) -> str:
-    """Best-ranked candidate whose weights fit nnU-Net's network for this configuration.
-
-    Candidates built from an ``architecture`` (MONAI, ...) cannot initialise nnU-Net's trainer;
-    they are ranked but skipped here.
-    """
-    for name in result.ranking:
-        if result.candidate(name).architecture is None:
-            return name
-    raise ValueError(f"no candidate of the ranking can initialise nnU-Net's {TRAINER}: all of "
-                     f"{result.ranking} are other architectures; add nnU-Net or nnssl checkpoints")
-
-
-def check_trainer(trainer: str) -> None:
-    """Raise ValueError unless ``trainer`` names RiskWeightedTrainer or one of its variants."""
-    from nnunet_te.nnunet import trainers  # imported here: the trainers import this module
-
-    found = getattr(trainers, trainer, None)
-    if not (isinstance(found, type) and issubclass(found, trainers.RiskWeightedTrainer)):
-        raise ValueError(f"trainer {trainer!r} is not RiskWeightedTrainer or one of its variants "
-                         f"(RiskWeightedTrainer[_k{{K}}s{{S}}][_cpu], docs/nnunet.md)")
-
-
-def export_winner(result: RankingResult, plans_file: str | Path | dict, configuration: str,
-                  dataset_json: str | Path | dict, out_path: str | Path, *, seed: int = 0) -> str:
-    """Write :func:`trainable_winner`'s weights as an nnU-Net ``-pretrained_weights`` file
-    (:func:`nnunet_te.nnunet.weights.convert_for_pretrained_weights`, decoder seeded with
-    ``seed``) to ``out_path``; return the winner's name."""
-    from nnunet_te.nnunet.weights import convert_for_pretrained_weights
-
-    name = trainable_winner(result)
-    convert_for_pretrained_weights(result.candidate(name).checkpoint, plans_file, configuration,
-                                   dataset_json, out_path, seed=seed)
-    return name
-
-
-def prepare_training(result: RankingResult, dataset: int | str, configuration: str, fold: int | str, *,
-                     plans: str = "nnUNetPlans", trainer: str = TRAINER, seed: int = 0, device: str = "cpu",
-                     overwrite_maps: bool = False, progress: bool = True) -> TrainingPlan:
-    """From a ranking to a ready ``nnUNetv2_train`` run of the winner.
-
-    Records the choice (``training_choice.json`` in the ranking folder), converts the winner's
-    checkpoint for ``-pretrained_weights`` (:func:`nnunet_te.nnunet.weights.convert_for_pretrained_weights`,
-    decoder seeded with ``seed``) into the ranking folder, computes its risk maps
-    (:func:`nnunet_te.risk.compute.compute_dataset_risk_maps`; maps of another checkpoint are
-    refused unless ``overwrite_maps``) and copies ``ranking.json`` to
-    ``$nnUNet_results/<DatasetXXX>/<trainer>__<plans>__<configuration>/nnunet_te_ranking.json``.
-    ``trainer`` is ``RiskWeightedTrainer`` or one of its few-shot / CPU variants.
-    """
-    from nnunet_te.risk.compute import compute_dataset_risk_maps
-
-    check_trainer(trainer)
-    folder = preprocessed_dataset_dir(dataset)
-    plans_file, dataset_json = folder / f"{plans}.json", folder / "dataset.json"
-    name = trainable_winner(result)
-    weights = result.out_dir / f"{name}_for_{dataset_name(dataset)}_{configuration}.pth"
-    export_winner(result, plans_file, configuration, dataset_json, weights, seed=seed)
-    maps = compute_dataset_risk_maps(folder, plans_file, configuration, dataset_json, weights,
-                                     device=device, seed=seed, overwrite=overwrite_maps, progress=progress)
-    trainer_folder = nnunet_results() / dataset_name(dataset) / f"{trainer}__{plans}__{configuration}"
-    trainer_folder.mkdir(parents=True, exist_ok=True)
-    copy = trainer_folder / RANKING_COPY
-    shutil.copyfile(result.paths["json"], copy)
-    command = ["nnUNetv2_train", str(dataset), configuration, str(fold), "-tr", trainer,
-               "-pretrained_weights", str(weights)]
-    if plans != "nnUNetPlans":
-        command += ["-p", plans]
-    if device != "cuda":
-        command += ["-device", str(device)]
-    choice = {"chosen": name, "best_ranked": result.ranking[0], "primary_metric": result.primary,
-              "weights": str(weights), "risk_maps": str(maps), "ranking_copy": str(copy),
-              "command": shlex.join(command)}
-    (result.out_dir / "training_choice.json").write_text(json.dumps(choice, indent=2))
-    return TrainingPlan(name, weights, Path(maps), copy, command)
-
-
-def run_training(plan: TrainingPlan) -> int:
-    """Start the prepared ``nnUNetv2_train`` command; return its exit code.
-
-    The ``nnUNetv2_train`` of this interpreter's environment is preferred over the one on PATH:
-    a venv's scripts are not on PATH unless it is activated, and another environment's nnU-Net
-    would not find this package's trainers.
-    """
-    beside = Path(sys.executable).with_name(plan.command[0])
-    executable = str(beside) if beside.is_file() else shutil.which(plan.command[0])
-    if executable is None:
-        raise FileNotFoundError(f"{plan.command[0]} not found beside {sys.executable} or on PATH; is nnunetv2 "
-                                "installed in this environment?")
-    return subprocess.run([executable, *plan.command[1:]], check=False).returncode
-

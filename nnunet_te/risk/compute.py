@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from nnunet_te.risk.maps import (SourceMixture, case_outputs, case_transferability, risk_map,
                                  transferability_conditional)
-from nnunet_te.risk.storage import (case_map_path, file_sha256, read_manifest, risk_folder,
-                                    save_case_map, write_manifest)
+from nnunet_te.io.files import file_sha256
+from nnunet_te.risk.storage import case_map_path, read_manifest, risk_folder, save_case_map, write_manifest
 
 CACHE = ".cache"
 OVERLAYS = "overlays"
@@ -115,7 +115,7 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
     Errors before any work: missing preprocessed folder/files, unknown configuration, missing
     checkpoint, region-based datasets (not supported: the loss is softmax cross-entropy).
     """
-    from nnunet_te.nnunet.weights import network_for_configuration
+    from nnunet_te.networks.weights import network_for_configuration
 
     dataset_dir = Path(preprocessed_dataset_dir)
     plans = _load_json(plans_file)

@@ -9,14 +9,14 @@ halves disk and loading time) plus ``manifest.json`` describing how they were co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from nnunet_te.io.files import atomic_write
 
 MANIFEST = "manifest.json"
 RECOMPUTE_HINT = "recompute the maps with `nnunet-te riskmap -d DATASET -c CONFIGURATION --weights CHECKPOINT`"
@@ -25,22 +25,6 @@ RECOMPUTE_HINT = "recompute the maps with `nnunet-te riskmap -d DATASET -c CONFI
 def risk_folder(preprocessed_dataset_dir: str | os.PathLike, data_identifier: str) -> Path:
     """``<preprocessed_dataset_dir>/<data_identifier>__risk`` (not created here)."""
     return Path(preprocessed_dataset_dir) / f"{data_identifier}__risk"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it into place, so a crash
-    leaves either the old file or the new one, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def case_map_path(folder: str | os.PathLike, case_id: str) -> Path:
@@ -75,14 +59,6 @@ def load_case_map(folder: str | os.PathLike, case_id: str,
                          f"the preprocessed case has spatial shape {tuple(expected_shape)} "
                          f"({path}); {RECOMPUTE_HINT} --overwrite")
     return array.astype(np.float32)
-
-
-def file_sha256(path: str | os.PathLike, *, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:

@@ -7,10 +7,10 @@ at its first start and begins from the winner (:meth:`RiskWeightedTrainer.on_tra
 
 - ``RiskWeightedTrainer``: fine-tunes with the transfer-risk-weighted loss (METHODS.md 1.7). The
   per-case risk maps travel through nnU-Net's data loading with every spatial augmentation
-  (:mod:`nnunet_te.nnunet.dataloading`); the weights ``w = 1 + beta r`` (or ``exp(beta r)``) go
+  (:mod:`nnunet_te.training.dataloading`); the weights ``w = 1 + beta r`` (or ``exp(beta r)``) go
   into :class:`~nnunet_te.risk.loss.RiskWeightedDeepSupervisionLoss` in both the training and the
   validation step, so the logged validation loss is the same loss as the training loss. Options:
-  :mod:`nnunet_te.nnunet.options` (environment variables or a plans entry).
+  :mod:`nnunet_te.training.options` (environment variables or a plans entry).
 - ``<Base>_k{K}s{S}`` for Base in ``RiskWeightedTrainer``, ``nnUNetTrainer`` (the plain baseline),
   K in :data:`FEW_SHOT_K`, S in :data:`FEW_SHOT_SEEDS`: K training cases of the fold drawn with
   seed S; the fold's validation cases are kept.
@@ -32,18 +32,22 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join, s
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
-from torch._dynamo import OptimizedModule
 
-from nnunet_te.nnunet.dataloading import RiskMapDataset, RiskMapTransforms, split_risk_channel
-from nnunet_te.nnunet.few_shot import few_shot_cases
-from nnunet_te.nnunet.options import read_options
-from nnunet_te.ranking.rank import RANKING_COPY, export_winner, rank_zoo
+from nnunet_te.training.dataloading import RiskMapDataset, RiskMapTransforms, split_risk_channel
+from nnunet_te.training.few_shot import few_shot_cases
+from nnunet_te.training.options import read_options
+from nnunet_te.ranking.rank import rank_zoo
 from nnunet_te.ranking.zoo import read_zoo
+from nnunet_te.io.files import file_sha256
+from nnunet_te.networks.weights import unwrap_network
 from nnunet_te.risk.compute import compute_dataset_risk_maps
 from nnunet_te.risk.loss import RiskWeightedDeepSupervisionLoss
 from nnunet_te.risk.maps import risk_weights
-from nnunet_te.risk.storage import case_map_path, file_sha256, read_manifest, risk_folder
+from nnunet_te.risk.storage import case_map_path, read_manifest, risk_folder
+from nnunet_te.training.winner import RANKING_COPY, export_winner
 
+#: The trainer `nnunet-te rank --train` prepares a run of.
+TRAINER = "RiskWeightedTrainer"
 #: Files the zoo option writes into the fold's output folder.
 ZOO_CHOICE = "nnunet_te_zoo_choice.json"
 ZOO_WEIGHTS = "nnunet_te_zoo_weights.pth"
@@ -77,12 +81,6 @@ class _LossWithBoundWeights(nn.Module):
         if self.weights is None:
             raise RuntimeError("risk-weighted loss called without a weight map; call it inside bound()")
         return self.loss(outputs, targets, self.weights)
-
-
-def _plain_network(network: nn.Module) -> nn.Module:
-    """The module under nnU-Net's DDP / torch.compile wrappers."""
-    network = getattr(network, "module", network)
-    return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
 class RiskWeightedTrainer(nnUNetTrainer):
@@ -283,7 +281,7 @@ class RiskWeightedTrainer(nnUNetTrainer):
         path = join(self.output_folder, "risk_source_network.pth")
         if self.current_epoch > 0 and isfile(path):  # resumed: the file holds the network as first initialised
             return path
-        weights = {k: v for k, v in _plain_network(self.network).state_dict().items() if ".seg_layers." not in k}
+        weights = {k: v for k, v in unwrap_network(self.network).state_dict().items() if ".seg_layers." not in k}
         torch.save({"network_weights": weights}, path)
         return path
 
@@ -311,7 +309,7 @@ class RiskWeightedTrainer(nnUNetTrainer):
         this run's folder one file at a time (atomic renames: augmentation workers reading a map
         see the old or the new one, never half a file)."""
         checkpoint = join(self.output_folder, "risk_refresh_network.pth")
-        torch.save({"network_weights": _plain_network(self.network).state_dict()}, checkpoint)
+        torch.save({"network_weights": unwrap_network(self.network).state_dict()}, checkpoint)
         self.print_to_log_file(f"epoch {self.current_epoch}: refreshing risk maps from the current network")
         new = self._compute_maps(Path(self.output_folder) / "risk_refresh", checkpoint, overlays=0, overwrite=True)
         for path in Path(new).glob("*.npy"):
@@ -320,7 +318,7 @@ class RiskWeightedTrainer(nnUNetTrainer):
 
 class FewShotSplit:
     """Trainer mixin: train on ``few_shot_k`` of the fold's training cases drawn with
-    ``few_shot_seed`` (:func:`nnunet_te.nnunet.few_shot.few_shot_cases`); the fold's validation
+    ``few_shot_seed`` (:func:`nnunet_te.training.few_shot.few_shot_cases`); the fold's validation
     cases stay. The choice is written to ``few_shot_split.json`` in the fold's output folder."""
 
     few_shot_k: int
@@ -363,6 +361,14 @@ class CpuSchedule:
         if self._trim_validation:
             val_cases = val_cases[:self.num_final_validation_cases]
         return train_cases, val_cases
+
+
+def check_trainer(trainer: str) -> None:
+    """Raise ValueError unless ``trainer`` names RiskWeightedTrainer or one of its variants."""
+    found = globals().get(trainer)
+    if not (isinstance(found, type) and issubclass(found, RiskWeightedTrainer)):
+        raise ValueError(f"trainer {trainer!r} is not RiskWeightedTrainer or one of its variants "
+                         f"(RiskWeightedTrainer[_k{{K}}s{{S}}][_cpu], docs/nnunet.md)")
 
 
 __all__ = ["RiskWeightedTrainer", "FEW_SHOT_K", "FEW_SHOT_SEEDS"]

@@ -36,7 +36,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from skimage import io
 
 from nnunet_te.data import SAMPLE_DIR, SAMPLE_LABELS
-from nnunet_te.nnunet.paths import nnunet_raw
+from nnunet_te.data.paths import nnunet_raw
 
 SHARED_DATA = Path(os.environ.get("NNUNET_TE_SHARED",
                                   Path(__file__).resolve().parents[3] / "shared")) / "data"
@@ -97,7 +97,7 @@ def _write_dataset(dataset_id: int, name: str, case_ids: list[str],
         write_case(case, tmp / "imagesTr" / f"{case}_0000{file_ending}",
                    tmp / "labelsTr" / f"{case}{file_ending}")
     generate_dataset_json(str(tmp), {0: channel}, labels, len(case_ids), file_ending,
-                          dataset_name=folder_name, converted_by="nnunet_te.nnunet.datasets",
+                          dataset_name=folder_name, converted_by="nnunet_te.data.raw",
                           nnunet_te={**record, "cases": case_ids}, **dataset_json)
     for old in existing:
         shutil.rmtree(old)

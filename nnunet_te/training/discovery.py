@@ -1,9 +1,9 @@
-"""Fallback for trainer discovery: ``python -m nnunet_te.nnunet.discovery`` prints the export line.
+"""Fallback for trainer discovery: ``python -m nnunet_te.training.discovery`` prints the export line.
 
 ``pip install`` puts a ``.pth`` file into site-packages that sets ``nnUNet_extTrainer`` at every
 interpreter start (see ``trainers/__init__.py``). Where that cannot work (an interpreter started
 with ``-S``, a copied environment, a system that ignores ``.pth`` files), evaluate the printed
-line in the shell: ``eval "$(python -m nnunet_te.nnunet.discovery)"``.
+line in the shell: ``eval "$(python -m nnunet_te.training.discovery)"``.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ ENVIRONMENT = {
 
 @dataclasses.dataclass(frozen=True)
 class RiskOptions:
-    """Validated options of :class:`nnunet_te.nnunet.trainers.RiskWeightedTrainer`."""
+    """Validated options of :class:`nnunet_te.training.trainers.RiskWeightedTrainer`."""
 
     beta: float = 1.0
     weighting: str = "linear"

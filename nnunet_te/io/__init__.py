@@ -1,0 +1,1 @@
+"""Files: atomic writes, content hashes, and reading checkpoints without executing them."""

@@ -1,0 +1,144 @@
+"""Reading weights files in the formats users have, without executing anything in them.
+
+Formats (``Checkpoint.format``):
+
+- ``nnunet``: an nnU-Net trainer checkpoint, a dict with ``network_weights`` plus ``init_args``
+  (plans, configuration, fold, dataset_json), ``trainer_name``, ``current_epoch``, ...
+- ``nnssl``: an nnssl / OpenMind checkpoint, ``network_weights`` plus ``nnssl_adaptation_plan``
+  (``architecture_plans.arch_class_name``, ``pretrain_num_input_channels``, ``key_to_encoder``,
+  ``key_to_stem``, ``keys_to_in_proj``, ``recommended_downstream_patchsize``).
+- ``monai``: a state dict of a MONAI network, bare or under ``state_dict`` / ``model``. Recognised
+  by MONAI's block naming: ``.adn.`` (the activation-dropout-norm blocks of ``Convolution`` and
+  ``ResidualUnit``, used by ``UNet`` and ``BasicUNet``) or the ``swinViT.`` prefix (``SwinUNETR``).
+- ``state_dict``: any other mapping of names to tensors, bare or under ``state_dict`` / ``model``.
+
+Files are read with ``torch.load(weights_only=True)``, which cannot run code from the file; the
+numpy scalars nnU-Net stores in its logs are the only extra types allowed. ``trust_pickle=True``
+falls back to full unpickling for files from a trusted source that hold other Python objects.
+``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMATS = ("nnunet", "nnssl", "monai", "state_dict")
+ACCEPTED = ("nnU-Net trainer checkpoint (dict with 'network_weights'), nnssl/OpenMind checkpoint "
+            "('network_weights' + 'nnssl_adaptation_plan'), MONAI network state dict, or a bare "
+            "state dict (optionally under 'state_dict' or 'model')")
+NNSSL_PLAN_FIELDS = ("pretrain_num_input_channels", "key_to_encoder", "key_to_stem",
+                     "keys_to_in_proj", "recommended_downstream_patchsize")
+# The only non-tensor globals nnU-Net checkpoints hold: numpy scalars in the training log.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # renamed in numpy 2
+_NUMPY_SAFE_GLOBALS = [np.dtype, _NUMPY_CORE.multiarray.scalar,
+                       *{type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"}]
+
+
+@dataclass
+class Checkpoint:
+    """Weights read from a file, with what the file says about them.
+
+    ``state_dict``: {name: tensor} without ``module.`` / ``_orig_mod.`` prefixes.
+    ``metadata``: ``trainer_name``, ``plans``, ``configuration``, ``dataset_json``, ``fold``,
+    ``current_epoch`` (nnunet); ``arch_class_name`` and ``NNSSL_PLAN_FIELDS`` (nnssl);
+    ``monai_network`` when recognisable (monai).
+    ``encoder_only``: every tensor belongs to a U-Net encoder (``encoder.*`` / ``decoder.encoder.*``).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    metadata: dict = field(default_factory=dict)
+    encoder_only: bool = False
+    source: str = "<memory>"
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove DataParallel's leading ``module.`` and torch.compile's ``_orig_mod.`` anywhere."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _is_state_dict(obj) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _monai_network(keys: list[str]) -> str | None:
+    """The MONAI network a state dict comes from, judged by MONAI's module names, else None."""
+    if any(k.startswith("swinViT.") for k in keys):
+        return "SwinUNETR"
+    if not any(".adn." in k for k in keys):
+        return None
+    if any(k.startswith("model.") for k in keys):
+        return "UNet"
+    if any(k.startswith("conv_0.") for k in keys):
+        return "BasicUNet"
+    return "unknown MONAI network"
+
+
+def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
+    """Recognise the format of an already loaded checkpoint object (see the module docstring)."""
+    if not isinstance(obj, Mapping):
+        hint = " (a whole pickled module: save module.state_dict() instead)" if isinstance(obj, nn.Module) else ""
+        raise ValueError(f"{source}: not a checkpoint, it holds a {type(obj).__name__}{hint}; accepted: {ACCEPTED}")
+    metadata: dict = {}
+    if "network_weights" in obj:
+        weights = obj["network_weights"]
+        if "nnssl_adaptation_plan" in obj:
+            fmt, plan = "nnssl", obj["nnssl_adaptation_plan"]
+            metadata["arch_class_name"] = plan.get("architecture_plans", {}).get("arch_class_name")
+            metadata.update({name: plan.get(name) for name in NNSSL_PLAN_FIELDS})
+        else:
+            fmt, init_args = "nnunet", obj.get("init_args") or {}
+            metadata = {"trainer_name": obj.get("trainer_name"), "current_epoch": obj.get("current_epoch"),
+                        **{k: init_args.get(k) for k in ("plans", "configuration", "fold", "dataset_json")}}
+    else:
+        wrapped = [k for k in ("state_dict", "model") if _is_state_dict(obj.get(k))]
+        weights = obj[wrapped[0]] if wrapped else obj
+        fmt = "state_dict"
+    if not _is_state_dict(weights):
+        raise ValueError(f"{source}: no state dict (a non-empty mapping of names to tensors) found; "
+                         f"top-level keys {sorted(map(str, obj))[:8]}; accepted: {ACCEPTED}")
+    state_dict = {_strip_wrappers(k): v for k, v in weights.items()}
+    if fmt == "state_dict" and (monai := _monai_network(list(state_dict))):
+        fmt, metadata = "monai", {"monai_network": monai}
+    encoder_only = all(k.startswith(("encoder.", "decoder.encoder.")) for k in state_dict)
+    return Checkpoint(state_dict, fmt, metadata, encoder_only, source)
+
+
+def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
+                    trust_pickle: bool = False) -> Checkpoint:
+    """Read a weights file in any of ``FORMATS``.
+
+    Uses ``torch.load(weights_only=True)`` (plus numpy scalars); ``trust_pickle=True`` allows full
+    unpickling, which can execute code from the file: only for files from a trusted source.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything that is not a
+    checkpoint, naming the problem and the accepted formats.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if trust_pickle:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+                obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[-1][:300]
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused the file ({first_line}). "
+                         "If it is a checkpoint from a trusted source holding other Python objects, "
+                         f"pass trust_pickle=True. Accepted: {ACCEPTED}") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({str(err).splitlines()[0][:200]}); "
+                         f"accepted: {ACCEPTED}") from err
+    return parse_checkpoint(obj, str(path))

@@ -1,1 +1,0 @@
-"""nnU-Net integration: datasets, weights, trainers, data plumbing."""
