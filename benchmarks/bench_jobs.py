@@ -1,10 +1,10 @@
-"""Throughput of ``nnunet-te bench --jobs``: the same fine-tunes trained one at a time (torch
-gets every core, nnUNetv2_train's default) and side by side (each job cores/jobs threads).
-Prints a table and writes it to docs/performance.md.
+"""Throughput of ``python -m benchmarks.finetune_grid --jobs``: the same fine-tunes trained one at
+a time (torch gets every core, nnUNetv2_train's default) and side by side (each job cores/jobs
+threads). Prints a table and writes it to docs/performance.md.
 
 Runs the real thing: converts real EPFL mitochondrion slices (``nnunet-te data``), plans and
 preprocesses them (2d), builds the two randomly initialised zoo members and their rankings once
-(``--no-fine-tunes``, not timed), then times ``nnunet-te bench`` over the same plain fine-tunes
+(``--no-fine-tunes``, not timed), then times the benchmark over the same plain fine-tunes
 (2 members x 2 seeds at k = 5) for each ``--jobs`` value (the seconds it reports), clearing the
 previous value's runs first. Each fine-tune's phases (process start, epochs, final validation)
 come from nnU-Net's log (``fine_tune_phases``). Work lives in ``--workdir`` (default: a
@@ -26,12 +26,16 @@ from pathlib import Path
 
 from docs_section import write_section
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "performance.md"
+#: The benchmark's command line (run from the checkout with ROOT on PYTHONPATH, see _run).
+BENCH = ("python", "-m", "benchmarks.finetune_grid")
 DATASET_ID = 989
 MEMBERS = ("random_s0", "random_s1")
 
 
 def _run(command: list[str], env: dict[str, str]) -> str:
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
     done = subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -50,7 +54,7 @@ def prepare(workdir: Path) -> dict[str, str]:
 
 
 def bench_command(work: Path, schedule: tuple[int, int], *extra: str) -> list[str]:
-    return ["nnunet-te", "bench", "-d", str(DATASET_ID), "--work", str(work), "--members", *MEMBERS,
+    return [*BENCH, "-d", str(DATASET_ID), "--work", str(work), "--members", *MEMBERS,
             "--shots", "5", "--seeds", "0", "1", "--risk-shots", "--schedule", *map(str, schedule), *extra]
 
 
@@ -62,8 +66,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=DOCS)
     args = parser.parse_args()
 
-    from nnunet_te.bench.ground_truth import read_results
-    from nnunet_te.bench.tables import fine_tune_phases
+    sys.path.insert(0, str(ROOT))  # benchmarks.finetune_grid runs from the checkout, it is not installed
+    from benchmarks.finetune_grid.ground_truth import read_results
+    from benchmarks.finetune_grid.tables import fine_tune_phases
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_jobs_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -86,12 +91,12 @@ def main() -> None:
                      **{name: statistics.mean(p[name] for p in phases) for name in ("start", "epochs", "validation")}})
     base = rows[0]["runs"] / rows[0]["wall"]
     lines = [
-        "## Fine-tunes side by side (`nnunet-te bench --jobs`)",
+        "## Fine-tunes side by side (`python -m benchmarks.finetune_grid --jobs`)",
         "",
         f"`benchmarks/bench_jobs.py --jobs {' '.join(map(str, args.jobs))} --schedule {args.schedule[0]} "
         f"{args.schedule[1]}`: real EPFL mitochondrion ({rows[0]['n_test']} slices held out), the CPU plan, "
         f"{rows[0]['runs']} plain fine-tunes ({', '.join(MEMBERS)} x seeds 0, 1 at k = 5) per row, "
-        "wall clock of the fine-tunes as `nnunet-te bench` reports it (zoo and rankings built before, not timed).",
+        "wall clock of the fine-tunes as the benchmark reports it (zoo and rankings built before, not timed).",
         "",
         f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs; load average at start "
         f"{load:.1f}",

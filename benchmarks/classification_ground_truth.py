@@ -8,7 +8,7 @@ two nnU-Net 2D encoders from ``build_unet`` pre-trained self-supervised on real 
 2012: denoising; EPFL: masked-image modelling) and one random nnU-Net encoder. Checkpoints are
 written without their classifier, so LEEP/NCE (source-head metrics) have nothing to read.
 
-Targets: BreastMNIST (train subsampled to at most 100 images per class as in seed 002, official
+Targets: BreastMNIST (train subsampled to at most 100 images per class as in Juodelyte et al., official
 val and test, 28 -> 32 px: the DenseNet's total stride of 32 needs at least 32) and JSRT nodule vs
 no nodule (247 chest X-rays at 64 x 64, seeded stratified 50/20/30 % train/val/test split).
 
@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,6 @@ import torch
 import yaml
 from docs_section import write_section
 
-from nnunet_te.bench.ground_truth import append_csv_row
 from nnunet_te.classification.adapters import ClassificationAdapter
 from nnunet_te.classification.data import ImageSet, load_image_set, stratified_subset
 from nnunet_te.classification.finetune import fine_tune
@@ -44,6 +44,9 @@ from nnunet_te.networks.unets import pretrain_self_supervised
 from nnunet_te.ranking.zoo import Candidate
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.finetune_grid runs from the checkout, it is not installed
+from benchmarks.finetune_grid.ground_truth import append_csv_row  # noqa: E402
+
 DOCS = ROOT / "docs" / "classification.md"
 RESULTS = ROOT / "docs" / "classification_ground_truth.csv"
 FIELDS = ["target", "candidate", "seed", "test_auc", "val_auc", "val_loss", "best_epoch", "epochs", "seconds"]
@@ -150,7 +153,7 @@ def target_splits(name: str, shared: Path, seed: int) -> dict[str, ImageSet]:
         splits = {s: load_image_set(path, split=s, size=32) for s in ("train", "val", "test")}
         train = splits["train"]
         counts = np.bincount(train.labels)
-        # seed 002's low-data regime: at most 100 training images per class.
+        # the low-data regime of Juodelyte et al.: at most 100 training images per class.
         keep = np.sort(np.concatenate([np.random.default_rng(seed).choice(np.flatnonzero(train.labels == c),
                                                                           min(100, k), replace=False)
                                        for c, k in enumerate(counts)]))

@@ -1,7 +1,7 @@
-"""The benchmark in miniature, end to end through ``nnunet-te bench`` and the real nnU-Net CLI:
-3 zoo members (one excluded for the target), 1 real 2D target (EPFL mitochondria, 12 slices),
-k = 5, one seed, a 1 x 2 schedule (given for the dataset); then a resumed run that must not train
-again."""
+"""The benchmark in miniature, end to end through ``python -m benchmarks.finetune_grid`` and the
+real nnU-Net CLI: 3 zoo members (one excluded for the target), 1 real 2D target (EPFL
+mitochondria, 12 slices), k = 5, one seed, a 1 x 2 schedule (given for the dataset); then a
+resumed run that must not train again."""
 
 import csv
 import json
@@ -16,7 +16,14 @@ import pytest
 import torch
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+#: The benchmark's command line; it runs from the checkout (not installed), so REPO is on PYTHONPATH.
+BENCH = ["python", "-m", "benchmarks.finetune_grid"]
 MEMBERS = ["random_s0", "sup_isbi_membranes", "sup_epfl_mitochondrion"]
+
+
+def _with_repo(env) -> dict:
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
 
 
 def _run(args, env, cwd) -> str:
@@ -36,10 +43,12 @@ def epfl_tree(shared_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_bench_miniature_end_to_end_and_resume(epfl_tree):
+def test_bench_miniature_end_to_end_and_resume(epfl_tree, shared_data):
     root, env = epfl_tree
     work, docs = root / "work", root / "benchmark.md"
-    command = ["nnunet-te", "bench", "-d", "981", "--work", str(work), "--members", *MEMBERS,
+    env = _with_repo(env)
+    command = [*BENCH, "-d", "981", "--work", str(work), "--shared", str(shared_data.parent),
+               "--members", *MEMBERS,
                "--zoo-iterations", "2", "--shots", "5", "--seeds", "0", "--schedule", "9", "9",
                "--dataset-schedule", "981", "1", "2",  # the target's own schedule wins
                "--test-cases", "3", "--jobs", "2", "--docs", str(docs), "-device", "cpu"]
@@ -80,8 +89,8 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     assert len(curve["train_losses"]) == 1 and np.isfinite(curve["train_losses"]).all()
     assert (run_folder / "progress.png").is_file()  # drawn after the last epoch
     # the cost table splits each fine-tune's wall time into phases read from nnU-Net's log
-    from nnunet_te.bench.ground_truth import read_results
-    from nnunet_te.bench.tables import fine_tune_phases
+    from benchmarks.finetune_grid.ground_truth import read_results
+    from benchmarks.finetune_grid.tables import fine_tune_phases
 
     for row in read_results(work / "results.csv"):
         phases = fine_tune_phases(row)
@@ -115,11 +124,11 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
         assert len(list(csv.DictReader(handle))) == 4
     assert "STALE" not in docs.read_text() and "Measured so far: 4 fine-tunes" in docs.read_text()
     # the Dice of another schedule are not comparable: its report holds none of these rows
-    _run(["nnunet-te", "bench", "--report-only", "--work", str(work), "--schedule", "9", "9", "--docs", str(docs)],
+    _run([*BENCH, "--report-only", "--work", str(work), "--schedule", "9", "9", "--docs", str(docs)],
          env, root)
     assert "Measured so far: 0 fine-tunes" in docs.read_text() and "4 fine-tunes of other schedules left out" in docs.read_text()
     # ... unless the target is given its own schedule
-    _run(["nnunet-te", "bench", "--report-only", "--work", str(work), "--schedule", "9", "9",
+    _run([*BENCH, "--report-only", "--work", str(work), "--schedule", "9", "9",
           "--dataset-schedule", "981", "1", "2", "--docs", str(docs)], env, root)
     assert "Measured so far: 4 fine-tunes" in docs.read_text() and "9x9 (981: 1x2)" in docs.read_text()
 
@@ -127,7 +136,7 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree):
     # for nnU-Net's process only (a user's own setting does not leak into the default kind's rows)
     third = _run(command + ["--risk-trainers", "risk_fg_ce"], {**env, "nnUNet_te_beta": "7"}, root)
     assert "2 new fine-tune(s)" in third
-    from nnunet_te.bench.ground_truth import read_results
+    from benchmarks.finetune_grid.ground_truth import read_results
 
     rows = read_results(work / "results.csv")
     variant = [r for r in rows if r["trainer"] == "risk_fg_ce"]
@@ -148,8 +157,8 @@ def test_a_few_shot_draw_without_a_class_is_named_before_any_work(epfl_tree, tmp
     19 of 27 slices have none and the k = 5 draw of seed 0 holds no axon)."""
     import shutil
 
-    from nnunet_te.bench.plan import write_cpu_plans
-    from nnunet_te.bench.run import Target, check_few_shot_classes
+    from benchmarks.finetune_grid.plan import write_cpu_plans
+    from benchmarks.finetune_grid.run import Target, check_few_shot_classes
 
     root, _ = epfl_tree
     folder = tmp_path / "Dataset981_EPFLEM_mitochondrion"
@@ -167,7 +176,7 @@ def test_a_few_shot_draw_without_a_class_is_named_before_any_work(epfl_tree, tmp
 
 
 def test_bad_shots_fail_before_any_work(tmp_path):
-    from nnunet_te.bench.run import run_bench
+    from benchmarks.finetune_grid.run import run_bench
 
     with pytest.raises(ValueError, match="shots must be among"):
         run_bench([981], tmp_path / "work", shots=(4,))
@@ -175,23 +184,24 @@ def test_bad_shots_fail_before_any_work(tmp_path):
 
 
 def test_zoo_members_are_deterministic_and_cached(tmp_path, shared_data):
-    from nnunet_te.bench.zoo import build_member, select_members
+    from benchmarks.finetune_grid.zoo import build_member, select_members
 
+    shared = shared_data.parent
     member = select_members(["sup_isbi_membranes"], iterations=2)[0]
-    a, b = build_member(member, tmp_path / "a"), build_member(member, tmp_path / "b")
+    a, b = build_member(member, tmp_path / "a", shared=shared), build_member(member, tmp_path / "b", shared=shared)
     assert a.folder.name == b.folder.name  # same content key
     wa = torch.load(a.nnunet, weights_only=True)["network_weights"]
     wb = torch.load(b.nnunet, weights_only=True)["network_weights"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(".seg_layers." in k for k in wa)  # a supervised member keeps its source head
     mtime = a.nnunet.stat().st_mtime_ns
-    assert build_member(member, tmp_path / "a").nnunet.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert build_member(member, tmp_path / "a", shared=shared).nnunet.stat().st_mtime_ns == mtime  # reused
     other = select_members(["sup_isbi_membranes"], iterations=3)[0]
-    assert build_member(other, tmp_path / "a").folder != a.folder
+    assert build_member(other, tmp_path / "a", shared=shared).folder != a.folder
 
 
 def test_unknown_dataset_fails_before_the_zoo(tmp_path, monkeypatch):
-    from nnunet_te.bench.run import run_bench
+    from benchmarks.finetune_grid.run import run_bench
 
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (tmp_path / name).mkdir()
@@ -201,8 +211,15 @@ def test_unknown_dataset_fails_before_the_zoo(tmp_path, monkeypatch):
     assert not (tmp_path / "work" / "zoo").exists()
 
 
+def test_the_zoo_data_comes_from_the_shared_folder_passed_in_not_the_installed_package():
+    from benchmarks.finetune_grid.zoo import default_shared
+
+    assert default_shared({"NNUNET_TE_SHARED": "/data/shared"}) == Path("/data/shared")
+    assert default_shared({}) == REPO.parent / "shared"  # beside the checkout the benchmark runs from
+
+
 def test_schedules_give_each_dataset_its_own_by_id_or_name():
-    from nnunet_te.bench.ground_truth import Schedule, Schedules
+    from benchmarks.finetune_grid.ground_truth import Schedule, Schedules
 
     schedules = Schedules(Schedule(5, 20), {"508": Schedule(40, 20), "Dataset501_EPFLEM_mitochondrion": Schedule(3, 20)})
     assert schedules.of("Dataset508_Hippocampus") == schedules.of(508) == Schedule(40, 20)
@@ -213,13 +230,14 @@ def test_schedules_give_each_dataset_its_own_by_id_or_name():
 
 
 def test_dataset_schedule_needs_integers(tmp_path):
-    done = subprocess.run([str(BIN / "nnunet-te"), "bench", "--report-only", "--work", str(tmp_path),
-                           "--dataset-schedule", "508", "forty", "20"], capture_output=True, text=True)
+    done = subprocess.run([str(BIN / BENCH[0]), *BENCH[1:], "--report-only", "--work", str(tmp_path),
+                           "--dataset-schedule", "508", "forty", "20"], capture_output=True, text=True,
+                          env=_with_repo(os.environ), cwd=tmp_path)
     assert done.returncode == 1 and "--dataset-schedule D EPOCHS ITERATIONS takes integer" in done.stderr
 
 
 def test_fine_tune_phases_come_from_the_last_log(tmp_path):
-    from nnunet_te.bench.tables import fine_tune_phases
+    from benchmarks.finetune_grid.tables import fine_tune_phases
 
     (tmp_path / "training_log_2026_01_01_10_00_00.txt").write_text("2026-01-01 10:00:05.000001: Epoch 0\n")
     (tmp_path / "training_log_2026_01_01_11_00_00.txt").write_text(  # resumed with --c: this invocation counts
@@ -234,7 +252,7 @@ def test_fine_tune_phases_come_from_the_last_log(tmp_path):
 def test_bench_trainers_draw_nnunets_progress_plot_after_the_last_epoch_only(tmp_path):
     from nnunetv2.training.logging.nnunet_logger import MetaLogger
 
-    from nnunet_te.bench.trainers import _ProgressPlotAfterLastEpoch
+    from benchmarks.finetune_grid.trainers import _ProgressPlotAfterLastEpoch
 
     logger = _ProgressPlotAfterLastEpoch(MetaLogger(str(tmp_path), False), num_epochs=3)
     for epoch in range(3):
@@ -249,7 +267,7 @@ def test_bench_trainers_draw_nnunets_progress_plot_after_the_last_epoch_only(tmp
 
 
 def test_fine_tune_hours_count_overlapping_runs_once():
-    from nnunet_te.bench.tables import fine_tune_hours
+    from benchmarks.finetune_grid.tables import fine_tune_hours
 
     rows = [{"finished": "2026-01-01T10:30:00", "train_seconds": 1800.0},  # 10:00-10:30
             {"finished": "2026-01-01T10:45:00", "train_seconds": 1800.0},  # 10:15-10:45, beside the first
@@ -261,7 +279,7 @@ def test_fine_tune_hours_count_overlapping_runs_once():
 
 
 def test_classes_no_member_segmented_are_named():
-    from nnunet_te.bench.tables import unlearned_classes
+    from benchmarks.finetune_grid.tables import unlearned_classes
 
     def row(member, seed, per_class, trainer="plain"):
         return {"dataset": "D8_h", "k": 5, "member": member, "seed": seed, "trainer": trainer,
@@ -278,7 +296,7 @@ def _quality(k, taus):
 
 
 def test_goals_judge_ranking_and_risk_from_the_tables():
-    from nnunet_te.bench.tables import goals
+    from benchmarks.finetune_grid.tables import goals
 
     quality = _quality(5, {("D1_a", "topology"): 0.6, ("D2_b", "topology"): -0.1, ("D1_a", "ccfv"): 0.7,
                            ("D2_b", "ccfv"): -0.3, ("D1_a", "logme"): 0.1, ("D2_b", "logme"): 0.1,
@@ -321,7 +339,7 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
 
 
 def test_risk_pairs_and_tests_per_trainer_kind():
-    from nnunet_te.bench.tables import risk_vs_plain
+    from benchmarks.finetune_grid.tables import risk_vs_plain
 
     def row(member, seed, trainer, dice):
         return {"dataset": "D1_a", "member": member, "k": 5, "seed": seed, "trainer": trainer, "dice": dice}
@@ -337,7 +355,7 @@ def test_risk_pairs_and_tests_per_trainer_kind():
 
 
 def test_results_csv_with_other_columns_is_refused(tmp_path):
-    from nnunet_te.bench.ground_truth import COLUMNS, append_csv_row
+    from benchmarks.finetune_grid.ground_truth import COLUMNS, append_csv_row
 
     path = tmp_path / "results.csv"
     row = dict.fromkeys(COLUMNS, "1")
@@ -352,7 +370,7 @@ def test_results_csv_with_other_columns_is_refused(tmp_path):
 
 
 def test_ranking_quality_skips_a_split_where_every_member_reached_the_same_dice(tmp_path):
-    from nnunet_te.bench.tables import ranking_quality
+    from benchmarks.finetune_grid.tables import ranking_quality
 
     for seed in (0, 1):
         folder = tmp_path / "rankings" / "D1_a" / f"k5s{seed}"

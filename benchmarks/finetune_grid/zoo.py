@@ -1,5 +1,7 @@
-"""The benchmark's 2D model zoo: every member is the CPU plan's network (:mod:`nnunet_te.bench.plan`),
-made from the real data in ``../shared/data`` by project code, deterministic and cached by content.
+"""The benchmark's 2D model zoo: every member is the CPU plan's network (:mod:`benchmarks.finetune_grid.plan`),
+made from the real data in ``<shared>/data`` by project code, deterministic and cached by content.
+``shared`` is passed in (``--shared``; :func:`default_shared`: ``$NNUNET_TE_SHARED``, else
+``shared/`` beside the repository checkout this benchmark runs from).
 
 Members (:data:`MEMBERS`):
 
@@ -37,14 +39,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nnunet_te.bench.plan import CONFIGURATION, PLANS, build_cpu_network, cpu_architecture
+from benchmarks.finetune_grid.plan import CONFIGURATION, PLANS, build_cpu_network, cpu_architecture
 from nnunet_te.features.extract import zscore
 from nnunet_te.networks.unets import pretrain_self_supervised
-from nnunet_te.data.raw import SHARED_DATA
 
 #: Bump when the way members are made changes, so cached members are rebuilt.
 ZOO_VERSION = 1
 CROP = 128
+#: The environment variable naming the folder that holds ``data/`` (as for the tests).
+SHARED_VARIABLE = "NNUNET_TE_SHARED"
+
+
+def default_shared(environ=os.environ) -> Path:
+    """``$NNUNET_TE_SHARED``, else ``shared/`` beside the repository checkout: this benchmark is
+    not installed, it runs from ``<checkout>/benchmarks/finetune_grid``."""
+    return Path(environ.get(SHARED_VARIABLE) or Path(__file__).resolve().parents[3] / "shared")
 
 
 @dataclass(frozen=True)
@@ -90,20 +99,20 @@ class BuiltMember:
 # ---- real source data ------------------------------------------------------------------------------
 def _npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(f"zoo source data missing: {path} (set NNUNET_TE_SHARED to the folder holding data/)")
+        raise FileNotFoundError(f"zoo source data missing: {path} (pass --shared, or set {SHARED_VARIABLE}, to the "
+                                "folder holding data/)")
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
 
-def _source_files(source: str) -> list[Path]:
-    """Files a source reads (their bytes enter the cache key)."""
-    d = SHARED_DATA
+def _source_files(source: str, d: Path) -> list[Path]:
+    """Files a source reads from the data folder ``d`` (their bytes enter the cache key)."""
     files = {
         "pool_em": [d / "isbi2012_em/train_256.npz", *sorted((d / "isbi2012_em/test_unlabeled").glob("*.png")),
                     d / "epfl_em/epfl_test_256x192.npz"],
         "isbi_membranes": [d / "isbi2012_em/train_256.npz"],
         "jsrt_lungs": [d / "jsrt_scr/jsrt_lungs_256.npz"],
-        "msd_hippocampus": [p for c in _hippocampus_cases() for p in
+        "msd_hippocampus": [p for c in _hippocampus_cases(d) for p in
                             (d / f"msd_hippocampus/imagesTr/{c}.nii.gz", d / f"msd_hippocampus/labelsTr/{c}.nii.gz")],
         "epfl_test_mitochondrion": [d / "epfl_em/epfl_test_256x192.npz"],
     }
@@ -117,16 +126,15 @@ def _source_files(source: str) -> list[Path]:
     return files[source]
 
 
-def _hippocampus_cases(n: int = 40) -> list[str]:
-    folder = SHARED_DATA / "msd_hippocampus/labelsTr"
+def _hippocampus_cases(d: Path, n: int = 40) -> list[str]:
+    folder = d / "msd_hippocampus/labelsTr"
     return sorted(p.name.removesuffix(".nii.gz") for p in folder.glob("hippocampus_*.nii.gz"))[:n]
 
 
-def _unlabeled_images(source: str) -> list[np.ndarray]:
+def _unlabeled_images(source: str, d: Path) -> list[np.ndarray]:
     """2D float images (z-scored per image, as nnU-Net normalises these modalities)."""
     from skimage import io
 
-    d = SHARED_DATA
     images = list(_npz(d / "isbi2012_em/train_256.npz")["images"])
     for path in sorted((d / "isbi2012_em/test_unlabeled").glob("*.png")):
         full = io.imread(path).astype(np.float64)
@@ -142,9 +150,8 @@ def _unlabeled_images(source: str) -> list[np.ndarray]:
     return [zscore(np.asarray(i, dtype=np.float64)) for i in images]
 
 
-def _labelled_images(source: str) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+def _labelled_images(source: str, d: Path) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """(z-scored images, integer label maps, number of classes) of a supervised source."""
-    d = SHARED_DATA
     if source == "isbi_membranes":
         z = _npz(d / "isbi2012_em/train_256.npz")
         images, labels, n = z["images"], z["membrane"] > 0, 2
@@ -158,7 +165,7 @@ def _labelled_images(source: str) -> tuple[list[np.ndarray], list[np.ndarray], i
         import SimpleITK as sitk
 
         images, labels, n = [], [], 3
-        for case in _hippocampus_cases():
+        for case in _hippocampus_cases(d):
             image = sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"msd_hippocampus/imagesTr/{case}.nii.gz")))
             label = sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"msd_hippocampus/labelsTr/{case}.nii.gz")))
             image = zscore(image.astype(np.float64))  # per volume, as nnU-Net's ZScore on MRI
@@ -216,32 +223,33 @@ def pretrain_supervised(network: torch.nn.Module, images: list[np.ndarray], labe
 
 
 # ---- building, saving, caching ---------------------------------------------------------------------
-def member_key(member: Member) -> str:
-    """sha256 over what the member's weights depend on (see the module docstring)."""
+def member_key(member: Member, shared: str | os.PathLike) -> str:
+    """sha256 over what the member's weights depend on (see the module docstring); the source
+    files are read from ``<shared>/data`` (their bytes count, not their location)."""
     from nnunet_te.io.files import file_sha256
 
     digest = hashlib.sha256(json.dumps([ZOO_VERSION, asdict(member), cpu_architecture()], sort_keys=True,
                                        default=list).encode())
     if member.kind != "random":
-        for path in _source_files(member.source):
+        for path in _source_files(member.source, Path(shared) / "data"):
             digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 
-def _train_member(member: Member, device: str) -> tuple[torch.nn.Module, list[float], int]:
+def _train_member(member: Member, data: Path, device: str) -> tuple[torch.nn.Module, list[float], int]:
     """The trained network, its loss curve and its number of output classes."""
     if member.kind == "random":
         return build_cpu_network(2, seed=member.seed), [], 2
     if member.kind == "ssl":
         rng = np.random.default_rng(member.seed)
-        pool = _unlabeled_images(member.source)
+        pool = _unlabeled_images(member.source, data)
         crops = [_crop(pool[i], CROP, rng)[0][None] for i in rng.integers(len(pool), size=4 * len(pool))]
         network = build_cpu_network(1, seed=member.seed)  # one output channel: the reconstruction
         losses = pretrain_self_supervised(network, crops, objective=member.objective, iterations=member.iterations,
                                           seed=member.seed, batch_size=member.batch_size, device=device)
         return network, losses, 1
     if member.kind == "supervised":
-        images, labels, n_classes = _labelled_images(member.source)
+        images, labels, n_classes = _labelled_images(member.source, data)
         crop = 48 if member.source == "msd_hippocampus" else CROP  # hippocampus slices are ~ 35 x 50
         network = build_cpu_network(n_classes, seed=member.seed)
         losses = pretrain_supervised(network, images, labels, crop=crop, iterations=member.iterations,
@@ -255,7 +263,7 @@ def _save(network: torch.nn.Module, member: Member, folder: Path, meta: dict) ->
     # Only a supervised head is a source segmentation head; an SSL reconstruction layer or a
     # random head would pose as one to LEEP and the risk maps.
     weights = state if member.kind == "supervised" else {k: v for k, v in state.items() if ".seg_layers." not in k}
-    nnunet = {"network_weights": weights, "trainer_name": "nnunet_te.bench.zoo",
+    nnunet = {"network_weights": weights, "trainer_name": "benchmarks.finetune_grid.zoo",
               "current_epoch": member.iterations,
               "init_args": {"configuration": CONFIGURATION,
                             "plans": {"plans_name": PLANS,
@@ -273,9 +281,11 @@ def _save(network: torch.nn.Module, member: Member, folder: Path, meta: dict) ->
     return paths
 
 
-def build_member(member: Member, root: str | os.PathLike, *, device: str = "cpu") -> BuiltMember:
-    """Build (or reuse from ``root``) one member; see the module docstring for the layout."""
-    key = member_key(member)
+def build_member(member: Member, root: str | os.PathLike, *, shared: str | os.PathLike,
+                 device: str = "cpu") -> BuiltMember:
+    """Build (or reuse from ``root``) one member from the data in ``<shared>/data``; see the
+    module docstring for the layout."""
+    key = member_key(member, shared)
     folder = Path(root) / f"{member.name}-{key[:12]}"
     record_path = folder / "member.json"
     if record_path.is_file():
@@ -284,7 +294,7 @@ def build_member(member: Member, root: str | os.PathLike, *, device: str = "cpu"
     folder.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     started = time.perf_counter()
-    network, losses, n_out = _train_member(member, device)
+    network, losses, n_out = _train_member(member, Path(shared) / "data", device)
     seconds = time.perf_counter() - started
     record = {"member": asdict(member), "key": key, "seconds": seconds, "output_channels": n_out,
               "final_loss": float(np.mean(losses[-20:])) if losses else None, "losses": losses,
@@ -308,14 +318,15 @@ def select_members(names: list[str] | None, *, iterations: int | None = None) ->
     return chosen
 
 
-def build_zoo(members: list[Member], root: str | os.PathLike, *, device: str = "cpu") -> list[BuiltMember]:
-    """Build every member into ``root`` (cached) and write ``root/zoo.yaml`` listing their
-    nnU-Net-format checkpoints for ``nnunet-te rank``."""
+def build_zoo(members: list[Member], root: str | os.PathLike, *, shared: str | os.PathLike,
+              device: str = "cpu") -> list[BuiltMember]:
+    """Build every member into ``root`` (cached) from the data in ``<shared>/data`` and write
+    ``root/zoo.yaml`` listing their nnU-Net-format checkpoints for ``nnunet-te rank``."""
     root = Path(root)
     for member in members:  # every source file checked before any training starts
         if member.kind != "random":
-            _source_files(member.source)
-    built = [build_member(m, root, device=device) for m in tqdm(members, desc="zoo")]
+            _source_files(member.source, Path(shared) / "data")
+    built = [build_member(m, root, shared=shared, device=device) for m in tqdm(members, desc="zoo")]
     import yaml
 
     (root / "zoo.yaml").write_text(yaml.safe_dump({"candidates": [

@@ -1,5 +1,5 @@
-"""``nnunet-te bench``: zoo -> per target (rankings on the k training cases, plain fine-tunes,
-risk-weighted fine-tunes) -> tables and figures, in resumable pieces.
+"""``python -m benchmarks.finetune_grid``: zoo -> per target (rankings on the k training cases,
+plain fine-tunes, risk-weighted fine-tunes) -> tables and figures, in resumable pieces.
 
 Everything the benchmark writes lives under the work folder (``--work``), except the CPU plan
 and the split, which go where nnU-Net expects them (``nnUNetPlans_cpu.json`` and one appended
@@ -26,17 +26,16 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nnunet_te.bench.ground_truth import (TRAINERS, Run, Schedule, Schedules, done_keys, fine_tune, read_results,
-                                          training_cases)
-from nnunet_te.bench.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
-                                  preprocessed_view, write_cpu_plans)
-from nnunet_te.bench.zoo import BuiltMember, Member, build_zoo, select_members
+from benchmarks.finetune_grid.ground_truth import (TRAINERS, Run, Schedule, Schedules, done_keys, fine_tune,
+                                                  read_results, training_cases)
+from benchmarks.finetune_grid.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
+                                          preprocessed_view, write_cpu_plans)
+from benchmarks.finetune_grid.zoo import BuiltMember, Member, build_zoo, default_shared, select_members
 
 #: Fine-tuning schedule chosen for the 2-core CPU budget (docs/benchmark.md, "CPU plan").
 DEFAULT_SCHEDULE = Schedule(epochs=5, iterations=20, val_iterations=2)
@@ -59,20 +58,6 @@ class Target:
     fold: int
     allowed: list[str]  # members not trained on this target's own task
     members: list[BuiltMember] = field(default_factory=list)  # the built allowed members
-
-
-@contextmanager
-def _preprocessed_root(root: Path):
-    """Point ``nnUNet_preprocessed`` at ``root`` for the duration (rank_zoo reads it per call)."""
-    old = os.environ.get("nnUNet_preprocessed")
-    os.environ["nnUNet_preprocessed"] = str(root)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["nnUNet_preprocessed"]
-        else:
-            os.environ["nnUNet_preprocessed"] = old
 
 
 def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | None, split_seed: int) -> Target:
@@ -98,19 +83,14 @@ def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | N
 def check_few_shot_classes(target: Target, shots: tuple[int, ...], seeds: tuple[int, ...]) -> None:
     """Raise ValueError unless every foreground class occurs in the k training cases of every
     (k, seed): a draw without one can be neither ranked nor learned from."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_te.data.target import PreprocessedTarget, check_classes_present
 
-    from nnunet_te.ranking.rank import PreprocessedCases, check_classes_present
-
-    plans = PlansManager(str(target.preprocessed / f"{PLANS}.json"))
-    dataset_json = json.loads((target.preprocessed / "dataset.json").read_text())
-    labels = plans.get_label_manager(dataset_json)
-    data = target.preprocessed / plans.get_configuration(CONFIGURATION).data_identifier
+    opened = PreprocessedTarget(target.preprocessed, target.preprocessed / f"{PLANS}.json", CONFIGURATION,
+                                target.preprocessed / "dataset.json")
     for k in shots:
         for seed in seeds:
             cases = training_cases(target.split, k, seed)
-            check_classes_present(PreprocessedCases(data, cases, labels.ignore_label, ndim=2),
-                                  labels.num_segmentation_heads, dataset_json["labels"],
+            check_classes_present(opened.cases(cases), opened.n_classes, opened.labels,  # 2d: read slice by slice
                                   remedy=f"these are the k = {k} training cases of seed {seed} on "
                                          f"{target.dataset} ({', '.join(cases)}), nothing to rank or learn "
                                          "from; leave the dataset out or choose other --shots / --seeds")
@@ -152,9 +132,9 @@ def rank_target(target: Target, k: int, seed: int, work: Path, *, device: str) -
     partial = out.with_name(f".{out.name}")
     if partial.exists():
         shutil.rmtree(partial)  # a killed ranking: its features are in the cache, redo the rest
-    with _preprocessed_root(view_root):
-        result = rank_zoo(target.dataset, CONFIGURATION, candidates, plans=PLANS, out_dir=partial, seed=0,
-                          device=device, cache_dir=work / "feature_cache", progress=False)
+    result = rank_zoo(target.dataset, CONFIGURATION, candidates, plans=PLANS, out_dir=partial, seed=0,
+                      device=device, cache_dir=work / "feature_cache", preprocessed_root=view_root,
+                      progress=False)
     if result.candidate_errors:
         raise RuntimeError(f"{target.dataset}: candidates failed to rank: {result.candidate_errors}")
     partial.rename(out)
@@ -173,7 +153,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
               schedules: Schedules = Schedules(DEFAULT_SCHEDULE),
               zoo_iterations: int | None = None, n_test: int | None = None, split_seed: int = 0,
               device: str = "cpu", jobs: int = 1, fine_tunes: bool = True, report: bool = True,
-              docs: str | os.PathLike | None = None) -> dict:
+              docs: str | os.PathLike | None = None, shared: str | os.PathLike | None = None) -> dict:
     """Run (or resume) the benchmark on ``datasets`` (ids or names of nnU-Net datasets preprocessed
     with ``nnUNetv2_plan_and_preprocess -c 2d``); return a summary (counts and paths).
 
@@ -181,13 +161,14 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     threads (on 2 cores, 2 jobs of 1 thread finish about 1.5 x as many runs per hour as 1 job of 2:
     process start and validation do not use the second core). ``schedules`` gives each target
     its fine-tuning schedule (by default :data:`DEFAULT_SCHEDULE` for all). ``risk_trainers``:
-    the risk-weighted kinds of :data:`~nnunet_te.bench.ground_truth.TRAINERS` paired with the
+    the risk-weighted kinds of :data:`~benchmarks.finetune_grid.ground_truth.TRAINERS` paired with the
     plain runs of the top-, median- and bottom-ranked members at ``risk_shots``.
     ``fine_tunes=False`` builds the zoo and the rankings only; ``report`` writes the tables and
     figures from everything in ``results.csv`` (all datasets so far) to ``<work>/report`` and,
-    with ``docs``, into that Markdown page.
+    with ``docs``, into that Markdown page. ``shared``: the folder holding the zoo's source data
+    in ``data/`` (default :func:`~benchmarks.finetune_grid.zoo.default_shared`).
     """
-    from nnunet_te.bench.tables import write_report
+    from benchmarks.finetune_grid.tables import write_report
 
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -214,7 +195,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         if len(target.split["train"]) < max(shots):
             raise ValueError(f"{target.dataset}: {len(target.split['train'])} training cases, fewer than k={max(shots)}")
         check_few_shot_classes(target, shots, seeds)
-    zoo = build_zoo(chosen, work / "zoo", device=device)
+    zoo = build_zoo(chosen, work / "zoo", shared=default_shared() if shared is None else shared, device=device)
     for target in targets:
         target.members = [b for b in zoo if b.member.name in target.allowed]
     results_csv = work / "results.csv"

@@ -1,6 +1,6 @@
 """Ground truth: few-shot fine-tuning of zoo members through the real ``nnUNetv2_train`` command
 line with the product's trainers (``nnUNetTrainer_k5s0`` / ``RiskWeightedTrainer_k5s0`` with the
-benchmark schedule, :mod:`nnunet_te.bench.trainers`), Dice on the held-out test cases from
+benchmark schedule, :mod:`benchmarks.finetune_grid.trainers`), Dice on the held-out test cases from
 nnU-Net's own final validation (``fold_X/validation/summary.json``).
 
 Every finished run appends one row to ``results.csv`` at once; a run already in the CSV is never
@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_te.bench.plan import CONFIGURATION, PLANS
-from nnunet_te.bench.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, trainer_folder
+from benchmarks.finetune_grid.plan import CONFIGURATION, PLANS
+from benchmarks.finetune_grid.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, subprocess_environment
 from nnunet_te.training.few_shot import few_shot_cases
 from nnunet_te.training.options import ENVIRONMENT as RISK_OPTION_VARIABLES
 from nnunet_te.data.paths import dataset_id
 
 #: Trainer kinds: the nnU-Net trainer class each runs, and the RiskWeightedTrainer options
 #: (``nnunet_te.training.options``) a variant sets. ``risk`` is RiskWeightedTrainer as the product
-#: ships it; ``risk_fg_ce`` divides the cross-entropy by the foreground size, as seed 003 does.
+#: ships it; ``risk_fg_ce`` divides the cross-entropy by the foreground size, as the transfer-risk paper (arXiv 2502.02340) does.
 TRAINERS = {"plain": ("nnUNetTrainer", {}), "risk": ("RiskWeightedTrainer", {}),
             "risk_fg_ce": ("RiskWeightedTrainer", {"nnUNet_te_ce_normalisation": "foreground"})}
 COLUMNS = ("dataset", "target", "member", "trainer", "k", "seed", "schedule", "dice", "dice_per_class",
@@ -202,8 +202,7 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
         # than a short fine-tune trains.
         env = {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", **inherited,
                "nnUNet_results": str(run.results_root(work, schedule)), **schedule.environment(), **run.options,
-               "nnUNet_extTrainer": os.pathsep.join([str(trainer_folder(work)),
-                                                     os.environ.get("nnUNet_extTrainer", "")])}
+               **subprocess_environment()}  # -tr *_bench found in the benchmark's own trainer folder
         if threads is not None:
             env[THREADS_VARIABLE] = str(threads)
         if run.trainer != "plain":  # maps from the member's weights, P(y|z) on the k cases (the trainer's rule)

@@ -14,8 +14,11 @@ mirroring:
 ``nnUNet_te_bench_threads``     torch CPU threads (default: nnU-Net's, every core)
 ==============================  =======================================
 
-nnU-Net finds these names through a one-line shim module that :func:`trainer_folder` writes
-(the benchmark puts that folder first in ``nnUNet_extTrainer`` for its own subprocesses).
+nnU-Net finds these names through the one-line shim module in :data:`TRAINER_FOLDER`
+(``nnunet_trainers/finetune_grid_trainer_classes.py``, which re-exports this module's ``__all__``):
+the benchmark puts that folder first in ``nnUNet_extTrainer``, and the checkout root on
+``PYTHONPATH`` so the shim can import ``benchmarks``, for its own ``nnUNetv2_train`` processes only
+(:func:`subprocess_environment`). Outside the benchmark nnU-Net never sees these trainers.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from nnunet_te.training import trainers as product
 
 SCHEDULE_VARIABLES = ("nnUNet_te_bench_epochs", "nnUNet_te_bench_iterations", "nnUNet_te_bench_val_iterations")
 THREADS_VARIABLE = "nnUNet_te_bench_threads"
-SHIM_MODULE = "nnunet_te_bench_trainer_classes"
+#: The folder nnU-Net scans for ``-tr *_bench`` in the benchmark's subprocesses (a shim module only).
+TRAINER_FOLDER = Path(__file__).resolve().parent / "nnunet_trainers"
+#: The repository checkout holding ``benchmarks/``: on ``sys.path`` of those subprocesses.
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def read_schedule(environ=os.environ) -> tuple[int, int, int]:
@@ -39,7 +45,7 @@ def read_schedule(environ=os.environ) -> tuple[int, int, int]:
         raw = environ.get(variable, default)
         if raw is None:
             raise RuntimeError(f"{variable} is not set: the *_bench trainers take their schedule from "
-                               f"{', '.join(SCHEDULE_VARIABLES)} (nnunet-te bench sets them)")
+                               f"{', '.join(SCHEDULE_VARIABLES)} (python -m benchmarks.finetune_grid sets them)")
         try:
             value = int(raw)
         except ValueError:
@@ -100,20 +106,21 @@ def _define_bench_variants() -> None:
             base = getattr(product, name)
             globals()[bench] = type(bench, (BenchSchedule, base), {
                 "__module__": __name__, "__qualname__": bench,
-                "__doc__": f"{base.__name__} with the benchmark schedule (nnunet_te.bench.trainers)."})
+                "__doc__": f"{base.__name__} with the benchmark schedule (benchmarks.finetune_grid.trainers)."})
             __all__.append(bench)
 
 
 _define_bench_variants()
 
 
-def trainer_folder(root: str | os.PathLike) -> Path:
-    """Write the shim module nnU-Net imports for ``-tr *_bench`` into ``<root>/trainers``; return
-    the folder (to put into ``nnUNet_extTrainer``)."""
-    folder = Path(root) / "trainers"
-    folder.mkdir(parents=True, exist_ok=True)
-    shim = folder / f"{SHIM_MODULE}.py"
-    text = "from nnunet_te.bench.trainers import *  # noqa: F401,F403\n"
-    if not shim.is_file() or shim.read_text() != text:
-        shim.write_text(text)
-    return folder
+def subprocess_environment(environ=os.environ) -> dict[str, str]:
+    """``nnUNet_extTrainer`` and ``PYTHONPATH`` for an ``nnUNetv2_train`` process that must find the
+    ``*_bench`` trainers: :data:`TRAINER_FOLDER` and :data:`CHECKOUT` put first, the values in
+    ``environ`` kept after them (the product's trainer folder is appended at interpreter start by
+    the ``.pth`` file that ``pip install`` writes)."""
+    def first(path: Path, value: str | None) -> str:
+        return os.pathsep.join([str(path), *(entry for entry in (value or "").split(os.pathsep)
+                                             if entry and entry != str(path))])
+
+    return {"nnUNet_extTrainer": first(TRAINER_FOLDER, environ.get("nnUNet_extTrainer")),
+            "PYTHONPATH": first(CHECKOUT, environ.get("PYTHONPATH"))}

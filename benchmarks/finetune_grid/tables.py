@@ -1,13 +1,13 @@
 """Tables and figures of the benchmark from ``results.csv`` and the saved rankings.
 
-- ranking quality (seed 001's Table 1 layout): per target and metric, weighted Kendall tau (main),
+- ranking quality (the layout of Table 1 in "The Geometry of Transfer", docs/metrics.md): per target and metric, weighted Kendall tau (main),
   Kendall tau-b, Spearman rho and top-1 regret of every metric's scores (computed on the k
   training cases) against the fine-tuned test Dice of the same k-shot split, averaged over seeds;
   averages over targets; Friedman test and a critical-difference plot on the weighted tau;
 - ground truth: mean test Dice per target and member; the noise floor (mean absolute seed-to-seed
   difference of a member's Dice) beside the spread between members; classes that no member
   segmented (a schedule too short for the target);
-- cost (seed 001's Table 2): feature extraction and metric time per candidate, one fine-tune;
+- cost (as Table 2 of "The Geometry of Transfer"): feature extraction and metric time per candidate, one fine-tune;
 - risk weighting: RiskWeightedTrainer minus nnUNetTrainer, same member, split and seed, in Dice
   points, per target, with a paired Wilcoxon signed-rank test over (target, member, seed);
 - learning curves: nnU-Net's logged pseudo Dice on the test cases per epoch.
@@ -31,8 +31,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
-from nnunet_te.bench.docs import write_section
-from nnunet_te.bench.ground_truth import TRAINERS, Schedules, read_results
+from benchmarks.docs_section import write_section
+from benchmarks.finetune_grid.ground_truth import TRAINERS, Schedules, read_results
 from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
                                              nemenyi_cd, rank_methods)
 from nnunet_te.ranking.zoo import read_zoo
@@ -537,7 +537,7 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, 
     if scaling:
         names = [k for k in scaling[0] if k != "points"]
         lines += ["", "Metric time (s) against the number of sampled points per stage (one candidate's cached "
-                      "features, subsampled; `metric_scaling` in `nnunet_te/bench/tables.py`):", "",
+                      "features, subsampled; `metric_scaling` in `benchmarks/finetune_grid/tables.py`):", "",
                   _markdown(["points"] + names, [[str(int(r["points"]))] + [_fmt(float(r[n]), 3) for n in names]
                                                  for r in scaling])]
     for key, title in (("dice", "test Dice per member"), ("curves", "learning curves (k-shot, first seed)")):
