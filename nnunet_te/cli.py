@@ -3,21 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import torch
+from nnunet_te.errors import UserError
 
 
 def default_device() -> str:
+    # torch is imported here, not at module level, so `nnunet-te --help` and `nnunet-te metrics`
+    # start without it.
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_arg(value: str) -> str:
+    """``--device`` values: ``auto`` (the default) is cuda when available, else cpu.
+
+    argparse applies this to the string default too, but only when a verb that has ``--device``
+    is parsed (not for ``-h``), so torch is imported only by the verbs that use it.
+    """
+    return default_device() if value == "auto" else value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count; 0 or a negative number is refused by name)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (NaN, inf and negative values are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
     from nnunet_te.demo import run_demo
 
     result = run_demo(Path(args.output), n_cases=args.cases, ssl_iterations=args.ssl_iterations,
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, overwrite=args.overwrite)
     print(result["table"])
     for (metric, candidate), reason in result["zoo"].errors.items():
         print(f"note: {metric} not computed for {candidate}: {reason}")
@@ -41,8 +79,10 @@ def _metrics(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from nnunet_te.ranking.evaluate import evaluate_saved_ranking, read_truth, write_evaluation
 
+    out_dir = Path(args.output) if args.output else Path(args.ranking).parent
+    # bad input is named first; existing evaluation files are refused by write_evaluation (seconds later)
     rows = evaluate_saved_ranking(Path(args.ranking), read_truth(Path(args.truth)), seed=args.seed)
-    paths = write_evaluation(rows, Path(args.output) if args.output else Path(args.ranking).parent)
+    paths = write_evaluation(rows, out_dir, overwrite=args.overwrite)
     print(paths["md"].read_text())
     print(f"written: {paths['csv']}, {paths['md']}")
     return 0
@@ -57,7 +97,7 @@ def _data(args: argparse.Namespace) -> int:
             print(f"| {name} | {source.dim}D | {source.description} |")
         return 0
     if args.d is None:
-        raise SystemExit("nnunet-te data: -d DATASET_ID is required to convert a source")
+        raise UserError("-d DATASET_ID is required to convert a source")
     options = {"n_cases": args.cases, "seed": args.seed, "overwrite": args.overwrite}
     if args.source_dir:
         options["source_dir"] = args.source_dir
@@ -68,23 +108,20 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preprocessed_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """(dataset folder, plans file, dataset.json) of a preprocessed dataset, checked to exist."""
-    from nnunet_te.data.paths import preprocessed_dataset_dir
+def _preprocessed_target(args: argparse.Namespace, *, regions: bool = False):
+    """The :class:`~nnunet_te.data.target.PreprocessedTarget` of ``-d``, ``-c``, ``-p`` (plans and
+    dataset.json checked to exist, the configuration to be planned)."""
+    from nnunet_te.data.target import PreprocessedTarget
 
-    folder = preprocessed_dataset_dir(args.d)
-    plans, dataset_json = folder / f"{args.p}.json", folder / "dataset.json"
-    for path in (plans, dataset_json):
-        if not path.is_file():
-            raise SystemExit(f"{path} not found: run nnUNetv2_plan_and_preprocess -d {args.d} first")
-    return folder, plans, dataset_json
+    return PreprocessedTarget.open(args.d, args.c, args.p, regions=regions)
 
 
 def _riskmap(args: argparse.Namespace) -> int:
     from nnunet_te.risk.compute import compute_dataset_risk_maps
 
-    folder, plans, dataset_json = _preprocessed_inputs(args)
-    out = compute_dataset_risk_maps(folder, plans, args.c, dataset_json, args.weights,
+    target = _preprocessed_target(args)
+    out = compute_dataset_risk_maps(target.folder, target.plans, target.configuration, target.dataset_json,
+                                    args.weights,
                                     device=args.device, sigma=args.sigma, seed=args.seed,
                                     overlays=args.overlays, overwrite=args.overwrite)
     print(f"risk maps: {out}")
@@ -94,9 +131,9 @@ def _riskmap(args: argparse.Namespace) -> int:
 def _convert_weights(args: argparse.Namespace) -> int:
     from nnunet_te.networks.weights import convert_for_pretrained_weights
 
-    _, plans, dataset_json = _preprocessed_inputs(args)
-    report = convert_for_pretrained_weights(args.checkpoint, plans, args.c, dataset_json,
-                                            args.output, seed=args.seed)
+    target = _preprocessed_target(args, regions=True)  # plain nnU-Net trains region-based datasets too
+    report = convert_for_pretrained_weights(args.checkpoint, target.plans, target.configuration,
+                                            target.dataset_json, args.output, seed=args.seed)
     print(report)
     print(f"wrote {args.output}\nuse: nnUNetv2_train {args.d} {args.c} FOLD -tr RiskWeightedTrainer "
           f"-pretrained_weights {args.output}")
@@ -106,12 +143,14 @@ def _convert_weights(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace) -> int:
     from nnunet_te.features.sampling import SamplingConfig
     from nnunet_te.ranking.rank import rank_zoo
-    from nnunet_te.training.handoff import prepare_training, run_training
+    from nnunet_te.training.handoff import check_training_target, prepare_training, run_training
     from nnunet_te.training.trainers import check_trainer
 
     if args.train is not None:
         check_trainer(args.tr)
-    sampling = SamplingConfig(**({"max_points_per_stage": args.points} if args.points else {}))
+        if not args.overwrite_training:  # before any ranking work
+            check_training_target(args.d, args.c, args.train, plans=args.p, trainer=args.tr)
+    sampling = SamplingConfig(**({"max_points_per_stage": args.points} if args.points is not None else {}))
     rates = {} if args.consistency_rates is None else {"consistency_rates": args.consistency_rates}
     result = rank_zoo(args.d, args.c, Path(args.zoo), plans=args.p, metrics=args.metrics,
                       out_dir=args.output, seed=args.seed, device=args.device, sampling=sampling,
@@ -128,7 +167,8 @@ def _rank(args: argparse.Namespace) -> int:
     if args.train is None:
         return 0
     plan = prepare_training(result, args.d, args.c, args.train, plans=args.p, trainer=args.tr, seed=args.seed,
-                            device=args.device, overwrite_maps=args.overwrite_maps)
+                            device=args.device, overwrite_maps=args.overwrite_maps,
+                            overwrite_training=args.overwrite_training)
     print(f"chosen: {plan.candidate}\nweights: {plan.weights}\nrisk maps: {plan.risk_maps}\n"
           f"ranking copied to {plan.ranking_copy}\ntrain with:\n  {plan.command_line}")
     return run_training(plan) if args.run else 0
@@ -159,37 +199,12 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from nnunet_te.bench.ground_truth import Schedule, Schedules
-    from nnunet_te.bench.run import DEFAULT_SCHEDULE, run_bench
-    from nnunet_te.bench.tables import write_report
-
-    given_schedules = args.dataset_schedule or ()
-    if not all(e.isdigit() and i.isdigit() for _, e, i in given_schedules):
-        raise ValueError(f"--dataset-schedule D EPOCHS ITERATIONS takes integer EPOCHS and ITERATIONS, got "
-                         f"{[' '.join(g) for g in given_schedules]}")
-    schedules = Schedules(Schedule(*args.schedule) if args.schedule else DEFAULT_SCHEDULE,
-                          {d: Schedule(int(e), int(i)) for d, e, i in given_schedules})
-    if args.report_only:
-        for name, path in write_report(Path(args.work), schedules,
-                                       docs=Path(args.docs) if args.docs else None).items():
-            print(f"{name}: {path}")
-        return 0
-    if not args.d:
-        raise SystemExit("nnunet-te bench: -d DATASET [DATASET ...] is required (unless --report-only)")
-    given = {"shots": args.shots, "seeds": args.seeds, "risk_shots": args.risk_shots,
-             "risk_trainers": args.risk_trainers}
-    summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
-                        n_test=args.test_cases, device=args.device, jobs=args.jobs,
-                        fine_tunes=not args.no_fine_tunes,
-                        schedules=schedules,
-                        docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in given.items() if v is not None})
-    print(f"{summary['new_fine_tunes']} new fine-tune(s) in {summary['seconds']:.0f} s; results: "
-          f"{summary['results_csv']}")
-    for name, path in summary.get("report", {}).items():
-        print(f"  {name}: {path}")
-    return 0
+def _add_allow_module(parser: argparse.ArgumentParser) -> None:
+    """--allow-module: the user's own packages a zoo or plans may name (nnunet_te.networks.classpaths)."""
+    parser.add_argument("--allow-module", action="append", metavar="PACKAGE",
+                        help="also accept network classes from your own top-level PACKAGE in zoo and plans "
+                             "files (repeatable; default: torchvision, timm, monai, dynamic_network_architectures, "
+                             "nnunet_te only; same as NNUNET_TE_ALLOW_MODULES=PACKAGE,...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,12 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser("demo", help="rank a small encoder zoo on the bundled hippocampus sample")
     demo.add_argument("-o", "--output", default="nnunet_te_demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--cases", type=int, default=20, help="number of bundled cases to use (max 20)")
+    demo.add_argument("--cases", type=positive_int, default=20, help="number of bundled cases to use (max 20)")
     demo.add_argument("--ssl-iterations", type=int, default=40,
                       help="self-supervised pre-training iterations per SSL candidate")
     demo.add_argument("--seed", type=int, default=0, help="seed for sampling and pre-training")
-    demo.add_argument("-device", "--device", default=default_device(),
-                      help="torch device, as nnUNetv2_train's -device (default: %(default)s)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a ranking already in the output folder")
+    demo.add_argument("-device", "--device", default="auto", type=device_arg,
+                      help="torch device, as nnUNetv2_train's -device (default: auto = cuda when available, else cpu)")
     demo.set_defaults(func=_demo)
 
     evaluate = verbs.add_parser(
@@ -212,13 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("truth", help="CSV with header 'candidate,<value>', higher = better")
     evaluate.add_argument("-o", "--output", help="output folder (default: beside the ranking)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the Spearman permutation test")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace evaluation.{csv,md} already in the output folder")
     evaluate.set_defaults(func=_evaluate)
 
     data = verbs.add_parser("data", help="convert bundled or shared real data into an nnU-Net raw dataset")
     data.add_argument("source", nargs="?", help="data source (nnunet-te data --list)")
     data.add_argument("-d", type=int, help="dataset id of the new DatasetXXX_Name")
     data.add_argument("--list", action="store_true", help="list the sources and exit")
-    data.add_argument("--cases", type=int, help="convert a seeded subset of this many cases")
+    data.add_argument("--cases", type=positive_int, help="convert a seeded subset of this many cases")
     data.add_argument("--seed", type=int, default=0, help="seed of the subset (default: %(default)s)")
     data.add_argument("--source-dir", help="folder of the source data (default: bundled or ../shared/data)")
     data.add_argument("--full-resolution", action="store_true", help="2D EM sources: original PNG size")
@@ -228,11 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     riskmap = verbs.add_parser("riskmap", help="transfer-risk maps of a preprocessed dataset from a checkpoint")
     _add_dataset_arguments(riskmap)
     riskmap.add_argument("--weights", required=True, help="pre-trained checkpoint (nnU-Net, nnssl, state dict)")
-    riskmap.add_argument("--sigma", type=float, default=1.0, help="smoothing in voxels (default: %(default)s)")
+    riskmap.add_argument("--sigma", type=non_negative_float, default=1.0,
+                         help="smoothing in voxels, 0 = none (default: %(default)s)")
     riskmap.add_argument("--overlays", type=int, default=3, help="PNG overlays to write (default: %(default)s)")
     riskmap.add_argument("--seed", type=int, default=0, help="seed of decoder init and mixture model")
     riskmap.add_argument("--overwrite", action="store_true", help="recompute maps made with other settings")
-    riskmap.add_argument("-device", "--device", default=default_device(), help="torch device")
+    riskmap.add_argument("-device", "--device", default="auto", type=device_arg, help="torch device")
+    _add_allow_module(riskmap)
     riskmap.set_defaults(func=_riskmap)
 
     convert = verbs.add_parser("convert-weights",
@@ -241,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_arguments(convert)
     convert.add_argument("-o", "--output", required=True, help="converted checkpoint to write (never overwritten)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised decoder")
+    _add_allow_module(convert)
     convert.set_defaults(func=_convert_weights)
 
     rank = verbs.add_parser("rank", help="rank a zoo of pre-trained checkpoints on a preprocessed dataset")
@@ -251,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("-o", "--output", help="output folder, refused if it holds a ranking (default: a new "
                                              "timestamped folder in $nnUNet_results/DatasetXXX/"
                                              "nnunet_te_ranking__PLANS__CONFIG/)")
-    rank.add_argument("--cases", type=int, help="rank on a seeded subset of this many training cases")
-    rank.add_argument("--points", type=int, help="sampled voxels per stage (default: 2048)")
+    rank.add_argument("--cases", type=positive_int, help="rank on a seeded subset of this many training cases")
+    rank.add_argument("--points", type=positive_int, help="sampled voxels per stage (default: 2048)")
     rank.add_argument("--consistency-rates", nargs="*", type=float,
                       help="bottleneck dropout rates of the consistency score; given without values: "
-                           "skip it (default: rank.CONSISTENCY_RATES, METHODS.md 1.8)")
+                           "skip it (default: 0.05 0.1 0.2 0.3 0.4; docs/metrics.md)")
     rank.add_argument("--cache-dir", help="feature cache (default: feature_cache/ in the ranking root)")
     rank.add_argument("--seed", type=int, default=0, help="seed of sampling and random decoders")
-    rank.add_argument("-device", "--device", default=default_device(), help="torch device")
+    rank.add_argument("-device", "--device", default="auto", type=device_arg, help="torch device")
     rank.add_argument("--train", metavar="FOLD", help="then prepare RiskWeightedTrainer on FOLD with the "
                                                       "best nnU-Net/nnssl candidate and print the command")
     rank.add_argument("-tr", default="RiskWeightedTrainer",
@@ -267,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--run", action="store_true", help="with --train: start nnUNetv2_train")
     rank.add_argument("--overwrite-maps", action="store_true",
                       help="with --train: replace risk maps computed from another checkpoint")
+    rank.add_argument("--overwrite-training", action="store_true",
+                      help="with --train: replace the trainer folder's nnunet_te_ranking.json and prepare a fold "
+                           "that holds a finished run")
+    _add_allow_module(rank)
     rank.set_defaults(func=_rank)
 
     rank_cls = verbs.add_parser("rank-cls", help="rank a zoo of 2D backbones for a labelled image set "
@@ -281,54 +306,49 @@ def build_parser() -> argparse.ArgumentParser:
     rank_cls.add_argument("--samples", type=int, help="rank on a seeded class-stratified subset of this many images")
     rank_cls.add_argument("--metrics", nargs="+", help="metrics (default: every classification metric, fu, lp_fu)")
     rank_cls.add_argument("--cross-domain", action="store_true",
-                          help="natural-image sources: seed 002's flipped LP x FU (1 - minmax of both factors)")
+                          help="natural-image sources: the cross-domain LP x FU of Juodelyte et al. (1 - minmax of "
+                               "both factors; docs/classification.md)")
     rank_cls.add_argument("--batch-size", type=int, default=64, help="feature extraction batch (default: %(default)s)")
     rank_cls.add_argument("--seed", type=int, default=0, help="seed of the subset and random initialisations")
-    rank_cls.add_argument("-device", "--device", default=default_device(), help="torch device")
+    rank_cls.add_argument("-device", "--device", default="auto", type=device_arg, help="torch device")
+    _add_allow_module(rank_cls)
     rank_cls.set_defaults(func=_rank_cls)
-
-    bench = verbs.add_parser("bench", help="the real benchmark: zoo, k-shot fine-tunes with nnU-Net, ranking "
-                                           "quality, risk weighting (docs/benchmark.md); resumable")
-    bench.add_argument("-d", nargs="+", help="nnU-Net dataset ids or names, preprocessed with -c 2d")
-    bench.add_argument("--work", required=True, help="folder for zoo, rankings, runs, results.csv, report")
-    bench.add_argument("--members", nargs="+", help="zoo members (default: all of nnunet_te.bench.zoo.MEMBERS)")
-    bench.add_argument("--shots", nargs="+", type=int, help="k values (default: 5 10)")
-    bench.add_argument("--seeds", nargs="+", type=int, help="few-shot seeds (default: 0 1)")
-    bench.add_argument("--risk-shots", nargs="*", type=int,
-                       help="k values with RiskWeightedTrainer runs (default: 5; given without values: none)")
-    bench.add_argument("--risk-trainers", nargs="+",
-                       help="risk-weighted kinds paired with plain runs: risk (the product's defaults), "
-                            "risk_fg_ce (nnUNet_te_ce_normalisation=foreground, seed 003's loss) (default: risk)")
-    bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
-                       help="fine-tuning schedule of every dataset without --dataset-schedule, also the one "
-                            "whose fine-tunes the tables show (default: nnunet_te.bench.run.DEFAULT_SCHEDULE)")
-    bench.add_argument("--dataset-schedule", nargs=3, action="append", metavar=("D", "EPOCHS", "ITERATIONS"),
-                       help="schedule of one dataset instead of --schedule (repeatable), e.g. for a small structure "
-                            "that stays all background over the default schedule")
-    bench.add_argument("--zoo-iterations", type=int, help="override pre-training iterations (miniature runs)")
-    bench.add_argument("--test-cases", type=int, help="held-out test cases per dataset (default: a third, <= 20)")
-    bench.add_argument("--jobs", type=int, default=1,
-                       help="fine-tunes trained side by side, on CPU each with cores/jobs torch threads (default 1)")
-    bench.add_argument("--no-fine-tunes", action="store_true", help="build the zoo and rankings only")
-    bench.add_argument("--report-only", action="store_true", help="only rewrite the tables from what --work holds")
-    bench.add_argument("--docs", help="Markdown page to write the results section into, e.g. docs/benchmark.md")
-    bench.add_argument("-device", "--device", default=default_device(), help="torch device")
-    bench.set_defaults(func=_bench)
 
     metrics = verbs.add_parser("metrics", help="list the transferability metrics")
     metrics.set_defaults(func=_metrics)
     return parser
 
 
+#: Set to 1 to see the traceback of an error instead of its one-line message.
+DEBUG_VARIABLE = "NNUNET_TE_DEBUG"
+#: What the package raises for bad input (UserError is a ValueError), with a message naming the
+#: problem: printed as one line, no traceback.
+EXPECTED_ERRORS = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Errors end in one line on stderr, ``nnunet-te <verb>: error: <message>``, and
+    exit code 1 (argparse's usage errors: 2); ``NNUNET_TE_DEBUG=1`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"{parser.prog} {args.verb}: error:"
     try:
+        if getattr(args, "allow_module", None):
+            from nnunet_te.networks.classpaths import allow_modules
+
+            allow_modules(args.allow_module)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # The package raises these for bad input, with a message that names the problem; a
-        # traceback would bury it. Anything else is a bug and keeps its traceback.
-        print(f"{parser.prog} {args.verb}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        if isinstance(error, EXPECTED_ERRORS):
+            print(f"{prefix} {error}", file=sys.stderr)
+        else:  # TypeError, RuntimeError, ... from deep inside (a bad candidate, torch, nnU-Net) or a bug
+            print(f"{prefix} {type(error).__name__}: {error}\n(if the input looks right, this may be a bug: "
+                  f"rerun with {DEBUG_VARIABLE}=1 for the traceback and report it)", file=sys.stderr)
         return 1
 
 

@@ -211,6 +211,48 @@ def test_h_score_upper_bound_and_saturation_warning():
         logme(wide, labels, algorithm="icml")
 
 
+def test_h_scores_stable_mode_equals_reference_when_well_conditioned():
+    X, y, _ = _separable_and_shuffled(n=300)
+    assert h_score(X, y) == h_score(X, y, mode="reference")
+    assert regularized_h_score(X, y) == regularized_h_score(X, y, mode="reference")
+    with pytest.raises(ValueError, match="mode"):
+        h_score(X, y, mode="tllib")
+
+
+def test_h_scores_sample_side_matches_the_covariance_side_on_wide_features():
+    rng = np.random.default_rng(5)
+    wide, labels = rng.normal(size=(30, 200)), np.repeat([0, 1, 2], 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateInputWarning)
+        assert h_score(wide, labels) == pytest.approx(h_score(wide, labels, mode="reference"),
+                                                      rel=1e-9)
+    assert regularized_h_score(wide, labels) == pytest.approx(
+        regularized_h_score(wide, labels, mode="reference"), rel=1e-9)
+
+
+def test_h_score_stable_mode_ignores_row_order_on_ill_conditioned_features():
+    rng = np.random.default_rng(6)
+    basis = rng.normal(size=(40, 8))
+    X = rng.normal(size=(400, 8)) @ basis.T + 1e-9 * rng.normal(size=(400, 40))
+    y = np.arange(400) % 3
+    order = rng.permutation(400)
+    assert h_score(X[order], y[order]) == pytest.approx(h_score(X, y), rel=1e-6)
+
+
+@pytest.mark.parametrize("metric, cap", [("parc", "max_samples"), ("lp", "max_samples")])
+def test_pairwise_metrics_subsample_to_their_cap(metric, cap):
+    from nnunet_te.metrics._linalg import capped_rows
+
+    X, y, _ = _separable_and_shuffled(n=120)
+    function = {"parc": lambda *a, **k: parc(*a, exact_label_ties=True, **k),
+                "lp": lambda *a, **k: lp_score(*a, n_components=3, **k)}[metric]
+    rows = capped_rows(y, 60, 0)
+    assert rows.size <= 60 and np.array_equal(np.bincount(y[rows]), np.bincount(y) // 2)
+    with threadpool_limits(1):
+        assert function(X, y, **{cap: 60}) == function(X[rows], y[rows], **{cap: None})
+        assert function(X, y, **{cap: 500}) == function(X, y, **{cap: None})
+
+
 def test_logme_algorithms_agree_when_well_posed():
     X, y, _ = _separable_and_shuffled(n=300)
     assert logme(X, y) == pytest.approx(logme(X, y, algorithm="icml"), rel=1e-4)

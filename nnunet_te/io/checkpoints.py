@@ -21,6 +21,7 @@ falls back to full unpickling for files from a trusted source that hold other Py
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from nnunet_te.errors import UserError
 
 FORMATS = ("nnunet", "nnssl", "monai", "state_dict")
 ACCEPTED = ("nnU-Net trainer checkpoint (dict with 'network_weights'), nnssl/OpenMind checkpoint "
@@ -85,11 +88,25 @@ def _monai_network(keys: list[str]) -> str | None:
     return "unknown MONAI network"
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "<memory>") -> None:
+    """Raise UserError naming the tensors with NaN or inf values (a diverged or corrupted run):
+    nothing trained, ranked or converted from them would mean anything."""
+    from nnunet_te.errors import UserError
+
+    bad = [k for k, v in state_dict.items()
+           if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(repr(k) for k in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UserError(f"{source}: {len(bad)} of {len(state_dict)} tensors hold NaN or inf values: {shown}; "
+                        "the checkpoint is unusable (a diverged or corrupted run): use an earlier checkpoint "
+                        "of that run or another model")
+
+
 def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
     """Recognise the format of an already loaded checkpoint object (see the module docstring)."""
     if not isinstance(obj, Mapping):
         hint = " (a whole pickled module: save module.state_dict() instead)" if isinstance(obj, nn.Module) else ""
-        raise ValueError(f"{source}: not a checkpoint, it holds a {type(obj).__name__}{hint}; accepted: {ACCEPTED}")
+        raise UserError(f"{source}: not a checkpoint, it holds a {type(obj).__name__}{hint}; accepted: {ACCEPTED}")
     metadata: dict = {}
     if "network_weights" in obj:
         weights = obj["network_weights"]
@@ -106,13 +123,54 @@ def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
         weights = obj[wrapped[0]] if wrapped else obj
         fmt = "state_dict"
     if not _is_state_dict(weights):
-        raise ValueError(f"{source}: no state dict (a non-empty mapping of names to tensors) found; "
+        raise UserError(f"{source}: no state dict (a non-empty mapping of names to tensors) found; "
                          f"top-level keys {sorted(map(str, obj))[:8]}; accepted: {ACCEPTED}")
     state_dict = {_strip_wrappers(k): v for k, v in weights.items()}
+    check_finite(state_dict, source)
     if fmt == "state_dict" and (monai := _monai_network(list(state_dict))):
         fmt, metadata = "monai", {"monai_network": monai}
     encoder_only = all(k.startswith(("encoder.", "decoder.encoder.")) for k in state_dict)
     return Checkpoint(state_dict, fmt, metadata, encoder_only, source)
+
+
+#: torch.save's legacy (non-zip) format starts by pickling this magic number (any protocol).
+_LEGACY_TORCH_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch.save file, judged from its bytes without unpickling
+    anything, or None when it looks like one (a zip archive with a data.pkl, or the legacy format)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return f"truncated or damaged torch file: the zip archive torch.save writes is incomplete ({size} bytes)"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "not a torch file: a zip archive without torch's data.pkl (an .npz or another archive?)"
+        return None
+    if head.startswith(b"\x80") and _LEGACY_TORCH_MAGIC in head[:32]:
+        return None
+    if head.startswith(b"\x80"):
+        return ("not a torch file: a plain Python pickle, not written by torch.save; not unpickled, since "
+                "unpickling it could run code from the file")
+    if head.startswith(b"\x93NUMPY"):
+        return "not a torch file: a NumPy .npy array"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a torch file: unknown content (first bytes {head[:8]!r})"
+    return f"not a torch file: it holds text ({text.strip()[:40]!r}...)"
+
+
+def _refusal(err: Exception) -> str:
+    """The line of torch's weights_only refusal that says what was refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (useful or lines[-1:] or [type(err).__name__])[0][:300]
 
 
 def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
@@ -121,12 +179,17 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     Uses ``torch.load(weights_only=True)`` (plus numpy scalars); ``trust_pickle=True`` allows full
     unpickling, which can execute code from the file: only for files from a trusted source.
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything that is not a
-    checkpoint, naming the problem and the accepted formats.
+    Raises ``FileNotFoundError`` for a missing file and :class:`~nnunet_te.errors.UserError` (a
+    ValueError) naming the file and the problem: empty, truncated, not a torch file (text, a plain
+    pickle, NumPy, another archive), refused by ``weights_only`` (Python objects other than
+    tensors), not a checkpoint (no state dict), NaN/inf values.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    problem = _not_a_torch_file(path)
+    if problem:
+        raise UserError(f"{path}: {problem}; accepted: {ACCEPTED}")
     try:
         if trust_pickle:
             obj = torch.load(path, map_location=map_location, weights_only=False)
@@ -134,11 +197,14 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
                 obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[-1][:300]
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused the file ({first_line}). "
-                         "If it is a checkpoint from a trusted source holding other Python objects, "
-                         f"pass trust_pickle=True. Accepted: {ACCEPTED}") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({str(err).splitlines()[0][:200]}); "
-                         f"accepted: {ACCEPTED}") from err
+        raise UserError(f"{path}: refused by torch.load(weights_only=True), nothing in it was run: it holds "
+                        f"Python objects other than tensors ({_refusal(err)}). If the file comes from a trusted "
+                        "source, re-save its weights in Python: torch.save(read_checkpoint(path, "
+                        "trust_pickle=True).state_dict, new_path) (nnunet_te.io.checkpoints)") from err
+    except (EOFError, IndexError) as err:  # torch's unpickler stops anywhere in a cut-off file
+        raise UserError(f"{path}: truncated or damaged torch file ({type(err).__name__}: {err}); "
+                        "copy it again") from err
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0][:200]}); "
+                        f"accepted: {ACCEPTED}") from err
     return parse_checkpoint(obj, str(path))

@@ -24,6 +24,17 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def refuse_existing(paths, *, remedy: str) -> None:
+    """Raise :class:`~nnunet_te.errors.UserError` when any of ``paths`` exists, naming every one
+    of them and ``remedy`` (the flag or step that works where the user is): a writer calls it
+    before it replaces anything it did not make in this run."""
+    from nnunet_te.errors import UserError
+
+    present = [str(p) for p in paths if Path(p).exists()]
+    if present:
+        raise UserError(f"{len(present)} existing file(s) would be replaced: {', '.join(present)}; {remedy}")
+
+
 def file_sha256(path: str | os.PathLike, *, block: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -36,3 +36,27 @@ def minmax(values: np.ndarray) -> np.ndarray:
     if hi == lo:
         return np.full(values.shape, 0.5)
     return (values - lo) / (hi - lo)
+
+
+def capped_rows(y: np.ndarray, cap: int | None, random_state: int) -> np.ndarray | None:
+    """Sorted row indices of a seeded, class-stratified subsample of at most ``cap`` rows, or
+    None when ``cap`` is None or ``len(y) <= cap`` (nothing to drop).
+
+    Each class keeps ``floor(cap * n_c / n)`` rows (at least ``min(n_c, 2)``) drawn without
+    replacement by ``numpy.random.default_rng(random_state)``; the class proportions, and so
+    every metric's class weighting, stay those of the full set up to rounding. Used by the
+    metrics that build an n x n object (GRTD, PARC, S_LP) to bound their memory and time.
+    """
+    n = y.shape[0]
+    if cap is None or n <= cap:
+        return None
+    if cap < 2 * (int(y.max()) + 1):
+        raise ValueError(f"a cap of {cap} rows cannot keep 2 samples of each of "
+                         f"{int(y.max()) + 1} classes")
+    rng = np.random.default_rng(random_state)
+    picked = []
+    for c in range(int(y.max()) + 1):
+        rows = np.flatnonzero(y == c)
+        take = max(min(rows.size, 2), cap * rows.size // n)
+        picked.append(rng.choice(rows, size=take, replace=False))
+    return np.sort(np.concatenate(picked))

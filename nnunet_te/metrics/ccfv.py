@@ -1,6 +1,9 @@
 """CCFV - Class Consistency and Feature Variety (Yang et al., MICCAI 2023).
 
-METHODS.md 1.4. Reference: EndoluminalSurgicalVision-IMR/CCFV (``utils/ccfv.py``:
+Paper: Yang et al., "Pick the Best Pre-trained Model: Towards Transferability Estimation for
+Medical Image Segmentation", MICCAI 2023, https://arxiv.org/abs/2307.11958 (defaults:
+docs/metrics.md, "Other defaults"; formula, shapes and direction: :func:`ccfv`).
+Reference: EndoluminalSurgicalVision-IMR/CCFV (``utils/ccfv.py``:
 ``cal_w_distance``, ``cal_variety``; aggregation in ``main.py::evaluate``) and its Josh-Talks/CCFV
 fork (adds ``1e-6 * I`` to the covariances). The matrix square root is taken in the symmetric
 eigen form, which agrees with the reference's ``sqrtm(S_i @ S_j)`` to ~1e-8 relative and never

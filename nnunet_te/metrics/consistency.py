@@ -1,6 +1,8 @@
-"""Label-free consistency ranking (seed 004; Talks and Kreshuk, arXiv 2503.00450).
+"""Label-free consistency ranking.
 
-METHODS.md 1.8. Reference: kreshuklab/CRank-Consistency_based_ranking
+Paper: Talks and Kreshuk, "Ranking pre-trained segmentation models for zero-shot
+transferability", 2025, https://arxiv.org/abs/2503.00450 (defaults: docs/metrics.md, "Other
+defaults"). Reference: kreshuklab/CRank-Consistency_based_ranking
 (``src/model_ranking/metrics.py``: ``EffectiveInvarianceEval``, ``get_mask``,
 ``adaRandError_eval``). A model predicts each target patch once unperturbed and once perturbed;
 the more its prediction stays the same, the better it is expected to transfer.
@@ -97,7 +99,7 @@ def _unique_background(labels: np.ndarray) -> np.ndarray:
 
 
 def adapted_rand_error(labels_a, labels_b, *, border: int = 1) -> dict:
-    """Consistency of two instance labelings by the adapted Rand error (seed 004).
+    """Consistency of two instance labelings by the adapted Rand error (consistency ranking paper).
 
     Per patch, following the CRank reference: the mask is the union of the foregrounds
     (label > 0) minus a border band of ``labels_a`` (pixels where ``border`` dilations and

@@ -1,4 +1,8 @@
-"""GBC: Gaussian Bhattacharyya Coefficient."""
+"""GBC: Gaussian Bhattacharyya Coefficient.
+
+Paper: Pandy et al., "Transferability Estimation using Bhattacharyya Class Separability", CVPR 2022,
+https://arxiv.org/abs/2111.12780. Formula, shapes and direction: :func:`gbc`.
+"""
 
 from __future__ import annotations
 

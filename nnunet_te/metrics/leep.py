@@ -1,4 +1,11 @@
-"""LEEP family: LEEP, its per-sample term, NCE and NLEEP (source-class based metrics)."""
+"""LEEP family: LEEP, its per-sample term, NCE and NLEEP (source-class based metrics).
+
+Papers: Nguyen et al., "LEEP: A New Measure to Evaluate Transferability of Learned
+Representations", ICML 2020, https://arxiv.org/abs/2002.12462; Tran et al., "Transferability and
+Hardness of Supervised Classification Tasks", ICCV 2019, https://arxiv.org/abs/1908.08142 (NCE);
+Li et al., "Ranking Neural Checkpoints", CVPR 2021, https://arxiv.org/abs/2011.11200 (NLEEP).
+Formulas, shapes and direction: in each function.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +52,8 @@ def leep_per_sample(source_probabilities, labels) -> np.ndarray:
         \hat P(y \mid z) = \hat P(y, z) / \sum_{y'} \hat P(y', z).
 
     Its mean is :func:`leep`. Used as the pixel transferability map of the transfer-risk
-    weighting (METHODS.md 1.7).
+    weighting (the Transfer Risk Map paper, Zhang et al. 2025, https://arxiv.org/abs/2502.02340;
+    docs/nnunet.md section 3).
 
     Shape:
         - source_probabilities: (n, C_s), rows on the probability simplex (softmax outputs of

@@ -1,4 +1,10 @@
-"""LogME: log marginal evidence of a Bayesian linear model on the features."""
+"""LogME: log marginal evidence of a Bayesian linear model on the features.
+
+Papers: You et al., "LogME: Practical Assessment of Pre-trained Models for Transfer Learning",
+ICML 2021, https://arxiv.org/abs/2102.11005; You et al., "Ranking and Tuning Pre-trained Models",
+JMLR 2022, https://arxiv.org/abs/2110.10545 (fixed-point solver). Formula, shapes and direction:
+:func:`logme`.
+"""
 
 from __future__ import annotations
 

@@ -1,16 +1,27 @@
-"""LP x FU (Juodelyte et al.): label-propagation score and its zoo combination with FU."""
+"""LP x FU (Juodelyte et al.): label-propagation score and its zoo combination with FU.
+
+Paper: Juodelyte et al., "On dataset transferability in medical image classification", code
+https://github.com/DovileDo/transferability-in-medical-imaging (S_FU itself needs gradients and
+lives in :mod:`nnunet_te.classification.feature_update`). Formulas, shapes and direction: in each
+function.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier, NeighborhoodComponentsAnalysis
 
-from ._linalg import minmax
+from ._linalg import capped_rows, minmax
 from ._validation import check_features_labels, check_zoo_scores
 
 
+# NCA evaluates an (n, n) softmax over pairwise distances at every L-BFGS step.
+LP_MAX_SAMPLES = 2048
+
+
 def lp_score(features, labels, *, n_components: int = 50, n_neighbors: int = 5,
-             random_state: int = 42) -> float:
+             random_state: int = 42, max_samples: int | None = LP_MAX_SAMPLES,
+             subsample_seed: int = 0) -> float:
     r"""S_LP, the label-propagation term of LP x FU (Juodelyte et al., "On dataset
     transferability in medical image classification"; reference
     DovileDo/transferability-in-medical-imaging ``LP_Score``).
@@ -26,11 +37,19 @@ def lp_score(features, labels, *, n_components: int = 50, n_neighbors: int = 5,
         - labels: (n,) in [0, C), C >= 2, at least 2 samples per class.
         - score: scalar in [1/k, 1], a multiple of 1/(k n); higher is better.
 
+    Bounded: inputs with more than ``max_samples`` rows (default 2048; None disables the cap)
+    are scored on a class-stratified subsample of that size drawn with
+    ``numpy.random.default_rng(subsample_seed)`` (default 0); the reference cases (n <= 900)
+    are below the cap.
+
     Degenerate input: fewer samples than ``n_neighbors``, NaN/inf, a single class, a class
     with one sample or mismatched lengths raise ValueError. D > n is allowed (NCA learns at
     most ``n_components`` directions).
     """
     X, y = check_features_labels(features, labels, min_samples_per_class=2)
+    rows = capped_rows(y, max_samples, subsample_seed)
+    if rows is not None:
+        X, y = X[rows], y[rows]
     if not 1 <= n_neighbors <= X.shape[0]:
         raise ValueError(f"n_neighbors={n_neighbors} needs 1 <= n_neighbors <= n={X.shape[0]}")
     nca = NeighborhoodComponentsAnalysis(n_components=min(n_components, X.shape[1]),

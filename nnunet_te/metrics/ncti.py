@@ -1,4 +1,9 @@
-"""NCTI: Neural Collapse inspired Transferability Index."""
+"""NCTI: Neural Collapse inspired Transferability Index.
+
+Paper: Wang et al., "How Far Pre-trained Models Are from Neural Collapse on the Target Dataset
+Informs their Transferability", ICCV 2023; reference code https://github.com/BUserName/NCTI.
+Formula, shapes and direction: :func:`ncti_components` and :func:`ncti`.
+"""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ one entry here. Every entry reads a :class:`~nnunet_te.features.sampling.Candida
 segmentation candidates carry several global stages plus boundary patches; classification
 candidates carry a single global stage (the penultimate features).
 
-GRTD and CCFV read every global (decoder) stage, as in seed 001 and CCFV's paper; the baselines
+GRTD and CCFV read every global (decoder) stage, as in their papers (docs/metrics.md); the baselines
 designed for image-level features read the final stage only: for segmentation that is the
 full-resolution decoder output the segmentation head sees, and it keeps their cost (NLEEP's
 mixture model, PARC's PCA) to one stage. Zoo-relative metrics (the fused topology score, NCTI) compute per-candidate
@@ -126,7 +126,8 @@ def _ncti_components(features: CandidateFeatures) -> dict:
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("topology", _topology_components, True, frozenset({SEGMENTATION}),
-           "seed 001 fused score: gated mix of min-max(-GRTD) and min-max(LBTC) over the zoo",
+           "fused topology score (Geometry of Transfer, arXiv:2602.23916): gated mix of "
+           "min-max(-GRTD) and min-max(LBTC) over the zoo",
            needs=frozenset({NEEDS_PATCHES, NEEDS_ZOO}), combine=_fuse_topology),
     Metric("grtd", _grtd, False, frozenset({SEGMENTATION}),
            "global representation topology divergence, mean over decoder stages"),
@@ -136,7 +137,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("ccfv", _ccfv, True, frozenset({SEGMENTATION}),
            "class consistency and feature variety (paper mode), sum over decoder stages"),
     Metric("consistency", _consistency, True, frozenset({SEGMENTATION}),
-           "label-free (seed 004): effective invariance under bottleneck channel dropout, "
+           "label-free consistency (Talks and Kreshuk, arXiv:2503.00450): effective invariance "
+           "under bottleneck channel dropout, "
            "mean over rates", needs=frozenset({NEEDS_CONSISTENCY})),
     Metric("gbc_diagonal", _final_stage(lambda X, y: gbc(X, y, gaussian="diagonal")), True, BOTH,
            "Gaussian Bhattacharyya coefficient, diagonal covariances"),

@@ -1,4 +1,9 @@
-"""SFDA: Self-challenging Fisher Discriminant Analysis."""
+"""SFDA: Self-challenging Fisher Discriminant Analysis.
+
+Paper: Shao et al., "Not All Models Are Equal: Predicting Model Transferability in a
+Self-challenging Fisher Space", ECCV 2022, https://arxiv.org/abs/2207.03036. Formula, shapes and
+direction: :func:`sfda`.
+"""
 
 from __future__ import annotations
 

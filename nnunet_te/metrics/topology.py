@@ -1,8 +1,9 @@
 """Topology-driven transferability for segmentation: GRTD, LBTC and their task-adaptive fusion.
 
-Seed 001 (topology-driven transferability estimation for medical segmentation, Sec. 2.2-2.4)
-and METHODS.md 1.1-1.3. All numerics are float64; minimum spanning trees are exact (dense Prim in
-``_graph``), so zero-weight edges of label graphs are kept.
+Paper: Tang et al., "The Geometry of Transfer: Unlocking Medical Vision Manifolds for
+Training-Free Model Ranking", 2026, https://arxiv.org/abs/2602.23916 (Sec. 2.2-2.4); the
+decisions where the paper is vague are in docs/metrics.md. All numerics are float64; minimum
+spanning trees are exact (dense Prim in ``_graph``), so zero-weight edges of label graphs are kept.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ from scipy.stats import weightedtau
 from threadpoolctl import threadpool_limits
 
 from ._graph import full_quantile, mst_edges, pairwise_distances, prim_mst
-from ._linalg import minmax
+from ._linalg import capped_rows, minmax
 from ._validation import check_features_labels, check_patches, check_zoo_scores
 
 LABEL_GRAPHS = ("preserve", "max", "min", "constant")
 FORMS = ("divergence", "rtd_lite")
+
+# GRTD holds one (n, n) float64 distance matrix: 4096 points = 128 MB, about 1 s (docs/performance.md).
+GRTD_MAX_POINTS = 4096
 
 # Patches per vectorised LBTC block: bounds the (block, P, P) distance array to ~32 MB.
 _LBTC_BLOCK_ENTRIES = 4_000_000
 
 
 def grtd(features, labels, *, label_graph: str = "preserve", lam: float = 1.0,
-         form: str = "divergence", quantile: float = 0.9, normalize: bool = True) -> float:
-    """Global Representation Topology Divergence of one feature stage (seed 001, Eq. 2-3).
+         form: str = "divergence", quantile: float = 0.9, normalize: bool = True,
+         max_points: int | None = GRTD_MAX_POINTS, random_state: int = 0) -> float:
+    """Global Representation Topology Divergence of one feature stage (Geometry of Transfer, Eq. 2-3).
 
     Two complete graphs on the same n sampled points:
 
@@ -35,7 +40,7 @@ def grtd(features, labels, *, label_graph: str = "preserve", lam: float = 1.0,
       RTD-Lite does); this makes the value invariant to the feature scale;
     - label graph, default ``label_graph='preserve'``: ``B_ij = A_ij`` within a class and
       ``max(A_ij, lam)`` between classes (feature distances preserved, every inter-class step
-      costs at least ``lam``); the three literal readings of METHODS.md 1.1 collapse every
+      costs at least ``lam``); the three literal readings of the paper's Eq. 2 collapse every
       class, ``B_ij = 0`` if ``y_i == y_j``, else ``max(A_ij, lam)`` (``'max'``),
       ``min(A_ij, lam)`` (``'min'``) or ``lam`` (``'constant'``).
 
@@ -46,7 +51,7 @@ def grtd(features, labels, *, label_graph: str = "preserve", lam: float = 1.0,
     values comparable across sample sizes.
 
     Direction: **lower is better** (0 = feature topology matches the label topology); the
-    stage-aggregated score of seed 001 is ``-mean_s GRTD_s``.
+    stage-aggregated score of the paper is ``-mean_s GRTD_s``.
 
     Parameters
     ----------
@@ -54,14 +59,21 @@ def grtd(features, labels, *, label_graph: str = "preserve", lam: float = 1.0,
     labels : array-like of shape (n,)
         Class indices 0..C-1, every class present, C >= 2.
     label_graph : {'preserve', 'max', 'min', 'constant'}
-        Reading of the paper's Eq. 2 (lost in extraction), see METHODS.md 1.1 and
-        docs/metrics.md for why 'preserve' is the default.
+        Reading of the paper's Eq. 2 (not recoverable from its text); docs/metrics.md, "GRTD:
+        which label graph", says why 'preserve' is the default.
     lam : float > 0
         Inter-class penalty, in units of the ``quantile`` distance.
     form : {'divergence', 'rtd_lite'}
     quantile : float in (0, 1]
     normalize : bool
         Divide by ``n - 1``.
+    max_points : int or None
+        Cap on n (default 4096): larger inputs are scored on a class-stratified subsample of
+        ``max_points`` rows drawn with ``numpy.random.default_rng(random_state)`` (see
+        ``_linalg.capped_rows``); None disables the cap. The segmentation sampler draws at
+        most 2048 points per stage, so rankings never reach it.
+    random_state : int
+        Seed of that subsample (default 0).
 
     Returns
     -------
@@ -100,6 +112,9 @@ def grtd(features, labels, *, label_graph: str = "preserve", lam: float = 1.0,
         raise ValueError(f"lam must be a finite positive number, got {lam}")
     if not 0 < quantile <= 1:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    rows = capped_rows(y, max_points, random_state)
+    if rows is not None:
+        X, y = X[rows], y[rows]
     n = y.shape[0]
     A = pairwise_distances(X)
     scale = full_quantile(A, quantile) or A.max()
@@ -172,7 +187,7 @@ def _patch_mst_parents(dist: np.ndarray) -> np.ndarray:
 
 
 def lbtc(patch_features, patch_labels, *, excess: bool = False) -> float:
-    """Local Boundary-aware Topological Consistency (seed 001, Eq. 4-5).
+    """Local Boundary-aware Topological Consistency (Geometry of Transfer, Eq. 4-5).
 
     For every boundary patch ``a`` (P feature vectors around a boundary anchor), build the
     Euclidean MST of its points and count the tree edges that join different classes:
@@ -244,7 +259,7 @@ def _gate(n_foreground_classes: int, alpha: float, k0: float) -> float:
 
 def fuse(grtd_values, lbtc_values, n_foreground_classes: int, *, alpha: float = 1.0,
          k0: float = 2.0) -> np.ndarray:
-    """Task-adaptive fusion of GRTD and LBTC over a model zoo (seed 001, Eq. 6).
+    """Task-adaptive fusion of GRTD and LBTC over a model zoo (Geometry of Transfer, Eq. 6).
 
     ``gamma = sigmoid(alpha * (K_cls - k0))`` with ``K_cls`` the number of foreground classes of
     the target, and ``S = gamma * mm(-GRTD) + (1 - gamma) * mm(LBTC)``, where ``mm`` is min-max
@@ -263,7 +278,8 @@ def fuse(grtd_values, lbtc_values, n_foreground_classes: int, *, alpha: float = 
     lbtc_values : array-like of shape (K,)
     n_foreground_classes : int >= 1
     alpha, k0 : float
-        Gate slope and centre (defaults of METHODS.md 1.3; fit them with ``FusionGate``).
+        Gate slope and centre (defaults in docs/metrics.md, "Other defaults"; fit them with
+        ``FusionGate``).
 
     Returns
     -------
@@ -283,7 +299,7 @@ DEFAULT_K0_GRID = tuple(np.arange(0.5, 8.01, 0.5).tolist())
 
 
 class FusionGate:
-    """Gate of the task-adaptive fusion, fitted on a pilot set of targets (seed 001, Sec. 3).
+    """Gate of the task-adaptive fusion, fitted on a pilot set of targets (Geometry of Transfer, Sec. 3).
 
     ``fit`` chooses ``(alpha, k0)`` on the grid ``alpha_grid x k0_grid`` that maximises the mean,
     over pilot targets, of ``scipy.stats.weightedtau(fuse(...), truth)`` (defaults of scipy:
@@ -293,7 +309,7 @@ class FusionGate:
     tau NaN) are left out of that target's mean. Default grids: ``alpha`` in
     {0.25, 0.5, 1, 2, 4, 8}, ``k0`` in {0.5, 1.0, ..., 8.0}.
 
-    Before ``fit`` the gate uses the constructor's ``alpha`` and ``k0`` (METHODS.md defaults).
+    Before ``fit`` the gate uses the constructor's ``alpha`` and ``k0`` (defaults 1 and 2).
 
     Attributes
     ----------
@@ -361,7 +377,7 @@ class FusionGate:
 
 
 def fit_gate(pilot_scores, pilot_truth) -> FusionGate:
-    """Fit a ``FusionGate`` on a pilot set (METHODS.md 1.3 interface).
+    """Fit a ``FusionGate`` on a pilot set (the paper estimates the gate on a pilot set).
 
     Parameters
     ----------

@@ -1,4 +1,8 @@
-"""TransRate: coding-rate reduction of the features by the target labels."""
+"""TransRate: coding-rate reduction of the features by the target labels.
+
+Paper: Huang et al., "Frustratingly Easy Transferability Estimation", ICML 2022,
+https://arxiv.org/abs/2106.09362. Formula, shapes and direction: :func:`transrate`.
+"""
 
 from __future__ import annotations
 

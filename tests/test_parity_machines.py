@@ -1,0 +1,43 @@
+"""The parity suites give the same verdict on "another machine": other BLAS thread counts and
+another row order (docs/metrics.md, "Parity with the official implementations").
+
+Each setting re-runs ``tests/test_parity_classification.py`` and
+``tests/test_parity_segmentation.py`` in a fresh interpreter, so the thread variables are read
+when OpenBLAS/OpenMP start: 1 thread, 2 threads, and 1 thread with the rows of every order-free
+case permuted (``NNUNET_TE_PARITY_ROW_SEED``; metrics with a seeded step that walks the rows -
+NLEEP, PARC, S_LP - keep the file order, since their seed, not rounding, would change then).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SHARED, _require
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = ["tests/test_parity_classification.py", "tests/test_parity_segmentation.py"]
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SETTINGS = {
+    "1-thread": {"threads": "1"},
+    "2-threads": {"threads": "2"},
+    "1-thread-rows-permuted": {"threads": "1", "NNUNET_TE_PARITY_ROW_SEED": "20250101"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_parity_suites_pass_on_another_machine_setting(setting):
+    _require(SHARED / "reference" / "expected.json")
+    options = dict(SETTINGS[setting])
+    threads = options.pop("threads")
+    env = {k: v for k, v in os.environ.items() if k != "NNUNET_TE_PARITY_ROW_SEED"}
+    env.update({name: threads for name in THREAD_VARIABLES}, NNUNET_TE_PARITY_THREADS=threads,
+               **options)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-W", "ignore::DeprecationWarning", *SUITES],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, f"parity under {setting} failed:\n{tail}"
+    assert " passed" in tail and " failed" not in tail, tail
