@@ -21,7 +21,7 @@ from nnunet_te.features.extract import extract_candidate_features, pad_to_multip
 from nnunet_te.networks.unets import build_unet, pretrain_self_supervised
 from nnunet_te.features.sampling import SamplingConfig
 from nnunet_te.metrics.registry import SEGMENTATION, metrics_for
-from nnunet_te.ranking.report import markdown_table, write_ranking
+from nnunet_te.ranking.report import check_ranking_folder_free, markdown_table, write_ranking
 from nnunet_te.ranking.scoring import score_zoo
 
 FEATURES_PER_STAGE = (8, 16, 32, 64)
@@ -56,8 +56,15 @@ def _common_shape_crops(images: list[np.ndarray], multiple: int) -> list[np.ndar
 
 
 def run_demo(out_dir: Path, *, n_cases: int = 20, ssl_iterations: int = 40, seed: int = 0,
-             device: str = "cpu", progress: bool = True) -> dict:
-    """Rank the demo zoo on the bundled sample; write ranking.{csv,json,md,png} into ``out_dir``."""
+             device: str = "cpu", progress: bool = True, overwrite: bool = False) -> dict:
+    """Rank the demo zoo on the bundled sample; write ranking.{csv,json,md,png} into ``out_dir``.
+
+    A ranking already in ``out_dir`` (any of the four files) raises UserError before any work,
+    unless ``overwrite`` (``nnunet-te demo --overwrite``).
+    """
+    out_dir = Path(out_dir)
+    if not overwrite:
+        check_ranking_folder_free(out_dir, "pass --overwrite to replace it, or choose another folder with -o")
     start = time.perf_counter()
     raw = load_sample_cases(n_cases)
     multiple = 2 ** (len(FEATURES_PER_STAGE) - 1)
@@ -95,6 +102,6 @@ def run_demo(out_dir: Path, *, n_cases: int = 20, ssl_iterations: int = 40, seed
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
-    paths = write_ranking(zoo, out_dir, primary="topology", metadata=metadata)
+    paths = write_ranking(zoo, out_dir, primary="topology", metadata=metadata, overwrite=overwrite)
     return {"zoo": zoo, "paths": paths, "metadata": metadata,
             "table": markdown_table(zoo, "topology")}

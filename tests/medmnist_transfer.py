@@ -111,7 +111,7 @@ def _published_lp_fu(lp: np.ndarray, fu: np.ndarray, *, reverse: bool) -> np.nda
     return terms[0] * terms[1]
 
 
-def seed002_scores(scores: dict[str, Table], target: str, setting: str) -> dict[str, np.ndarray]:
+def published_scores(scores: dict[str, Table], target: str, setting: str) -> dict[str, np.ndarray]:
     """Each method's score vector for one target, oriented as in seed 002 (higher = better).
 
     Shape:
@@ -133,7 +133,7 @@ def seed002_scores(scores: dict[str, Table], target: str, setting: str) -> dict[
 
 
 @dataclass(frozen=True)
-class Seed002Table:
+class PublishedTable:
     """Per-target weighted tau of every method and the per-target method ranks.
 
     Shape:
@@ -152,7 +152,7 @@ class Seed002Table:
         return dict(zip(self.methods, self.ranks.mean(axis=0).tolist()))
 
 
-def reproduce_seed002_table(data_dir, setting: str = "dataset") -> Seed002Table:
+def reproduce_published_table(data_dir, setting: str = "dataset") -> PublishedTable:
     """Recompute seed 002's Table 2 (``setting="dataset"``) or Table 3 (``"model"``).
 
     For every target the candidates with a NaN AUC or a NaN score are dropped, then
@@ -164,8 +164,8 @@ def reproduce_seed002_table(data_dir, setting: str = "dataset") -> Seed002Table:
     tau = np.full((len(targets), len(METHODS)), np.nan)
     for t, target in enumerate(targets):
         truth = auc.column(target)
-        for k, score in enumerate(seed002_scores(scores, target, setting).values()):
+        for k, score in enumerate(published_scores(scores, target, setting).values()):
             keep = np.isfinite(score) & np.isfinite(truth)
             tau[t, k] = weighted_tau(score[keep], truth[keep])
-    return Seed002Table(setting=setting, targets=targets, methods=METHODS, tau=tau,
+    return PublishedTable(setting=setting, targets=targets, methods=METHODS, tau=tau,
                         ranks=rank_methods(tau))

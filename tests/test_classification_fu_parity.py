@@ -4,7 +4,8 @@ The reference network is not stored: it is rebuilt from ``torch.manual_seed(seed
 ``torchvision.models.resnet18(weights=None)``, and compared first with the fingerprint the case
 notes give (a rebuild that differs, e.g. under another torch version, is skipped: then FU cannot
 be compared). Inputs as the reference fed them: grey 64 x 64 images replicated to RGB,
-``Normalize(mean=[.5], std=[.5])``, batches of floor(192 / 6) = 32 in file order.
+``Normalize(mean=[.5], std=[.5])``, batches of floor(n / 6) in file order (n = 192, batch 32, in
+the visible fixture set).
 """
 
 import ast
@@ -60,5 +61,6 @@ def test_fu_matches_reference(case, reference_dir, reference_threads):
         labels = data["y"]
     adapter = ClassificationAdapter(network, channels="replicate", normalize="half")
     result = feature_update_score(adapter, images, labels)
-    assert (result.first_layer, result.second_layer, result.batch_size) == ("conv1", "layer1.0.conv1", 32)
+    assert (result.first_layer, result.second_layer, result.batch_size) == (
+        "conv1", "layer1.0.conv1", len(labels) // 6)
     assert np.isclose(result.score, case["expected"], **case["suggested_tolerance"]), (result.score, case["expected"])

@@ -67,3 +67,22 @@ def test_metrics_verb_lists_registry():
     assert proc.returncode == 0, proc.stderr
     for metric in metrics_for(SEGMENTATION):
         assert f"| {metric.name} |" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["metrics"], ["demo", "--help"]])
+def test_help_and_metrics_do_not_import_torch(argv):
+    # The default device ("auto") is resolved only when a verb with --device runs, so help
+    # and the metrics table start without paying for torch.
+    code = ("import sys\nfrom nnunet_te.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+            % argv)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_device_auto_resolves_only_for_verbs_that_run():
+    from nnunet_te.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert args.device in ("cpu", "cuda")
+    assert build_parser().parse_args(["demo", "-device", "cuda:1"]).device == "cuda:1"

@@ -39,7 +39,7 @@ def test_hippocampus_subset_layout_dtypes_and_record(nnunet_env):
     assert image.GetSpacing() == labels.GetSpacing() and image.GetOrigin() == labels.GetOrigin()
     assert set(np.unique(sitk.GetArrayFromImage(labels))) <= {0, 1, 2}
     assert paths.dataset_name(4) == "Dataset004_Hippocampus"
-    assert paths.raw_dataset_dir("4") == folder
+    assert paths.nnunet_raw() / paths.dataset_name("4") == folder
 
 
 def test_existing_dataset_is_not_overwritten_unless_asked(nnunet_env):

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from checkpoints import nnssl_checkpoint, nnunet_checkpoint, write_zoo
 from conftest import copy_nnunet_tree
 
 import nnunet_te_trainers
-from nnunet_te.training.dataloading import RiskDataLoader
+from nnunet_te.training.dataloading import RiskMapDataset, split_risk_channel
 from nnunet_te.training.few_shot import few_shot_cases
 from nnunet_te.training.options import RiskOptions, read_options
 from nnunet_te.training.trainers import FewShotSplit, RiskWeightedTrainer
@@ -95,8 +96,9 @@ def _ellipsoid_case(rng, shape=(40, 48, 44)):
 
 @pytest.fixture()
 def foreground_risk_loader(tmp_path):
-    """A RiskDataLoader whose risk map of every case is its foreground mask, with the real
-    training transforms of RiskWeightedTrainer (rotation, scaling, mirroring, intensity...)."""
+    """nnU-Net's own loader fed as RiskWeightedTrainer feeds it (its dataset and training
+    transforms hooks: rotation, scaling, mirroring, intensity...), with every case's risk map
+    equal to its foreground mask."""
     rng = np.random.default_rng(0)
     cases = {f"case_{i}": _ellipsoid_case(rng) for i in range(3)}
     for case, (_, seg) in cases.items():
@@ -105,9 +107,8 @@ def foreground_risk_loader(tmp_path):
     rotation = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)
     transforms = RiskWeightedTrainer.get_training_transforms(patch, rotation, None, (0, 1, 2), False)
     label_manager = type("LM", (), {"all_labels": [0, 1], "has_ignore_label": False})()
-    return RiskDataLoader(_MemoryDataset(cases), 4, (48, 48, 48), patch, label_manager,
-                          oversample_foreground_percent=0.5, risk_folder=tmp_path,
-                          transforms=transforms.transforms)
+    return nnUNetDataLoader(RiskMapDataset(_MemoryDataset(cases), tmp_path), 4, (48, 48, 48), patch,
+                            label_manager, oversample_foreground_percent=0.5, transforms=transforms)
 
 
 def test_risk_map_follows_the_augmentation(foreground_risk_loader):
@@ -115,7 +116,7 @@ def test_risk_map_follows_the_augmentation(foreground_risk_loader):
     np.random.seed(0)
     agreement, errors = [], []
     for _ in range(8):
-        batch = foreground_risk_loader.generate_train_batch()
+        batch = split_risk_channel(foreground_risk_loader.generate_train_batch())
         assert batch["data"].shape[1] == 1 and batch["risk"].shape == batch["target"].shape
         foreground = (batch["target"] > 0).float()
         agreement.append(((batch["risk"] > 0.5).float() == foreground).float().mean().item())
@@ -126,7 +127,7 @@ def test_risk_map_follows_the_augmentation(foreground_risk_loader):
 
 def test_risk_loader_pickles_for_worker_processes(foreground_risk_loader):
     clone = pickle.loads(pickle.dumps(foreground_risk_loader))
-    assert clone.generate_train_batch()["risk"].shape[1] == 1
+    assert split_risk_channel(clone.generate_train_batch())["risk"].shape[1] == 1
 
 
 # ---- few-shot ------------------------------------------------------------------------------------

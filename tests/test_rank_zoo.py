@@ -14,8 +14,10 @@ from checkpoints import (BASIC_UNET, basic_unet_checkpoint, nnssl_checkpoint, nn
                          plans_and_dataset, write_zoo)
 from conftest import copy_nnunet_tree
 
+from nnunet_te.errors import UserError
 from nnunet_te.ranking.rank import rank_zoo
 from nnunet_te.networks.stages import stage_modules, window_size
+from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.ranking.zoo import CandidateError, candidate_network, read_zoo
 from nnunet_te.io.files import file_sha256
 
@@ -120,8 +122,8 @@ def test_input_channel_mismatch_names_the_candidate(nnunet_env, tmp_path):
          "architecture": {**BASIC_UNET, "kwargs": {**BASIC_UNET["kwargs"], "in_channels": 2}}}]))
     for candidate in zoo:
         with pytest.raises(CandidateError, match=f"candidate '{candidate.name}': .*input channel"):
-            candidate_network(candidate, plans, "3d_fullres", dataset)
-    with pytest.raises(RuntimeError, match="candidate 'ssl_2ch'.*\n.*candidate 'basic_2ch'"):
+            candidate_network(candidate, PlannedConfiguration(plans, "3d_fullres", dataset))
+    with pytest.raises(UserError, match="candidate 'ssl_2ch'.*\n.*candidate 'basic_2ch'"):
         rank_zoo(991, "3d_fullres", zoo, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
                  max_cases=2, progress=False)
 

@@ -133,6 +133,14 @@ def test_deep_supervision_weights_mirror_nnunet():
     assert deep_supervision_weights(1) == (1.0,)
 
 
+def test_ddp_deep_supervision_weights_keep_the_lowest_output_in_the_loss():
+    # nnU-Net gives the lowest output 1e-6 under DDP so its head gets a gradient; the rest
+    # keep nnU-Net's 1/2^i ratios
+    w = deep_supervision_weights(4, ddp=True)
+    assert 0 < w[-1] < 1e-5 and abs(sum(w) - 1) < 1e-12
+    assert w[0] == pytest.approx(2 * w[1]) and w[1] == pytest.approx(2 * w[2])
+
+
 def test_constant_map_stays_constant_after_downsampling_and_ds_loss_matches_manual_sum():
     constant = torch.full((2, 1, 16, 12, 8), 1.7)
     for shape in [(8, 6, 4), (4, 3, 2), (16, 12, 8)]:

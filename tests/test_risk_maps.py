@@ -9,8 +9,8 @@ from torch import nn
 
 from nnunet_te.networks.unets import build_unet
 from nnunet_te.metrics.leep import leep
-from nnunet_te.risk.maps import (case_outputs, gmm_source_probabilities, pixel_transferability,
-                                 risk_map, risk_weights)
+from nnunet_te.risk.maps import (SourceMixture, case_outputs, pixel_transferability, risk_map,
+                                 risk_weights)
 from nnunet_te.risk.storage import (load_case_map, read_manifest, risk_folder, save_case_map,
                                     write_manifest)
 
@@ -70,8 +70,12 @@ def test_gmm_posteriors_are_probabilities_and_reproducible():
     rng = np.random.default_rng(0)
     labels = [rng.integers(0, 2, (10, 12)) for _ in range(2)]
     features = [rng.normal(size=(6, 10, 12)) + 2.0 * y for y in labels]
-    a = gmm_source_probabilities(features, labels, max_fit_points=150, random_state=3)
-    b = gmm_source_probabilities(features, labels, max_fit_points=150, random_state=3)
+
+    def posteriors():
+        mixture = SourceMixture(max_fit_points=150, random_state=3).fit(features, labels)
+        return [mixture.predict_proba(f) for f in features]
+
+    a, b = posteriors(), posteriors()
     assert a[0].shape == (10, 10, 12)
     np.testing.assert_allclose(a[0].sum(axis=0), 1.0, atol=1e-9)
     np.testing.assert_array_equal(a[1], b[1])

@@ -240,8 +240,8 @@ def test_consistency_case_budget_picks_the_same_cases_for_every_network(cases):
     matches = [np.array_equal(a.consistency[0.2][0], full.consistency[0.2][0][2 * i:2 * i + 2])
                for i in range(3)]
     assert sum(matches) == 1
-    with pytest.raises(ValueError, match="consistency_cases must be >= 1"):
-        extract(unet(), cases, config=replace(CONFIG, consistency_cases=0), consistency_rates=(0.2,))
+    with pytest.raises(ValueError, match="consistency_cases must be an integer >= 1"):
+        replace(CONFIG, consistency_cases=0)
 
 
 def test_memory_is_bounded_by_the_samples_not_the_case(cases):

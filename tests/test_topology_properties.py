@@ -336,3 +336,16 @@ def test_bad_input_raises_clear_errors():
         effective_invariance(np.full((1, 2, 2), 1.5), np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match="negative"):
         mst_edges(-np.ones((3, 3)))
+
+
+def test_grtd_subsamples_to_its_cap():
+    from nnunet_te.metrics._linalg import capped_rows
+
+    rng = np.random.default_rng(9)
+    y = np.arange(300) % 3
+    X = rng.normal(size=(300, 5)) + y[:, None]
+    rows = capped_rows(y, 100, 4)
+    assert grtd(X, y, max_points=100, random_state=4) == grtd(X[rows], y[rows], max_points=None)
+    assert grtd(X, y) == grtd(X, y, max_points=None)
+    with pytest.raises(ValueError, match="cannot keep 2 samples"):
+        grtd(X, y, max_points=5)

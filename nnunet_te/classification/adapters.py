@@ -1,7 +1,7 @@
 """A 2D backbone as classification transferability sees it: features, source logits, conv layers.
 
 :class:`ClassificationAdapter` wraps any 2D network and returns, for a batch of images, the
-penultimate features (METHODS.md section 2) and, when the network has a classifier, its source
+penultimate features (docs/classification.md, "Adapters") and, when the network has a classifier, its source
 logits. Where the features come from:
 
 - dynamic_network_architectures U-Nets (nnU-Net / nnssl 2D networks, ``build_unet``): the

@@ -1,4 +1,7 @@
-"""S_FU, the feature-update term of LP x FU (seed 002, Juodelyte et al.; METHODS.md section 2).
+"""S_FU, the feature-update term of LP x FU (docs/classification.md, "S_FU").
+
+Paper: Juodelyte et al., "On dataset transferability in medical image classification"
+(https://github.com/DovileDo/transferability-in-medical-imaging).
 
 Reference: DovileDo/transferability-in-medical-imaging ``FU_Score`` with pytorch-metric-learning's
 ``TripletMarginLoss`` defaults. Reproduced here (``tests/test_classification_fu_parity.py``): the
@@ -97,7 +100,7 @@ def feature_update_score(adapter: ClassificationAdapter, images: torch.Tensor, l
 
     Shape:
         images: (n, C, H, W) float in [0, 1]; labels: (n,) in [0, C), at least 2 classes.
-        score: scalar > 0; higher = the features adapt more (seed 002: better transfer in-domain;
+        score: scalar > 0; higher = the features adapt more (the paper: better transfer in-domain;
         its cross-domain setting flips the sign, see :func:`nnunet_te.metrics.lpfu.lp_fu`).
 
     Raises ValueError for fewer than 2 classes, a batch size below 2, a layer name that does not

@@ -1,6 +1,6 @@
 """Ground truth for classification rankings: fine-tune a backbone plus a linear head, test AUC.
 
-Protocol (a CPU-sized version of seed 002's, which fine-tunes every layer with SGD for up to 400
+Protocol (a CPU-sized version of Juodelyte et al.'s (docs/metrics.md, "Papers"), which fine-tunes every layer with SGD for up to 400
 epochs and keeps the model of lowest validation loss): the adapter's penultimate features feed a
 new linear layer; every parameter is trained with Adam (few epochs converge faster than with
 SGD), cross-entropy, seeded shuffling; after each epoch the validation loss is measured and the

@@ -34,7 +34,7 @@ from nnunet_te.classification.zoo import candidate_adapter, read_classification_
 from nnunet_te.features.sampling import CandidateFeatures
 from nnunet_te.metrics.lpfu import lp_fu, lp_score
 from nnunet_te.metrics.registry import CLASSIFICATION, METRICS, NEEDS_ZOO, Metric, metrics_for
-from nnunet_te.ranking.report import ranking_order, write_ranking
+from nnunet_te.ranking.report import check_ranking_folder_free, ranking_order, write_ranking
 from nnunet_te.ranking.scoring import ZooScores, score_zoo
 from nnunet_te.ranking.zoo import CandidateError
 
@@ -69,7 +69,7 @@ class ClassificationFeatures(CandidateFeatures):
 def classification_metrics(names: list[str] | None = None, *, cross_domain: bool = False) -> list[Metric]:
     """Registry classification metrics (all, or ``names``) plus ``fu`` and ``lp_fu``.
 
-    ``cross_domain`` uses seed 002's flip for natural-image sources (``1 - minmax`` of both
+    ``cross_domain`` uses Juodelyte et al.'s flip for natural-image sources (``1 - minmax`` of both
     factors, :func:`nnunet_te.metrics.lpfu.lp_fu`).
     """
     extra = {
@@ -77,7 +77,7 @@ def classification_metrics(names: list[str] | None = None, *, cross_domain: bool
         "fu": Metric("fu", lambda f: f.fu_score(), True, frozenset({CLASSIFICATION}),
                      "S_FU of LP x FU: gradient-norm ratio second / first conv under a triplet loss"),
         PRIMARY: Metric(PRIMARY, lambda f: (f.lp(), f.fu_score()), True, frozenset({CLASSIFICATION}),
-                        "seed 002's LP x FU: minmax(S_LP) * minmax(S_FU) over the zoo"
+                        "LP x FU (Juodelyte et al.): minmax(S_LP) * minmax(S_FU) over the zoo"
                         + (" (cross-domain flip: 1 - minmax)" if cross_domain else ""),
                         needs=frozenset({NEEDS_ZOO}),
                         combine=lambda parts, _zoo: lp_fu(*zip(*parts), cross_domain=cross_domain)),
@@ -142,8 +142,7 @@ def rank_classification(zoo_path: str | Path, data: ImageSet, out_dir: str | Pat
     holds a ranking, or a zoo in which no candidate loads.
     """
     out_dir = Path(out_dir)
-    if (out_dir / "ranking.json").exists():
-        raise ValueError(f"{out_dir} already holds a ranking; choose another output folder")
+    check_ranking_folder_free(out_dir, "choose another output folder (-o) or move those files away")
     zoo = read_classification_zoo(zoo_path)
     chosen_metrics = classification_metrics(metrics, cross_domain=cross_domain)
     index = stratified_subset(data.labels, n_samples, seed)

@@ -16,7 +16,10 @@ per candidate the classification keys::
         input: {channels: native, normalize: zscore}
 
 ``architecture.class`` is imported and called with ``kwargs`` (a torchvision or MONAI class, a
-``dynamic_network_architectures`` U-Net, ``timm.create_model`` with ``model_name``); the checkpoint
+``dynamic_network_architectures`` U-Net, ``timm.create_model`` with ``model_name``): only an
+``nn.Module`` subclass or network factory of torchvision, timm, monai, dynamic_network_architectures
+or nnunet_te, or of a package allowed with ``--allow-module`` (:mod:`nnunet_te.networks.classpaths`;
+anything else, e.g. ``os.system``, is refused before import); the checkpoint
 is loaded with :func:`nnunet_te.networks.weights.load_pretrained` (by name and shape, nnssl key
 renames, 1-channel stem repeated over the network's input channels). A 2D nnU-Net trainer
 checkpoint needs no ``architecture``: the network is rebuilt from the plans, configuration and
@@ -25,7 +28,6 @@ dataset.json stored in it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,9 @@ import torch
 from torch import nn
 
 from nnunet_te.classification.adapters import ClassificationAdapter
+from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import read_checkpoint
+from nnunet_te.networks import classpaths
 from nnunet_te.networks.weights import load_pretrained, network_for_configuration
 from nnunet_te.ranking.zoo import Candidate, CandidateError, read_zoo_entries
 
@@ -91,8 +95,10 @@ def build_architecture(candidate: Candidate, seed: int) -> nn.Module:
     """``architecture.class(**kwargs)`` after ``torch.manual_seed(seed)`` (caller's RNG untouched)."""
     spec = candidate.architecture
     module_name, _, attr = spec["class"].rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
+    try:  # an nn.Module subclass or network factory of an allowed package (networks.classpaths)
+        factory = classpaths.resolve(spec["class"], "architecture class", factories=True)
+    except UserError as err:
+        raise CandidateError(candidate.name, str(err)) from None
     except (ImportError, AttributeError, ValueError) as err:
         raise CandidateError(candidate.name, f"architecture class {spec['class']!r} cannot be imported ({err})") from err
     with torch.random.fork_rng(devices=[]):

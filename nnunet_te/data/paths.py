@@ -68,16 +68,6 @@ def dataset_name(dataset: int | str) -> str:
         raise FileNotFoundError(f"dataset {dataset!r}: {err}") from err
 
 
-def raw_dataset_dir(dataset: int | str) -> Path:
-    """``$nnUNet_raw/DatasetXXX_Name`` of an existing dataset."""
-    return nnunet_raw() / dataset_name(dataset)
-
-
 def preprocessed_dataset_dir(dataset: int | str) -> Path:
     """``$nnUNet_preprocessed/DatasetXXX_Name`` of an existing dataset."""
     return nnunet_preprocessed() / dataset_name(dataset)
-
-
-def results_dataset_dir(dataset: int | str) -> Path:
-    """``$nnUNet_results/DatasetXXX_Name`` of an existing dataset."""
-    return nnunet_results() / dataset_name(dataset)

@@ -37,6 +37,7 @@ from skimage import io
 
 from nnunet_te.data import SAMPLE_DIR, SAMPLE_LABELS
 from nnunet_te.data.paths import nnunet_raw
+from nnunet_te.errors import UserError
 
 SHARED_DATA = Path(os.environ.get("NNUNET_TE_SHARED",
                                   Path(__file__).resolve().parents[3] / "shared")) / "data"
@@ -69,6 +70,26 @@ def _require_files(*paths: Path) -> None:
                                 "(pass source_dir, or set NNUNET_TE_SHARED to the folder holding data/)")
 
 
+def _check_id_free_elsewhere(dataset_id: int, folder_name: str, raw_root: Path | None) -> None:
+    """Raise UserError when ``$nnUNet_preprocessed`` or ``$nnUNet_results`` (those that are set)
+    hold a dataset with this id under another name: nnU-Net would then find two names for the id
+    ("More than one dataset name found") whatever happens in the raw folder, and ``overwrite``
+    replaces only the raw dataset. Skipped for an explicit ``raw_root`` other than ``$nnUNet_raw``
+    (a private tree that nnU-Net's variables do not describe)."""
+    if raw_root is not None and (not os.environ.get("nnUNet_raw")
+                                 or Path(raw_root).resolve() != Path(os.environ["nnUNet_raw"]).resolve()):
+        return
+    clashes = []
+    for variable in ("nnUNet_preprocessed", "nnUNet_results"):
+        root = Path(os.environ[variable]) if os.environ.get(variable) else None
+        if root is not None and root.is_dir():
+            clashes += [str(p) for p in sorted(root.glob(f"Dataset{dataset_id:03d}_*")) if p.name != folder_name]
+    if clashes:
+        raise UserError(f"dataset id {dataset_id} is taken by another dataset in {', '.join(clashes)}; nnU-Net "
+                        f"would find two names for the id: pick another -d (nnunet-te data) id, or remove those "
+                        "folders first (--overwrite replaces only the raw dataset)")
+
+
 def _write_dataset(dataset_id: int, name: str, case_ids: list[str],
                    write_case: Callable[[str, Path, Path], None], *, channel: str, file_ending: str,
                    labels: dict[str, int], record: dict, raw_root: Path | None, overwrite: bool,
@@ -88,7 +109,8 @@ def _write_dataset(dataset_id: int, name: str, case_ids: list[str],
     existing = sorted(root.glob(f"Dataset{dataset_id:03d}_*")) if root.is_dir() else []
     if existing and not overwrite:
         raise FileExistsError(f"dataset id {dataset_id} already exists: {', '.join(map(str, existing))}; "
-                              "pick another id or pass overwrite=True to replace it")
+                              "pick another id or pass overwrite=True (`nnunet-te data --overwrite`) to replace it")
+    _check_id_free_elsewhere(dataset_id, folder_name, raw_root)
     tmp = root / f".tmp_{folder_name}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "imagesTr").mkdir(parents=True)

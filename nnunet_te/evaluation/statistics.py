@@ -8,8 +8,9 @@ NaN policy: a correlation with a constant input is undefined and is returned as 
 (a constant score, such as SFDA saturated at 1.0, gives no ranking at all). Inputs themselves
 must be finite; drop unavailable candidates before calling.
 
-All arithmetic is float64. Conventions follow METHODS.md section 3 and seed 002 (Juodelyte et
-al., "On dataset transferability in medical image classification").
+All arithmetic is float64. Conventions (docs/evaluation.md) follow Juodelyte et al., "On dataset
+transferability in medical image classification"
+(https://github.com/DovileDo/transferability-in-medical-imaging).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def _check_tau_table(tau_table) -> np.ndarray:
 def rank_methods(tau_table) -> np.ndarray:
     """Rank the methods within each target: 1 = highest correlation, ties get their mean rank.
 
-    As in seed 002 (Table 2 and their ``ktau_*_rank.csv``), a NaN correlation (no ranking, e.g.
+    As in Juodelyte et al. (Table 2 and their ``ktau_*_rank.csv``), a NaN correlation (no ranking, e.g.
     SFDA constant at 1.0) is ranked below every real value; several NaN share the last ranks.
 
     Shape:
@@ -204,7 +205,7 @@ def friedman(tau_table) -> tuple[float, float]:
     """Friedman test that all methods rank alike across targets.
 
     ``scipy.stats.friedmanchisquare`` on the per-target ranks of :func:`rank_methods` (NaN
-    ranked last, as seed 002 does), i.e. with ``R_k`` the average rank of method k:
+    ranked last, as Juodelyte et al. do), i.e. with ``R_k`` the average rank of method k:
 
         chi2_F = 12 N / (K (K + 1)) * (sum_k R_k^2 - K (K + 1)^2 / 4)
 

@@ -1,4 +1,5 @@
-"""From a network and labelled cases to the samples every metric reads (METHODS.md 1.0)."""
+"""From a network and labelled cases to the samples every metric reads (docs/ranking.md, "What is
+extracted"; sampling in docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_te.features.hooks import unet_stage_modules
 from nnunet_te.features.sampling import IGNORE, CandidateFeatures, SamplingConfig
 from nnunet_te.features.sliding import extract_dataset_features
+from nnunet_te.networks.stages import stage_modules
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -30,24 +31,22 @@ def pad_to_multiple(image: np.ndarray, labels: np.ndarray, multiple: int
 
 
 def split_stages(network: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """(global stages, local stages) to hook in a dynamic_network_architectures U-Net, following
-    seed 001. Other networks (e.g. MONAI) pass their own name -> module dicts to
-    :func:`~nnunet_te.features.sliding.extract_dataset_features`.
+    """(global stages, local stages) to hook, as the ranking hooks them
+    (:func:`nnunet_te.networks.stages.stage_modules`), following the Geometry of Transfer paper
+    (Tang et al. 2026, https://arxiv.org/abs/2602.23916).
 
     Global: every decoder stage. Local: the encoder stages between full resolution and the
     bottleneck, where boundaries are still resolved but features are already abstract.
     """
-    encoder, decoder = unet_stage_modules(network)
-    names = list(encoder)
-    local = {name: encoder[name] for name in names[1:-1]} or {names[-1]: encoder[names[-1]]}
-    return decoder, local
+    global_modules, local_modules, _ = stage_modules(network)
+    return global_modules, local_modules
 
 
 def extract_candidate_features(network: nn.Module, cases: Sequence[tuple[np.ndarray, np.ndarray]],
                                *, n_classes: int, config: SamplingConfig,
                                source_head: bool = False,
                                device: torch.device | str = "cpu") -> CandidateFeatures:
-    """Seed 001's stages of a U-Net, each case seen whole in one window.
+    """The stages of :func:`split_stages` of a U-Net, each case seen whole in one window.
 
     Shape:
         cases: sequence of (image (C, *spatial), labels (*spatial)) with labels in 0..n_classes-1

@@ -1,7 +1,7 @@
 """Class-balanced voxel sampling and boundary patches on a stage's feature grid.
 
 What is sampled depends only on the labels, the grid shape and the seed, never on the model,
-so every candidate of a zoo is scored on the same voxels (METHODS.md 1.0). Labels are brought
+so every candidate of a zoo is scored on the same voxels (docs/metrics.md). Labels are brought
 to the feature grid by nearest-neighbour lookup (features are never upsampled: memory). The
 label -1 marks voxels to ignore (padding); they are never sampled and no patch touches them.
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from nnunet_te.errors import UserError
 
 IGNORE = -1
 
@@ -50,7 +52,8 @@ def boundary_anchor_indices(label_grid: np.ndarray, n_anchors: int, patch_size: 
     """Flat indices of up to ``n_anchors`` boundary voxels whose patch lies on valid voxels.
 
     A boundary voxel is one where the morphological gradient of the labels is non-zero
-    (``dilation(y) != erosion(y)`` with a full 3x3(x3) footprint), as in seed 001.
+    (``dilation(y) != erosion(y)`` with a full 3x3(x3) footprint), as in the Geometry of Transfer
+    paper (Tang et al. 2026, https://arxiv.org/abs/2602.23916).
     """
     footprint = np.ones((3,) * label_grid.ndim, dtype=bool)
     boundary = (ndimage.grey_dilation(label_grid, footprint=footprint)
@@ -82,10 +85,10 @@ def patch_indices(anchors: np.ndarray, grid_shape: tuple[int, ...], patch_size: 
 
 @dataclass
 class SamplingConfig:
-    """How many points the metrics see. Defaults follow METHODS.md 1.0 and 1.2.
+    """How many points the metrics see (defaults: docs/metrics.md, "Which features each metric reads").
 
-    The consistency settings bound what the label-free consistency score keeps (METHODS.md
-    1.8): in up to ``consistency_cases`` cases (seeded choice), up to
+    The consistency settings bound what the label-free consistency score keeps (docs/metrics.md,
+    "Other defaults"): in up to ``consistency_cases`` cases (seeded choice), up to
     ``consistency_windows_per_case`` sliding windows are predicted again under perturbation, and
     of each window up to ``consistency_voxels_per_window`` voxels of the union foreground mask are
     kept (the only voxels the score reads). The case budget keeps the extra forward passes (one
@@ -102,6 +105,16 @@ class SamplingConfig:
     consistency_cases: int = 8
     consistency_windows_per_case: int = 4
     consistency_voxels_per_window: int = 4096
+
+    def __post_init__(self):
+        for name, value in vars(self).items():  # 0 or a negative count silently meant "default" or "tiny"
+            minimum = 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise UserError(f"sampling setting {name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("patch_size_2d", "patch_size_3d"):
+            if getattr(self, name) % 2 == 0:
+                raise UserError(f"sampling setting {name} must be odd (a patch is centred on its anchor), "
+                                f"got {getattr(self, name)}")
 
     def patch_size(self, ndim: int) -> int:
         return self.patch_size_2d if ndim == 2 else self.patch_size_3d

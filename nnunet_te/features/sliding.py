@@ -1,4 +1,4 @@
-"""Stage features of whole cases by sliding windows, kept only at the sampled voxels (METHODS.md 1.0).
+"""Stage features of whole cases by sliding windows, kept only at the sampled voxels (docs/ranking.md).
 
 For every case:
 
@@ -22,7 +22,7 @@ whole-image forward pass. With smaller windows a feature differs from the whole-
 the Gaussian blend of windows that saw different context (zero padding at window borders,
 instance norm statistics over the window): the same approximation nnU-Net's predictor makes.
 
-Label-free consistency (METHODS.md 1.8, seed 004): in up to ``config.consistency_cases``
+Label-free consistency (Talks and Kreshuk 2025, https://arxiv.org/abs/2503.00450; docs/metrics.md): in up to ``config.consistency_cases``
 cases and for up to ``config.consistency_windows_per_case`` windows of each (seeded choices), the window is
 predicted again with channel dropout on the bottleneck output at every rate. Foreground
 probability is ``1 - softmax(logits)[0]`` (binary and multi-class alike; sigmoid/region
@@ -209,8 +209,8 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
         returns: :class:`CandidateFeatures` (see there for shapes; groups = case index).
 
     ``global_modules`` / ``local_modules`` map stage names to modules to hook (class-balanced
-    samples / boundary patches; :func:`nnunet_te.features.extract.split_stages` gives seed 001's
-    choice for a U-Net). ``source_head=True`` adds the softmax of the network output blended
+    samples / boundary patches; :func:`nnunet_te.features.extract.split_stages` gives the
+    Geometry of Transfer paper's choice for a U-Net). ``source_head=True`` adds the softmax of the network output blended
     over windows (logits blended, as nnU-Net) at the final global stage's samples.
     ``consistency_rates`` (each in (0, 1)) adds the consistency predictions: dropout at the
     output of ``bottleneck`` (default: the U-Net's last encoder stage), masks seeded by

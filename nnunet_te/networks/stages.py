@@ -3,8 +3,8 @@
 Stages hooked (``encoder.<i>``: i = 0 is full resolution, the last the bottleneck;
 ``decoder.<s>``: s = 0 lowest resolution, the last the finest decoder stage). Global stages (every
 metric's class-balanced samples) are the decoder stages; local stages (boundary patches) are the
-encoder stages strictly between full resolution and the bottleneck
-(:func:`nnunet_te.features.extract.split_stages`), for MONAI networks only the first two of them
+encoder stages strictly between full resolution and the bottleneck (the bottleneck alone when
+there are none), for MONAI networks only the first two of them
 (strides 2 and 4: their depth is fixed, not adapted to the target by nnU-Net's plans, and deeper
 grids of small targets leave no room for boundary patches):
 

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
+from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
+from nnunet_te.networks.classpaths import check_plans_classes
 
 
 @dataclass
@@ -179,36 +177,38 @@ def load_pretrained(network: nn.Module, checkpoint: Checkpoint | str | Path, *,
     return result
 
 
-def _load_json_or_dict(value: str | Path | dict) -> dict:
-    return dict(value) if isinstance(value, Mapping) else load_json(str(value))
-
-
 def network_for_configuration(plans_file_or_dict: str | Path | dict, configuration: str,
                               dataset_json: str | Path | dict, *, checkpoint: Checkpoint | str | Path | None = None,
                               deep_supervision: bool = False, seed: int = 0,
                               device: str | torch.device = "cpu") -> tuple[nn.Module, LoadReport | None]:
-    """Build the network nnU-Net trains for ``configuration`` of these plans, then load ``checkpoint``.
+    """:func:`network_for_target` of ``configuration`` of these plans (files or dicts) and dataset.json."""
+    return network_for_target(PlannedConfiguration(plans_file_or_dict, configuration, dataset_json),
+                              checkpoint=checkpoint, deep_supervision=deep_supervision, seed=seed, device=device)
+
+
+def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint | str | Path | None = None,
+                       deep_supervision: bool = False, seed: int = 0,
+                       device: str | torch.device = "cpu") -> tuple[nn.Module, LoadReport | None]:
+    """Build the network nnU-Net trains for ``target``'s configuration, then load ``checkpoint``.
 
     Same classes and arguments as ``nnUNetTrainer.build_network_architecture`` (nnunetv2's
     ``get_network_from_plans`` with nnU-Net's He initialisation); input channels and output heads
-    come from ``dataset_json`` through nnU-Net's label manager. The random initialisation (the part
+    come from the dataset.json through nnU-Net's label manager. The random initialisation (the part
     the checkpoint does not cover, e.g. the decoder) is drawn after ``torch.manual_seed(seed)``
     inside ``torch.random.fork_rng``, so it is reproducible and the caller's RNG is left alone.
     Deep supervision adds no parameters, so the state dict is the same either way.
+    ``target`` is a :class:`~nnunet_te.data.target.PlannedConfiguration` (or a
+    :class:`~nnunet_te.data.target.PreprocessedTarget`).
     """
-    plans_manager = PlansManager(_load_json_or_dict(plans_file_or_dict))
-    if configuration not in plans_manager.available_configurations:
-        raise ValueError(f"configuration {configuration!r} not in the plans; available: "
-                         f"{plans_manager.available_configurations}")
-    configuration_manager = plans_manager.get_configuration(configuration)
-    dataset = _load_json_or_dict(dataset_json)
-    n_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset)
-    n_outputs = plans_manager.get_label_manager(dataset).num_segmentation_heads
+    configuration_manager = target.configuration_manager
+    check_plans_classes(configuration_manager.network_arch_class_name,  # before nnU-Net imports them
+                        configuration_manager.network_arch_init_kwargs,
+                        configuration_manager.network_arch_init_kwargs_req_import, "plans architecture")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network = get_network_from_plans(
             configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import, n_inputs, n_outputs,
+            configuration_manager.network_arch_init_kwargs_req_import, target.n_inputs, target.n_classes,
             allow_init=True, deep_supervision=deep_supervision)
     load_report = load_pretrained(network, checkpoint) if checkpoint is not None else None
     return network.to(device), load_report

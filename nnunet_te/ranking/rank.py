@@ -2,8 +2,8 @@
 
 Steps of :func:`rank_zoo`, cheapest checks first so a bad input fails in seconds:
 
-1. read the zoo (:func:`nnunet_te.ranking.zoo.read_zoo`), the plans, ``dataset.json`` and the ids
-   of the preprocessed training cases (nnU-Net's own dataset class, as the risk maps do);
+1. read the zoo (:func:`nnunet_te.ranking.zoo.read_zoo`) and open the target once
+   (:class:`nnunet_te.data.target.PreprocessedTarget`: plans, ``dataset.json``, case ids);
 2. check that every foreground class occurs in at least one sampled case (a class no case shows
    cannot be scored by any metric);
 3. load every candidate once (:func:`~nnunet_te.ranking.zoo.candidate_network`): a candidate that
@@ -27,28 +27,32 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
+from nnunet_te.errors import UserError
+from nnunet_te.data.paths import dataset_name, nnunet_results
+from nnunet_te.data.target import PreprocessedCases, PreprocessedTarget, check_classes_present
 from nnunet_te.features.cache import FeatureCache
-from nnunet_te.features.sampling import IGNORE, SamplingConfig
+from nnunet_te.features.sampling import CandidateFeatures, SamplingConfig
 from nnunet_te.features.sliding import extract_dataset_features
 from nnunet_te.metrics.registry import SEGMENTATION, Metric, metrics_for
-from nnunet_te.data.paths import dataset_name, nnunet_results, preprocessed_dataset_dir
-from nnunet_te.ranking.report import write_ranking
+from nnunet_te.io.files import refuse_existing
+from nnunet_te.ranking.report import ranking_paths, write_ranking
 from nnunet_te.ranking.scoring import ZooScores, score_zoo
 from nnunet_te.networks.stages import window_size
-from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network, read_zoo, target_for
+from nnunet_te.ranking.zoo import Candidate, CandidateError, CandidateNetwork, candidate_network, read_zoo
+
+#: PreprocessedCases and check_classes_present live in nnunet_te.data.target; importable here too.
+__all__ = ["RankingResult", "rank_zoo", "default_ranking_root", "PreprocessedCases", "check_classes_present"]
 
 RANKING_FOLDER = "nnunet_te_ranking__{plans}__{configuration}"
-#: Metric the ranking is sorted by when it was computed (seed 001's fused score).
+#: Metric the ranking is sorted by when it was computed (the fused score of the Geometry of Transfer paper).
 PRIMARY = "topology"
-#: Bottleneck channel-dropout rates of the label-free consistency score (METHODS.md 1.8).
+#: Bottleneck channel-dropout rates of the label-free consistency score (docs/metrics.md, "Other defaults").
 CONSISTENCY_RATES = (0.05, 0.1, 0.2, 0.3, 0.4)
 
 
@@ -74,49 +78,6 @@ class RankingResult:
         return next(c for c in self.candidates if c.name == name)
 
 
-class PreprocessedCases(Sequence):
-    """Preprocessed training cases as ``(case_id, image (C, *spatial), labels (*spatial))``,
-    read on access so one case is in memory at a time.
-
-    For a 2D configuration every slice along the first axis is an item (nnU-Net stores 2D
-    images as one-slice volumes; its 2d configuration of a 3D dataset works slice by slice);
-    items of a multi-slice case are named ``<case>:z<index>``. Labels follow
-    :mod:`nnunet_te.features.sampling`: nnU-Net's ``-1`` (outside the nonzero mask) is trained as
-    background, so it is background here too; a dataset ignore label becomes ``IGNORE``.
-    """
-
-    def __init__(self, data_folder: Path, case_ids: Sequence[str], ignore_label: int | None, ndim: int):
-        self._dataset = infer_dataset_class(str(data_folder))(str(data_folder), list(case_ids))
-        self._ignore = ignore_label
-        self._items: list[tuple[str, int | None]] = []
-        self.case_ids: list[str] = []
-        for case in case_ids:
-            depth = self._dataset.load_case(case)[0].shape[1] if ndim == 2 else None
-            slices = [None] if depth is None else range(depth)
-            self._items += [(case, z) for z in slices]
-            self.case_ids += [case if depth in (None, 1) else f"{case}:z{z}" for z in slices]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _read(self, index: int, part: int) -> np.ndarray:
-        case, z = self._items[index]
-        array = self._dataset.load_case(case)[part]
-        return np.asarray(array[:] if z is None else array[:, z])
-
-    def labels(self, index: int) -> np.ndarray:
-        seg = self._read(index, 1)[0].astype(np.int16)
-        seg[seg < 0] = 0
-        if self._ignore is not None:
-            seg[seg == self._ignore] = IGNORE
-        return seg
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.case_ids[index], self._read(index, 0).astype(np.float32), self.labels(index)
-
-
 def _select_cases(case_ids: list[str], max_cases: int | None, seed: int) -> list[str]:
     """All cases, or a seeded subset of ``max_cases`` (sorted, so the choice reads easily)."""
     if max_cases is None or max_cases >= len(case_ids):
@@ -127,20 +88,6 @@ def _select_cases(case_ids: list[str], max_cases: int | None, seed: int) -> list
     return sorted(case_ids[i] for i in chosen)
 
 
-def check_classes_present(cases: PreprocessedCases, n_classes: int, labels: dict, *,
-                          remedy: str = "sample more cases (all: no --cases) or fix the labels") -> None:
-    """Raise ValueError naming every foreground class absent from all sampled cases, and ``remedy``."""
-    present: set[int] = set()
-    for index in range(len(cases)):
-        present |= set(np.unique(cases.labels(index)).tolist())
-    names = {int(v): k for k, v in labels.items() if isinstance(v, int)}
-    absent = [c for c in range(1, n_classes) if c not in present]
-    if absent:
-        described = ", ".join(f"{c} ({names.get(c, '?')})" for c in absent)
-        raise ValueError(f"foreground class(es) {described} occur in none of the {len(cases)} sampled "
-                         f"cases; no metric can score them: {remedy}")
-
-
 def default_ranking_root(dataset: int | str, plans: str, configuration: str) -> Path:
     """``$nnUNet_results/<DatasetXXX>/nnunet_te_ranking__<plans>__<configuration>``."""
     return nnunet_results() / dataset_name(dataset) / RANKING_FOLDER.format(plans=plans, configuration=configuration)
@@ -148,9 +95,10 @@ def default_ranking_root(dataset: int | str, plans: str, configuration: str) -> 
 
 def _output_folder(out_dir: Path | None, root: Path) -> Path:
     """A folder for this run that holds no earlier ranking (see the module docstring)."""
-    if out_dir is not None:
-        if (Path(out_dir) / "ranking.json").exists():
-            raise FileExistsError(f"{out_dir} already holds a ranking; choose another output folder")
+    if out_dir is not None:  # every file a run writes there, not only ranking.json
+        refuse_existing([*ranking_paths(out_dir).values(), Path(out_dir) / "training_choice.json"],
+                        remedy=f"{out_dir} already holds ranking output: choose another output folder (-o), "
+                               "or leave -o out for a new timestamped folder")
         return Path(out_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder, n = root / stamp, 1
@@ -189,13 +137,127 @@ def _network_identity(candidate: Candidate, plans: dict, configuration: str, see
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """What every candidate's features depend on besides its network and window, set once per
+    ranking and given to both the feature cache's key and the extraction (so they cannot differ)."""
+
+    dataset: str
+    configuration: str
+    n_classes: int
+    sampling: SamplingConfig
+    consistency_rates: tuple[float, ...]
+    seed: int
+    device: str
+
+    def features(self, name: str, identity: str, loaded: CandidateNetwork, window: tuple[int, ...],
+                 cases: PreprocessedCases, cache: FeatureCache, *, progress: bool) -> CandidateFeatures:
+        """One candidate's features (from ``cache`` when stored under the same key)."""
+        source_head = loaded.load_report.head_loaded
+        key = cache.key(candidate_sha256=identity, dataset=self.dataset, configuration=self.configuration,
+                        case_ids=cases.case_ids, patch_size=window, n_classes=self.n_classes,
+                        config=self.sampling, global_stages=list(loaded.global_modules),
+                        local_stages=list(loaded.local_modules), consistency_rates=self.consistency_rates,
+                        seed=self.seed, source_head=source_head)
+        return extract_dataset_features(
+            loaded.network, loaded.global_modules, loaded.local_modules, cases, patch_size=window,
+            n_classes=self.n_classes, config=self.sampling, device=self.device,
+            consistency_rates=self.consistency_rates, seed=self.seed, source_head=source_head,
+            bottleneck=loaded.bottleneck, cache=cache, key=key, name=name, progress=progress)
+
+
+class ZooFeatures(NamedTuple):
+    """Features of the candidates that were extracted, with each candidate's time and window."""
+
+    features: dict[str, CandidateFeatures]
+    extraction_seconds: dict[str, float]
+    windows: dict[str, tuple[int, ...]]
+
+
+def _zoo_candidates(zoo: str | Path | Sequence[Candidate]) -> list[Candidate]:
+    """The zoo's candidates (a zoo file is read and validated); ValueError when it is empty."""
+    candidates = list(read_zoo(zoo) if isinstance(zoo, (str, Path)) else zoo)
+    if not candidates:
+        raise ValueError("the zoo is empty: nothing to rank")
+    return candidates
+
+
+def _ranked_cases(target: PreprocessedTarget, case_ids: Sequence[str] | None, max_cases: int | None,
+                  seed: int) -> PreprocessedCases:
+    """The cases to rank on (``case_ids`` or all, then a seeded subset of ``max_cases``), after
+    checking that each foreground class occurs in one of them."""
+    ranked_ids = target.check_cases(case_ids) if case_ids is not None else target.case_ids
+    cases = target.cases(_select_cases(ranked_ids, max_cases, seed))
+    check_classes_present(cases, target.n_classes, target.labels)
+    return cases
+
+
+def _load_reports(candidates: list[Candidate], target: PreprocessedTarget, seed: int
+                  ) -> tuple[dict[str, dict], dict[str, str]]:
+    """({candidate: load report}, {candidate: why it does not load}): every candidate is loaded
+    once before any extraction, so a broken entry is reported in seconds."""
+    errors: dict[str, str] = {}
+    reports: dict[str, dict] = {}
+    for candidate in candidates:
+        try:  # the network is dropped at once: one network in memory at a time
+            reports[candidate.name] = candidate_network(candidate, target, seed=seed).load_report.to_dict()
+        except CandidateError as err:
+            errors[candidate.name] = err.reason
+    if all(c.name in errors for c in candidates):
+        raise UserError("no candidate of the zoo could be used (fix or replace these zoo entries):\n" +
+                        "\n".join(f"  candidate {n!r}: {r}" for n, r in errors.items()))
+    return reports, errors
+
+
+def _zoo_features(candidates: list[Candidate], target: PreprocessedTarget, cases: PreprocessedCases,
+                  settings: ExtractionSettings, cache: FeatureCache, errors: dict[str, str], *,
+                  progress: bool) -> ZooFeatures:
+    """Features of every candidate in ``candidates``; a candidate that fails is added to ``errors``."""
+    result = ZooFeatures({}, {}, {})
+    for candidate in tqdm(candidates, desc="candidates", disable=not progress):
+        start = time.perf_counter()
+        try:
+            loaded = candidate_network(candidate, target, seed=settings.seed, device=settings.device)
+            window = result.windows[candidate.name] = window_size(loaded.network, target.patch_size)
+            identity = _network_identity(candidate, target.plans, target.configuration, settings.seed)
+            result.features[candidate.name] = settings.features(candidate.name, identity, loaded, window, cases,
+                                                                cache, progress=progress)
+        except (CandidateError, RuntimeError, ValueError) as err:
+            # a forward pass that fails (shapes, memory) is a property of this candidate
+            errors[candidate.name] = getattr(err, "reason", str(err))
+        finally:
+            result.extraction_seconds[candidate.name] = time.perf_counter() - start
+    if not result.features:
+        raise UserError("feature extraction failed for every candidate:\n" +
+                        "\n".join(f"  candidate {n!r}: {r}" for n, r in errors.items()))
+    return result
+
+
+def _zoo_scores(requested: list[Metric], explicit: bool, features: dict[str, CandidateFeatures], *,
+                progress: bool) -> tuple[ZooScores, list[Metric], dict[str, dict[str, float]]]:
+    """(scores, the metrics computed, {candidate: {metric: seconds}}): the ``requested`` metrics
+    when ``explicit``, else those applicable to at least one candidate."""
+    metric_seconds: dict[str, dict[str, float]] = {n: {} for n in features}
+    chosen = requested if explicit else [m for m in requested
+                                         if any(m.applicable(f) is None for f in features.values())]
+    scores = score_zoo(features, [_timed(m, metric_seconds, features) for m in chosen], progress=progress)
+    return scores, chosen, metric_seconds
+
+
+def _primary_metric(scores: ZooScores, chosen: list[Metric]) -> str:
+    """:data:`PRIMARY` when it scored any candidate, else the first metric computed."""
+    if PRIMARY in scores.scores and not np.isnan(scores.scores[PRIMARY]).all():
+        return PRIMARY
+    return chosen[0].name
+
+
 def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[Candidate], *,
              plans: str = "nnUNetPlans", metrics: Sequence[str] | None = None,
              out_dir: str | Path | None = None, seed: int = 0, device: str = "cpu",
              sampling: SamplingConfig | None = None, cache_dir: str | Path | None = None,
              case_ids: Sequence[str] | None = None, max_cases: int | None = None,
              consistency_rates: Sequence[float] = CONSISTENCY_RATES,
-             progress: bool = True) -> RankingResult:
+             preprocessed_root: str | Path | None = None, progress: bool = True) -> RankingResult:
     """Rank the candidates of ``zoo`` for ``dataset`` / ``configuration``; write the ranking.
 
     Arguments: ``dataset`` id or name (preprocessed with ``nnUNetv2_plan_and_preprocess``);
@@ -206,7 +268,9 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     validation case informs the choice); ``max_cases`` a seeded subset of those;
     ``consistency_rates`` the dropout rates of the consistency score (``()`` skips it and its
     extra forward passes); ``cache_dir`` the feature cache (default:
-    ``<ranking root>/feature_cache``, shared by every run on this dataset and configuration).
+    ``<ranking root>/feature_cache``, shared by every run on this dataset and configuration);
+    ``preprocessed_root`` the folder holding ``DatasetXXX_Name`` (default:
+    ``$nnUNet_preprocessed``).
 
     Raises ValueError for an empty zoo, unknown metrics, a foreground class absent from every
     sampled case, and RuntimeError when no candidate loads (the message lists each candidate's
@@ -214,111 +278,39 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     are ranked.
     """
     started = time.perf_counter()
-    candidates = list(read_zoo(zoo) if isinstance(zoo, (str, Path)) else zoo)
-    if not candidates:
-        raise ValueError("the zoo is empty: nothing to rank")
+    candidates = _zoo_candidates(zoo)
     requested = metrics_for(SEGMENTATION, list(metrics) if metrics else None)
-    config = replace(sampling or SamplingConfig(), seed=seed)
-
-    folder = preprocessed_dataset_dir(dataset)
-    plans_file, dataset_json_file = folder / f"{plans}.json", folder / "dataset.json"
-    for path in (plans_file, dataset_json_file):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run nnUNetv2_plan_and_preprocess -d {dataset} "
-                                    f"-c {configuration} first")
-    plans_dict = json.loads(plans_file.read_text())
-    dataset_json = json.loads(dataset_json_file.read_text())
-    target = target_for(plans_dict, configuration, dataset_json)
-    data_folder = folder / plans_dict["configurations"][configuration]["data_identifier"]
-    if not data_folder.is_dir():
-        raise FileNotFoundError(f"preprocessed data {data_folder} not found: run nnUNetv2_plan_and_preprocess "
-                                f"-d {dataset} -c {configuration}")
-    label_manager = PlansManager(plans_dict).get_label_manager(dataset_json)
-    if label_manager.has_regions:
-        raise ValueError("region-based datasets are not supported: the metrics need one class per voxel")
-    all_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
-    if not all_ids:
-        raise FileNotFoundError(f"no preprocessed cases in {data_folder}")
-    if case_ids is not None:
-        unknown = sorted(set(case_ids) - set(all_ids))
-        if unknown or not case_ids:
-            raise ValueError(f"case_ids must be preprocessed cases of {data_folder}; unknown: {unknown[:5]}"
-                             if unknown else "case_ids is empty: no case to rank on")
-    ranked_ids = sorted(case_ids) if case_ids is not None else all_ids
-    cases = PreprocessedCases(data_folder, _select_cases(ranked_ids, max_cases, seed), label_manager.ignore_label,
-                              target.ndim)
-    check_classes_present(cases, target.n_classes, dataset_json.get("labels", {}))
-
-    root = default_ranking_root(dataset, plans, configuration)
+    target = PreprocessedTarget.open(dataset, configuration, plans, preprocessed_root=preprocessed_root)
+    cases = _ranked_cases(target, case_ids, max_cases, seed)
+    root = default_ranking_root(target.dataset_name, plans, configuration)
     out_folder = _output_folder(Path(out_dir).resolve() if out_dir is not None else None, root)
 
-    # Load every candidate before any extraction: a broken entry is reported in seconds.
-    errors: dict[str, str] = {}
-    reports: dict[str, dict] = {}
-    for candidate in candidates:
-        try:  # the network is dropped at once: one network in memory at a time
-            reports[candidate.name] = candidate_network(candidate, plans_dict, configuration, dataset_json,
-                                                        seed=seed).load_report.to_dict()
-        except CandidateError as err:
-            errors[candidate.name] = err.reason
-    usable = [c for c in candidates if c.name not in errors]
-    if not usable:
-        raise RuntimeError("no candidate of the zoo could be used:\n" +
-                           "\n".join(f"  candidate {n!r}: {r}" for n, r in errors.items()))
-
+    reports, errors = _load_reports(candidates, target, seed)
+    settings = ExtractionSettings(target.dataset_name, configuration, target.n_classes,
+                                  replace(sampling or SamplingConfig(), seed=seed), tuple(consistency_rates),
+                                  seed, device)
     cache = FeatureCache(Path(cache_dir) if cache_dir is not None else root / "feature_cache")
-    features, extraction_seconds, windows = {}, {}, {}
-    for candidate in tqdm(usable, desc="candidates", disable=not progress):
-        start = time.perf_counter()
-        try:
-            loaded = candidate_network(candidate, plans_dict, configuration, dataset_json,
-                                       seed=seed, device=device)
-            window = windows[candidate.name] = window_size(loaded.network, target.patch_size)
-            source_head = loaded.load_report.head_loaded
-            key = cache.key(candidate_sha256=_network_identity(candidate, plans_dict, configuration, seed),
-                            dataset=dataset_name(dataset), configuration=configuration,
-                            case_ids=cases.case_ids, patch_size=window, n_classes=target.n_classes,
-                            config=config, global_stages=list(loaded.global_modules),
-                            local_stages=list(loaded.local_modules), consistency_rates=consistency_rates,
-                            seed=seed, source_head=source_head)
-            features[candidate.name] = extract_dataset_features(
-                loaded.network, loaded.global_modules, loaded.local_modules, cases, patch_size=window,
-                n_classes=target.n_classes, config=config, device=device,
-                consistency_rates=consistency_rates, seed=seed, source_head=source_head,
-                bottleneck=loaded.bottleneck, cache=cache, key=key, name=candidate.name, progress=progress)
-        except (CandidateError, RuntimeError, ValueError) as err:
-            # a forward pass that fails (shapes, memory) is a property of this candidate
-            errors[candidate.name] = getattr(err, "reason", str(err))
-        finally:
-            extraction_seconds[candidate.name] = time.perf_counter() - start
-    if not features:
-        raise RuntimeError("feature extraction failed for every candidate:\n" +
-                           "\n".join(f"  candidate {n!r}: {r}" for n, r in errors.items()))
-
-    names = list(features)
-    # Sampling depends only on labels, grid and seed: equal fingerprints at the full-resolution
-    # stage show that candidates were scored on the same voxels.
-    fingerprints = {n: _samples_fingerprint(features[n]) for n in names}
-    metric_seconds: dict[str, dict[str, float]] = {n: {} for n in names}
-    chosen = requested if metrics else [m for m in requested
-                                        if any(m.applicable(f) is None for f in features.values())]
-    scores = score_zoo(features, [_timed(m, metric_seconds, features) for m in chosen], progress=progress)
-    primary = PRIMARY if PRIMARY in scores.scores and not np.isnan(scores.scores[PRIMARY]).all() \
-        else chosen[0].name
+    extracted = _zoo_features([c for c in candidates if c.name not in errors], target, cases, settings, cache,
+                              errors, progress=progress)
+    features = extracted.features
+    scores, chosen, metric_seconds = _zoo_scores(requested, bool(metrics), features, progress=progress)
+    primary = _primary_metric(scores, chosen)
     metadata = {
         "job": "nnunet-te rank",
-        "dataset": dataset_name(dataset), "configuration": configuration, "plans": plans,
-        "cases": cases.case_ids, "n_cases_available": len(all_ids),
-        "seed": seed, "sampling": asdict(config), "consistency_rates": list(consistency_rates),
+        "dataset": target.dataset_name, "configuration": configuration, "plans": plans,
+        "cases": cases.case_ids, "n_cases_available": len(target.case_ids),
+        "seed": seed, "sampling": asdict(settings.sampling), "consistency_rates": list(consistency_rates),
         "patch_size": list(target.patch_size),
-        "zoo": [{**c.to_dict(), "window": windows.get(c.name),
+        "zoo": [{**c.to_dict(), "window": extracted.windows.get(c.name),
                  "status": "scored" if c.name in features else "failed",
                  "error": errors.get(c.name), "load_report": reports.get(c.name)} for c in candidates],
         "candidate_errors": errors,
-        "final_stage_samples": fingerprints,
-        "timings": {n: {"extraction_seconds": extraction_seconds[n],
+        # Sampling depends only on labels, grid and seed: equal fingerprints at the full-resolution
+        # stage show that candidates were scored on the same voxels.
+        "final_stage_samples": {n: _samples_fingerprint(f) for n, f in features.items()},
+        "timings": {n: {"extraction_seconds": extracted.extraction_seconds[n],
                         "metric_seconds": metric_seconds[n],
-                        "metric_total_seconds": sum(metric_seconds[n].values())} for n in names},
+                        "metric_total_seconds": sum(metric_seconds[n].values())} for n in features},
         "total_seconds": time.perf_counter() - started,
         "device": str(device), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",

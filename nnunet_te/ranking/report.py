@@ -12,7 +12,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nnunet_te.io.files import refuse_existing  # noqa: E402
 from nnunet_te.ranking.scoring import ZooScores  # noqa: E402
+
+#: Extensions of the files :func:`write_ranking` writes, ``ranking.<ext>``.
+RANKING_FILES = ("csv", "json", "md", "png")
 
 
 def _cell(value: float) -> str:
@@ -39,14 +43,30 @@ def markdown_table(zoo: ZooScores, primary: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_ranking(zoo: ZooScores, out_dir: Path, *, primary: str, metadata: dict) -> dict[str, Path]:
+def ranking_paths(out_dir: Path) -> dict[str, Path]:
+    """``{ext: out_dir / ranking.<ext>}`` for every file :func:`write_ranking` writes."""
+    return {ext: Path(out_dir) / f"ranking.{ext}" for ext in RANKING_FILES}
+
+
+def check_ranking_folder_free(out_dir: Path, remedy: str = "choose another output folder (-o) or move "
+                                                           "those files away") -> None:
+    """Raise UserError when ``out_dir`` holds any file :func:`write_ranking` would write (a writer
+    calls it before its work, so the refusal comes in seconds)."""
+    refuse_existing(ranking_paths(out_dir).values(), remedy=f"{out_dir} already holds ranking output: {remedy}")
+
+
+def write_ranking(zoo: ZooScores, out_dir: Path, *, primary: str, metadata: dict,
+                  overwrite: bool = False) -> dict[str, Path]:
     """Write ranking.{csv,json,md,png} into ``out_dir``; return their paths.
 
     ``metadata`` (seed, sampling settings, per-candidate extraction seconds, ...) goes into the
-    JSON unchanged so a run can be reproduced from its outputs.
+    JSON unchanged so a run can be reproduced from its outputs. Any of the four files already in
+    ``out_dir`` raises UserError unless ``overwrite``.
     """
+    if not overwrite:
+        check_ranking_folder_free(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"ranking.{ext}" for ext in ("csv", "json", "md", "png")}
+    paths = ranking_paths(out_dir)
     ranks = {m.name: zoo.ranks(m.name) for m in zoo.metrics}
     with paths["csv"].open("w", newline="") as fh:
         writer = csv.writer(fh)

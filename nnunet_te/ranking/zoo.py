@@ -16,9 +16,9 @@ Zoo file (YAML or JSON, one top-level key)::
 Networks (:func:`candidate_network`):
 
 - ``nnunet``, ``nnssl`` and ``state_dict`` candidates without ``architecture`` are loaded into the
-  network nnU-Net builds from the target's plans (:func:`nnunet_te.networks.weights.network_for_configuration`);
+  network nnU-Net builds from the target's plans (:func:`nnunet_te.networks.weights.network_for_target`);
   what the checkpoint does not cover (the decoder of an encoder-only checkpoint) is initialised
-  randomly with a fixed seed, as in seed 001.
+  randomly with a fixed seed, as in the Geometry of Transfer paper (arXiv:2602.23916).
 - A candidate with ``architecture`` is built from that class with ``kwargs``;
   ``in_channels``, ``out_channels`` (and ``spatial_dims`` where the class takes it) default to the
   target's input channels, class count and configuration dimension.
@@ -29,7 +29,6 @@ Stages hooked: :mod:`nnunet_te.networks.stages`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 from collections.abc import Mapping
@@ -40,8 +39,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import FORMATS, Checkpoint, read_checkpoint
-from nnunet_te.networks.weights import LoadReport, load_pretrained, network_for_configuration
+from nnunet_te.networks import classpaths
+from nnunet_te.data.target import PlannedConfiguration
+from nnunet_te.networks.weights import LoadReport, load_pretrained, network_for_target
 from nnunet_te.io.files import file_sha256
 from nnunet_te.networks.stages import STAGES, stage_modules
 
@@ -50,7 +52,7 @@ CANDIDATE_KEYS = {"name", "checkpoint", "format", "architecture", "notes"}
 ARCHITECTURE_KEYS = {"class", "kwargs"}
 
 
-class CandidateError(ValueError):
+class CandidateError(UserError):
     """A zoo candidate that cannot be used; the message starts with the candidate's name."""
 
     def __init__(self, name: str, reason: str):
@@ -122,6 +124,11 @@ def _candidate(entry: object, index: int, base: Path) -> Candidate:
         if set(architecture) - ARCHITECTURE_KEYS or not isinstance(architecture.get("kwargs", {}), Mapping):
             raise CandidateError(name, f"'architecture' takes only {sorted(ARCHITECTURE_KEYS)}, kwargs a mapping")
         architecture = {"class": architecture["class"], "kwargs": dict(architecture.get("kwargs") or {})}
+        try:  # refused here, before anything is imported (nnunet_te.networks.classpaths)
+            classpaths.check_path(architecture["class"], "architecture class")
+            classpaths.check_kwargs(architecture["kwargs"], "architecture kwargs")
+        except UserError as err:
+            raise CandidateError(name, str(err)) from None
     elif fmt == "monai":
         raise CandidateError(name, "MONAI checkpoints need 'architecture: {class: monai.networks.nets.<Net>, "
                                    "kwargs: {...}}' (a state dict does not say how to build its network)")
@@ -177,42 +184,18 @@ class CandidateNetwork(NamedTuple):
     bottleneck: nn.Module
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a candidate's network must fit: input channels, classes, spatial dimension."""
-
-    n_inputs: int
-    n_classes: int
-    ndim: int
-    configuration: str
-    patch_size: tuple[int, ...]
-
-
-def target_for(plans: dict, configuration: str, dataset_json: dict) -> Target:
-    """The :class:`Target` of a configuration of nnU-Net plans and a dataset.json."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    manager = PlansManager(plans)
-    if configuration not in manager.available_configurations:
-        raise ValueError(f"configuration {configuration!r} not in the plans; available: "
-                         f"{manager.available_configurations}")
-    config = manager.get_configuration(configuration)
-    return Target(determine_num_input_channels(manager, config, dataset_json),
-                  manager.get_label_manager(dataset_json).num_segmentation_heads,
-                  len(config.patch_size), configuration, tuple(int(p) for p in config.patch_size))
-
-
 def _checkpoint_input_channels(checkpoint: Checkpoint) -> int | None:
     """Input channels the checkpoint was trained with, when it says so (nnssl plan)."""
     value = checkpoint.metadata.get("pretrain_num_input_channels")
     return int(value) if value is not None else None
 
 
-def _architecture_network(candidate: Candidate, target: Target, seed: int) -> nn.Module:
+def _architecture_network(candidate: Candidate, target: PlannedConfiguration, seed: int) -> nn.Module:
     module_name, _, class_name = candidate.architecture["class"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+    try:  # an allowed package's nn.Module subclass only (nnunet_te.networks.classpaths)
+        cls = classpaths.resolve(candidate.architecture["class"], "architecture class")
+    except UserError as err:
+        raise CandidateError(candidate.name, str(err)) from None
     except (ImportError, AttributeError, ValueError) as err:
         raise CandidateError(candidate.name, f"architecture class {candidate.architecture['class']!r} "
                                              f"cannot be imported ({err})") from err
@@ -240,16 +223,17 @@ def _architecture_network(candidate: Candidate, target: Target, seed: int) -> nn
             raise CandidateError(candidate.name, f"{class_name}(**{kwargs}) failed: {err}") from err
 
 
-def candidate_network(candidate: Candidate, plans: dict, configuration: str, dataset_json: dict, *,
+def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
                       seed: int = 0, device: str | torch.device = "cpu") -> CandidateNetwork:
-    """Build and load one candidate's network for a target; return it with its hooks and report.
+    """Build and load one candidate's network for ``target`` (a
+    :class:`~nnunet_te.data.target.PreprocessedTarget` or plans configuration); return it with its
+    hooks and report.
 
     Every failure raises :class:`CandidateError` naming the candidate: an unreadable file, a
     format other than the one declared, a MONAI checkpoint without ``architecture``, input
     channels other than the dataset's (checked from the nnssl plan or the architecture before the
     network is built, otherwise by the loader's shape check), or weights that do not fit.
     """
-    target = target_for(plans, configuration, dataset_json)
     try:
         checkpoint = read_checkpoint(candidate.checkpoint)
     except Exception as err:  # torch's unpickler raises anything (IndexError, ...) on a corrupt file
@@ -266,8 +250,7 @@ def candidate_network(candidate: Candidate, plans: dict, configuration: str, dat
                                              f"the dataset has {target.n_inputs}")
     try:
         if candidate.architecture is None:
-            network, report = network_for_configuration(plans, configuration, dataset_json,
-                                                        checkpoint=checkpoint, seed=seed)
+            network, report = network_for_target(target, checkpoint=checkpoint, seed=seed)
         else:
             network = _architecture_network(candidate, target, seed)
             report = load_pretrained(network, checkpoint, report=False)

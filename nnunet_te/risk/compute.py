@@ -1,9 +1,10 @@
-"""Compute and store transfer-risk maps for a preprocessed nnU-Net dataset (METHODS.md 1.7).
+"""Compute and store transfer-risk maps for a preprocessed nnU-Net dataset (docs/nnunet.md section 3).
 
 Pipeline, all in nnU-Net's preprocessed space so nothing of its preprocessing is re-implemented:
 
-1. read every training case (``<case>.b2nd`` and ``<case>_seg.b2nd``) with nnunetv2's
-   ``nnUNetDatasetBlosc2``;
+1. read every training case with nnU-Net's own dataset class for the stored format, through the
+   one case reader of :class:`nnunet_te.data.target.PreprocessedTarget` (which also checks the
+   configuration, refuses region-based datasets and normalises the labels);
 2. run the pre-trained network over the whole case with sliding windows
    (:func:`nnunet_te.risk.maps.case_outputs`): softmax of its segmentation head when the
    checkpoint's head loaded for this class count, otherwise final decoder features turned into
@@ -29,24 +30,27 @@ stored. Disk: one case x (classes or decoder channels) float16 per case.
 
 from __future__ import annotations
 
-import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm.auto import tqdm
 
+from nnunet_te.data.target import PreprocessedTarget
 from nnunet_te.risk.maps import (SourceMixture, case_outputs, case_transferability, risk_map,
                                  transferability_conditional)
 from nnunet_te.io.files import file_sha256
-from nnunet_te.risk.storage import case_map_path, read_manifest, risk_folder, save_case_map, write_manifest
+from nnunet_te.errors import UserError
+from nnunet_te.risk.storage import (MANIFEST, case_map_path, read_manifest, risk_folder, save_case_map,
+                                    write_manifest)
 
 CACHE = ".cache"
 OVERLAYS = "overlays"
+#: Suffix of the sibling folder in which replacement maps are computed before they are swapped in.
+STAGING = ".staging"
 
 
 class _LazyCases(Sequence):
@@ -65,42 +69,18 @@ class _LazyCases(Sequence):
         return self.load(self.case_ids[index])
 
 
-def _load_json(path_or_dict) -> dict:
-    if isinstance(path_or_dict, dict):
-        return path_or_dict
-    path = Path(path_or_dict)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    return json.loads(path.read_text())
-
-
-def _check_inputs(data_folder: Path, case_ids: list[str]) -> None:
-    if not data_folder.is_dir():
-        raise FileNotFoundError(
-            f"preprocessed data folder {data_folder} does not exist; run "
-            "`nnUNetv2_plan_and_preprocess -d DATASET -c CONFIGURATION` first")
-    if not case_ids:
-        raise FileNotFoundError(f"no preprocessed cases (<case>.b2nd) in {data_folder}")
-    missing = [c for c in case_ids for suffix in (".b2nd", "_seg.b2nd", ".pkl")
-               if not (data_folder / f"{c}{suffix}").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} preprocessed file(s) missing in {data_folder}, e.g. case "
-            f"{missing[0]!r} (need <case>.b2nd, <case>_seg.b2nd and <case>.pkl); re-run "
-            "`nnUNetv2_plan_and_preprocess`")
-
-
 def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuration: str,
                               dataset_json, checkpoint, *, case_ids: Sequence[str] | None = None,
                               fit_case_ids: Sequence[str] | None = None,
                               device: str = "cpu", sigma: float = 1.0, seed: int = 0,
                               overlays: int = 3, overwrite: bool = False,
+                              overwrite_flag: str = "overwrite=True (`nnunet-te riskmap --overwrite`)",
                               progress: bool = True, max_fit_points: int = 5000) -> Path:
     """Compute the risk map of every (or every given) preprocessed case; return the folder.
 
     Arguments: ``preprocessed_dataset_dir`` = ``$nnUNet_preprocessed/DatasetXXX_Name``;
     ``plans_file`` and ``dataset_json`` paths (or dicts); ``configuration`` e.g. '3d_fullres';
-    ``checkpoint`` the pre-trained weights (anything ``network_for_configuration`` loads);
+    ``checkpoint`` the pre-trained weights (anything ``network_for_target`` loads);
     ``fit_case_ids`` the cases whose labels estimate ``P(y|z)`` and the mixture (default: every
     mapped case; they must be mapped cases: in a few-shot run, the k training cases);
     ``sigma`` the smoothing of :func:`~nnunet_te.risk.maps.risk_map` in voxels (not applied
@@ -108,43 +88,35 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
     mixture; ``max_fit_points`` pixels to fit the mixture on (GMM source only: its fit
     dominates the run time there and grows linearly with this number); ``overlays`` PNGs (image, label, risk) written to ``<folder>/overlays/``.
 
-    Resuming: a run with the same settings (manifest) skips cases whose maps are stored and
-    reuses cached network outputs. Different settings raise ValueError unless
-    ``overwrite=True``, which recomputes everything.
+    Resuming: a run with the same settings (manifest) computes only the maps that are missing
+    (with the network outputs of every fit case, which the pooled ``P(y|z)`` needs) and reuses
+    cached network outputs. Different settings raise UserError naming ``overwrite_flag`` unless
+    ``overwrite=True``, which recomputes everything in a staging folder beside the maps
+    (``<folder>.staging``, itself resumable) and swaps it in only once every map and overlay is
+    written: a failure keeps the old maps. ``sigma`` must be finite and >= 0.
 
     Errors before any work: missing preprocessed folder/files, unknown configuration, missing
     checkpoint, region-based datasets (not supported: the loss is softmax cross-entropy).
     """
-    from nnunet_te.networks.weights import network_for_configuration
+    from nnunet_te.networks.weights import network_for_target
 
-    dataset_dir = Path(preprocessed_dataset_dir)
-    plans = _load_json(plans_file)
-    dataset = _load_json(dataset_json)
-    plans_manager = PlansManager(plans)
-    if configuration not in plans_manager.available_configurations:
-        raise ValueError(f"configuration {configuration!r} is not in the plans; available: "
-                         f"{plans_manager.available_configurations}")
-    config = plans_manager.get_configuration(configuration)
-    label_manager = plans_manager.get_label_manager(dataset)
-    if label_manager.has_regions:
-        raise ValueError("region-based datasets are not supported by the risk-weighted loss")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise UserError(f"sigma must be a finite number >= 0 (voxels; 0 = no smoothing), got {sigma!r} "
+                        "(`nnunet-te riskmap --sigma`, trainer: nnUNet_te_sigma)")
+    target = PreprocessedTarget(preprocessed_dataset_dir, plans_file, configuration, dataset_json)
+    config = target.configuration_manager
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    data_folder = dataset_dir / config.data_identifier
-    all_ids = sorted(nnUNetDatasetBlosc2.get_identifiers(str(data_folder))) \
-        if data_folder.is_dir() else []
-    cases = sorted(case_ids) if case_ids is not None else all_ids
-    _check_inputs(data_folder, cases)
+    cases = target.check_cases(target.case_ids if case_ids is None else case_ids)
     fit_cases = sorted(fit_case_ids) if fit_case_ids is not None else cases
     if not fit_cases or set(fit_cases) - set(cases):
         raise ValueError(f"fit_case_ids must be a non-empty subset of the mapped cases; not mapped: "
                          f"{sorted(set(fit_cases) - set(cases))[:5]}")
-    folder = risk_folder(dataset_dir, config.data_identifier)
+    final = risk_folder(target.folder, config.data_identifier)
 
-    network, report = network_for_configuration(plans, configuration, dataset,
-                                                checkpoint=checkpoint, deep_supervision=False,
-                                                seed=seed, device=device)
+    network, report = network_for_target(target, checkpoint=checkpoint, deep_supervision=False,
+                                         seed=seed, device=device)
     source = "head" if report.head_loaded else "gmm"
     settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
                 "configuration": configuration, "data_identifier": config.data_identifier,
@@ -153,34 +125,28 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
                 # recorded only when it differs, so manifests of all-case maps stay valid
                 **({"fit_case_ids": fit_cases} if fit_cases != cases else {}),
                 "max_fit_points": max_fit_points if source == "gmm" else None, "stored": "risk r in [0, 1], float16"}
-    manifest = _start_manifest(folder, settings, overwrite)
+    # replacing maps: computed in a staging folder, swapped in only once complete (a failure keeps the old)
+    folder, manifest = _start_manifest(final, settings, overwrite, overwrite_flag)
 
-    dataset_reader = nnUNetDatasetBlosc2(str(data_folder), cases)
+    reader = target.cases(cases, slices=False)
     slice_wise = len(config.patch_size) < 3
     smoothing = (0.0, sigma, sigma) if slice_wise else sigma
-    ignore = label_manager.ignore_label
-
-    def load_labels(case: str) -> np.ndarray:
-        seg = np.asarray(dataset_reader.load_case(case)[1][0]).astype(np.int16)
-        seg[seg < 0] = 0
-        if ignore is not None:
-            seg[seg == ignore] = -1
-        return seg
 
     cache = folder / CACHE
     cache.mkdir(parents=True, exist_ok=True)
-    for case in tqdm(cases, desc="risk maps: network", disable=not progress):
+    todo = [c for c in cases if not _stored(folder, manifest, c)]
+    # a missing map needs the pooled P(y|z), i.e. the outputs of every fit case, not only its own
+    needed = [c for c in cases if c in todo or (todo and c in fit_cases)]
+    for case in tqdm(needed, desc="risk maps: network", disable=not progress):
         path = cache / f"{case}.npy"
-        if not path.is_file() and not _stored(folder, manifest, case):
-            data = np.asarray(dataset_reader.load_case(case)[0][:])
-            outputs = case_outputs(network, data, patch_size=config.patch_size,
+        if not path.is_file():
+            outputs = case_outputs(network, reader.case_image(case), patch_size=config.patch_size,
                                    use_head=source == "head", device=device)
             np.save(path.with_suffix(".tmp.npy"), outputs.astype(np.float16))
             path.with_suffix(".tmp.npy").replace(path)
 
-    todo = [c for c in cases if not _stored(folder, manifest, c)]
     if todo:
-        labels = _LazyCases(fit_cases, load_labels)
+        labels = _LazyCases(fit_cases, reader.case_labels)
         outputs = _LazyCases(fit_cases, lambda c: np.load(cache / f"{c}.npy").astype(np.float64))
         if source == "head":
             theta = _LazyCases(fit_cases, lambda c: _renormalise(outputs.load(c)))
@@ -199,10 +165,14 @@ def compute_dataset_risk_maps(preprocessed_dataset_dir, plans_file, configuratio
     shutil.rmtree(cache, ignore_errors=True)
 
     for case in cases[:overlays]:
-        data, seg = (np.asarray(a[:]) for a in dataset_reader.load_case(case)[:2])
+        if (folder / OVERLAYS / f"{case}.png").is_file() and case not in todo:
+            continue  # an overlay of a map this run did not change
+        data, seg = reader.stored(case)
         write_overlay(folder / OVERLAYS / f"{case}.png", data[0], seg[0],
                       np.load(case_map_path(folder, case)).astype(np.float32), title=case)
-    return folder
+    if folder != final:
+        _swap_in(folder, final)
+    return final
 
 
 def _renormalise(probabilities: np.ndarray) -> np.ndarray:
@@ -214,21 +184,50 @@ def _stored(folder: Path, manifest: dict, case: str) -> bool:
     return case in manifest["shapes"] and case_map_path(folder, case).is_file()
 
 
-def _start_manifest(folder: Path, settings: dict, overwrite: bool) -> dict:
-    existing = read_manifest(folder)
+def staging_folder(final: Path) -> Path:
+    """Where maps that will replace ``final`` are computed (a sibling: nothing in nnU-Net's data folder)."""
+    return final.with_name(final.name + STAGING)
+
+
+def _start_manifest(final: Path, settings: dict, overwrite: bool,
+                    overwrite_flag: str = "overwrite=True") -> tuple[Path, dict]:
+    """(folder to compute in, its manifest). ``final`` itself when it is new or holds maps of these
+    settings (resumed); its staging folder when ``overwrite`` replaces what ``final`` holds (resumed
+    too, when an earlier replacement with these settings was interrupted). Anything else in
+    ``final`` raises UserError naming ``overwrite_flag``."""
+    existing = read_manifest(final)
     if existing is not None and existing.get("settings") == settings and not overwrite:
-        return existing
+        return final, existing
     if existing is not None and not overwrite:
         changed = sorted(k for k in settings if existing.get("settings", {}).get(k) != settings[k])
-        raise ValueError(f"risk maps in {folder} were computed with different settings "
-                         f"(differ in: {', '.join(changed)}); pass overwrite=True "
-                         "(`--overwrite`) to recompute them")
+        raise UserError(f"risk maps in {final} were computed with different settings "
+                        f"(differ in: {', '.join(changed)}); pass {overwrite_flag} to recompute them (the "
+                        "new maps replace the old ones only once all are computed)")
+    foreign = [p.name for p in final.iterdir() if p.name != CACHE] if final.is_dir() else []
+    if existing is None and foreign and not overwrite:
+        raise UserError(f"{final} holds files but no {MANIFEST} ({', '.join(sorted(foreign)[:5])}): not maps "
+                        f"this package can resume; move them away or pass {overwrite_flag} to replace them")
+    folder = staging_folder(final) if existing is not None or foreign else final
+    if folder != final:
+        staged = read_manifest(folder)
+        if staged is not None and staged.get("settings") == settings:
+            return folder, staged  # an interrupted replacement with these settings
     if folder.exists():
-        shutil.rmtree(folder)
+        shutil.rmtree(folder)  # our own: a staging folder, or a first run's cache without a manifest
     manifest = {"settings": settings, "shapes": {},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_manifest(folder, manifest)
-    return manifest
+    return folder, manifest
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by the complete ``staging`` folder (two renames; the old maps go last)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, risk: np.ndarray, *,

@@ -1,4 +1,4 @@
-"""Risk-weighted segmentation loss with nnU-Net's deep supervision (METHODS.md 1.7 step 4).
+"""Risk-weighted segmentation loss with nnU-Net's deep supervision (docs/nnunet.md section 4).
 
 Pure torch, device-agnostic: the trainer builds :class:`RiskWeightedDeepSupervisionLoss` in
 ``_build_loss`` and passes the patch's weight map ``w = 1 + beta * r`` (or ``exp(beta * r)``)
@@ -11,13 +11,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 from torch import nn
 
 #: nnU-Net's soft-Dice smoothing (``nnUNetTrainer._build_loss``): keeps an empty class finite.
 DICE_SMOOTH = 1e-5
 #: What the weighted cross-entropy of an image is divided by: ``pixels`` = its number of
 #: labelled pixels (nnU-Net's mean cross-entropy; the default), ``foreground`` = its number of
-#: ground-truth foreground pixels + 1 (seed 003).
+#: ground-truth foreground pixels + 1 (the Transfer Risk Map paper, arXiv:2502.02340).
 CE_NORMALISATIONS = ("pixels", "foreground")
 
 
@@ -43,10 +44,12 @@ def _check_shapes(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
 
 def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, *,
                        ignore_label: int | None = None, dice_weight: float = 1.0,
-                       batch_dice: bool = False, ce_normalisation: str = "pixels") -> torch.Tensor:
+                       batch_dice: bool = False, ce_normalisation: str = "pixels",
+                       ddp: bool = False) -> torch.Tensor:
     r"""Risk-weighted cross-entropy plus weighted soft Dice.
 
-    Per image ``b`` of the batch (seed 003, METHODS.md 1.7 step 4):
+    Per image ``b`` of the batch (after the Transfer Risk Map paper, Zhang et al. 2025,
+    https://arxiv.org/abs/2502.02340; docs/nnunet.md section 4):
 
     .. math::
         \mathrm{CE}_b = \frac{1}{N_b} \sum_p w_p\, \mathrm{CE}_p, \qquad
@@ -64,7 +67,7 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
       scale of nnU-Net's own cross-entropy. With all weights 1 and patches of one size the loss
       is then exactly nnU-Net's ``DC_and_CE_loss``.
     - ``"foreground"``: :math:`|FG_b| + 1`, the patch's ground-truth foreground pixels (label > 0,
-      not ignored) plus one, seed 003's normalisation. It multiplies the cross-entropy by about
+      not ignored) plus one, the Transfer Risk Map paper's normalisation. It multiplies the cross-entropy by about
       the inverse foreground fraction of the patch, and by the patch size on an all-background
       patch; on the 2D hippocampus benchmark that alone (weights all 1) made the rarer
       foreground class vanish, and over 7 benchmark targets it did worse than ``"pixels"``
@@ -74,7 +77,9 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
     negative Dice, same smoothing). Dice is per image by default (``batch_dice=False``) because
     the paper defines the loss per image; ``batch_dice=True`` pools TP/FP/FN over the batch
     first, as nnU-Net does for configurations whose plans set ``batch_dice`` (pass
-    ``configuration_manager.batch_dice`` to match stock nnU-Net).
+    ``configuration_manager.batch_dice`` to match stock nnU-Net). Under DDP (``ddp=True``, an
+    initialised process group) the batch is the global one, as in nnU-Net's
+    ``MemoryEfficientSoftDiceLoss``: TP/FP/FN are gathered over the ranks (with gradient).
 
     Shape:
         - logits: (B, C, *spatial) raw network output, C >= 2 (class 0 = background).
@@ -117,23 +122,26 @@ def risk_weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torc
     sum_pred = (probabilities * w).sum(sum_axes)
     sum_gt = (onehot * w).sum(sum_axes)
     if batch_dice:
+        if ddp:
+            intersect, sum_pred, sum_gt = (AllGatherGrad.apply(t).flatten(0, 1) for t in (intersect, sum_pred, sum_gt))
         intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
     dice = (2 * intersect + DICE_SMOOTH) / (sum_gt + sum_pred + DICE_SMOOTH).clamp_min(1e-8)
     return ce_per_image.mean() - dice_weight * dice.mean()
 
 
-def deep_supervision_weights(n_outputs: int) -> tuple[float, ...]:
+def deep_supervision_weights(n_outputs: int, *, ddp: bool = False) -> tuple[float, ...]:
     """nnU-Net's deep-supervision weights: ``1/2^i`` per output (highest resolution first),
     0 for the lowest resolution, normalised to sum 1 (``nnUNetTrainer._build_loss``).
 
-    A single output gets weight 1. nnU-Net's DDP work-around (1e-6 instead of 0) is not needed
-    here: these weights only scale loss terms.
+    A single output gets weight 1. ``ddp=True`` follows nnU-Net's guard for DDP: the lowest
+    output gets ``1e-6`` instead of 0, so its segmentation layer takes part in the loss and DDP's
+    gradient reducer does not stop with an unused-parameter error.
     """
     if n_outputs < 1:
         raise ValueError(f"need at least one output, got {n_outputs}")
     if n_outputs == 1:
         return (1.0,)
-    raw = [0.5 ** i for i in range(n_outputs - 1)] + [0.0]
+    raw = [0.5 ** i for i in range(n_outputs - 1)] + [1e-6 if ddp else 0.0]
     return tuple(r / sum(raw) for r in raw)
 
 
@@ -157,21 +165,24 @@ class RiskWeightedDeepSupervisionLoss(nn.Module):
     ``DownsampleSegForDSTransform``), ``weights`` is the full-resolution (B, 1, *spatial) map.
     The map is area-downsampled to every output (:func:`downsample_weights`) and the
     per-output losses are combined with :func:`deep_supervision_weights`. Without deep
-    supervision, pass single tensors for ``outputs`` and ``targets``.
+    supervision, pass single tensors for ``outputs`` and ``targets``. ``ddp``: the trainer runs
+    under DDP (nnU-Net's ``is_ddp``): deep-supervision weights with nnU-Net's DDP guard, batch
+    Dice over the global batch.
     """
 
     def __init__(self, *, ignore_label: int | None = None, dice_weight: float = 1.0,
-                 batch_dice: bool = False, ce_normalisation: str = "pixels"):
+                 batch_dice: bool = False, ce_normalisation: str = "pixels", ddp: bool = False):
         super().__init__()
         self.ignore_label = ignore_label
         self.dice_weight = dice_weight
         self.batch_dice = batch_dice
         self.ce_normalisation = ce_normalisation
+        self.ddp = ddp
 
     def _single(self, logits, target, weights):
         return risk_weighted_loss(logits, target, weights, ignore_label=self.ignore_label,
                                   dice_weight=self.dice_weight, batch_dice=self.batch_dice,
-                                  ce_normalisation=self.ce_normalisation)
+                                  ce_normalisation=self.ce_normalisation, ddp=self.ddp)
 
     def forward(self, outputs, targets, weights: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
@@ -186,7 +197,7 @@ class RiskWeightedDeepSupervisionLoss(nn.Module):
                              f"resolution) output {tuple(outputs[0].shape[2:])}, got "
                              f"{tuple(weights.shape[2:])}")
         total = 0.0
-        for factor, logits, target in zip(deep_supervision_weights(len(outputs)), outputs,
+        for factor, logits, target in zip(deep_supervision_weights(len(outputs), ddp=self.ddp), outputs,
                                           targets):
             if factor != 0.0:
                 total = total + factor * self._single(

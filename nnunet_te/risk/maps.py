@@ -1,4 +1,5 @@
-"""Pixel transferability, transfer-risk maps and their weights (METHODS.md 1.7 steps 1-3).
+"""Pixel transferability, transfer-risk maps and their weights (Transfer Risk Map paper,
+https://arxiv.org/abs/2502.02340; docs/nnunet.md section 3).
 
 Everything here works on whole cases in nnU-Net's preprocessed space: ``(C, *spatial)``
 arrays as stored in ``<case>.b2nd`` and ``(*spatial)`` label maps (the ``_seg`` array without
@@ -130,7 +131,8 @@ def _case_probabilities(probabilities, y: np.ndarray, index: int) -> np.ndarray:
 
 
 class SourceMixture:
-    """Pseudo source classes for encoders without a head (NLEEP-style, METHODS.md 1.6).
+    """Pseudo source classes for encoders without a head (NLEEP-style, Li et al., CVPR 2021;
+    docs/nnunet.md section 3).
 
     ``fit`` draws a seeded class-balanced subsample of pixels (up to
     ``max_fit_points // C`` per class, pooled over cases), fits PCA keeping ``variance_kept``
@@ -204,20 +206,8 @@ class SourceMixture:
         return out.reshape(out.shape[0], *f.shape[1:])
 
 
-def gmm_source_probabilities(features: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
-                             variance_kept: float = 0.8, components_per_class: int = 5,
-                             max_fit_points: int = 5000, random_state: int = 0
-                             ) -> list[np.ndarray]:
-    """Mixture posteriors (K, *spatial) for every case: :class:`SourceMixture` fitted on the
-    given cases and applied to each of them (see there for shapes and the sampling)."""
-    mixture = SourceMixture(variance_kept=variance_kept, components_per_class=components_per_class,
-                            max_fit_points=max_fit_points, random_state=random_state
-                            ).fit(features, labels)
-    return [mixture.predict_proba(f) for f in features]
-
-
 def risk_map(transferability: np.ndarray, *, sigma: float | Sequence[float] = 1.0) -> np.ndarray:
-    r"""Transfer risk ``r = minmax_image(G_sigma * (-T))`` in [0, 1] (METHODS.md 1.7 step 2).
+    r"""Transfer risk ``r = minmax_image(G_sigma * (-T))`` in [0, 1] (docs/nnunet.md section 3).
 
     ``-T`` is smoothed first with a Gaussian of ``sigma`` voxels (per axis if a sequence;
     preprocessed space, so one voxel is the target spacing; 0 disables) and then min-max
@@ -247,7 +237,7 @@ def risk_map(transferability: np.ndarray, *, sigma: float | Sequence[float] = 1.
 
 
 def risk_weights(risk: np.ndarray, *, beta: float = 1.0, weighting: str = "linear") -> np.ndarray:
-    """Loss weights from risk (METHODS.md 1.7 step 3): ``1 + beta r`` ('linear') or
+    """Loss weights from risk (docs/nnunet.md section 4): ``1 + beta r`` ('linear') or
     ``exp(beta r)`` ('exp'). Both are 1 at zero risk. Shape preserved, float32."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")

@@ -16,18 +16,18 @@ nnU-Net treats all image channels alike, and travels as batchgeneratorsv2's
    intensity augmentation never sees it; afterwards it puts the map back as the last channel.
 3. :func:`split_risk_channel` moves that channel from ``batch['data']`` to ``batch['risk']``.
 
-:class:`RiskDataLoader` assembles the three. Everything here is a module-level class, so it
-pickles into nnU-Net's augmentation worker processes.
+``RiskWeightedTrainer`` plugs 1 and 2 into nnU-Net's own ``get_dataloaders`` (its
+``get_tr_and_val_datasets`` and ``get_*_transforms`` hooks) and calls 3 in its train and validation
+steps, so the loader itself stays nnU-Net's ``nnUNetDataLoader``. Everything here is a
+module-level class, so it pickles into nnU-Net's augmentation worker processes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import torch
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_te.risk.storage import load_case_map
 
@@ -115,19 +115,3 @@ def split_risk_channel(batch: dict) -> dict:
     batch["data"], batch["risk"] = data[:, :-1], data[:, -1:]
     return batch
 
-
-class RiskDataLoader(nnUNetDataLoader):
-    """``nnUNetDataLoader`` whose batches also hold ``'risk'``: (B, 1, *patch), the risk map of
-    every sample after the same crop and augmentation as ``'data'`` and ``'target'``.
-
-    Arguments are ``nnUNetDataLoader``'s plus ``risk_folder`` (the folder of per-case maps,
-    :func:`nnunet_te.risk.storage.risk_folder`).
-    """
-
-    def __init__(self, data, batch_size: int, patch_size: Sequence[int], final_patch_size: Sequence[int],
-                 label_manager, *args, risk_folder: str | os.PathLike, transforms=None, **kwargs):
-        super().__init__(RiskMapDataset(data, risk_folder), batch_size, patch_size, final_patch_size,
-                         label_manager, *args, transforms=RiskMapTransforms(transforms), **kwargs)
-
-    def generate_train_batch(self) -> dict:
-        return split_risk_channel(super().generate_train_batch())

@@ -10,7 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_te.data.paths import dataset_name, nnunet_results, preprocessed_dataset_dir
+from nnunet_te.data.paths import dataset_name, nnunet_results
+from nnunet_te.data.target import PreprocessedTarget
+from nnunet_te.errors import UserError
+from nnunet_te.io.files import refuse_existing
 from nnunet_te.ranking.rank import RankingResult
 from nnunet_te.risk.compute import compute_dataset_risk_maps
 from nnunet_te.training.trainers import TRAINER, check_trainer
@@ -33,9 +36,34 @@ class TrainingPlan:
         return shlex.join(self.command)
 
 
+def trainer_folder(dataset: int | str, configuration: str, *, plans: str = "nnUNetPlans",
+                   trainer: str = TRAINER) -> Path:
+    """``$nnUNet_results/<DatasetXXX>/<trainer>__<plans>__<configuration>`` (nnU-Net's naming)."""
+    return nnunet_results() / dataset_name(dataset) / f"{trainer}__{plans}__{configuration}"
+
+
+def check_training_target(dataset: int | str, configuration: str, fold: int | str, *,
+                          plans: str = "nnUNetPlans", trainer: str = TRAINER) -> None:
+    """Raise UserError when preparing ``fold`` would replace results: the trainer folder's
+    ``nnunet_te_ranking.json`` (an earlier ranking's copy) or a fold folder holding a finished run
+    (``checkpoint_final.pth``), for which the printed command would start anew. ``nnunet-te rank``
+    calls it before ranking; ``--overwrite-training`` skips it."""
+    folder = trainer_folder(dataset, configuration, plans=plans, trainer=trainer)
+    finished = folder / f"fold_{fold}" / "checkpoint_final.pth"
+    if finished.is_file():
+        raise UserError(f"{finished.parent} holds a finished run ({finished.name}): the prepared command would "
+                        "train it anew (nnU-Net then replaces its checkpoints, and the trainer refuses to "
+                        "replace its own files unless nnUNet_te_overwrite=1); pick another --train FOLD or -tr "
+                        "variant, move that fold folder away, or pass --overwrite-training")
+    refuse_existing([folder / RANKING_COPY],
+                    remedy="it is the ranking an earlier `rank --train` prepared for this trainer's folds; pass "
+                           "--overwrite-training to replace it, or move it away")
+
+
 def prepare_training(result: RankingResult, dataset: int | str, configuration: str, fold: int | str, *,
                      plans: str = "nnUNetPlans", trainer: str = TRAINER, seed: int = 0, device: str = "cpu",
-                     overwrite_maps: bool = False, progress: bool = True) -> TrainingPlan:
+                     overwrite_maps: bool = False, overwrite_training: bool = False,
+                     progress: bool = True) -> TrainingPlan:
     """From a ranking to a ready ``nnUNetv2_train`` run of the winner.
 
     Records the choice (``training_choice.json`` in the ranking folder), converts the winner's
@@ -44,19 +72,23 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
     (:func:`nnunet_te.risk.compute.compute_dataset_risk_maps`; maps of another checkpoint are
     refused unless ``overwrite_maps``) and copies ``ranking.json`` to
     ``$nnUNet_results/<DatasetXXX>/<trainer>__<plans>__<configuration>/nnunet_te_ranking.json``.
-    ``trainer`` is ``RiskWeightedTrainer`` or one of its few-shot / CPU variants.
+    ``trainer`` is ``RiskWeightedTrainer`` or one of its few-shot / CPU variants. An existing
+    ``nnunet_te_ranking.json`` there, or a fold folder holding a finished run, raises UserError
+    (:func:`check_training_target`) unless ``overwrite_training``.
     """
     check_trainer(trainer)
-    folder = preprocessed_dataset_dir(dataset)
-    plans_file, dataset_json = folder / f"{plans}.json", folder / "dataset.json"
+    target = PreprocessedTarget.open(dataset, configuration, plans)  # the dataset name is resolved here, once
+    if not overwrite_training:
+        check_training_target(target.dataset_name, configuration, fold, plans=plans, trainer=trainer)
     name = trainable_winner(result)
-    weights = result.out_dir / f"{name}_for_{dataset_name(dataset)}_{configuration}.pth"
-    export_winner(result, plans_file, configuration, dataset_json, weights, seed=seed)
-    maps = compute_dataset_risk_maps(folder, plans_file, configuration, dataset_json, weights,
-                                     device=device, seed=seed, overwrite=overwrite_maps, progress=progress)
-    trainer_folder = nnunet_results() / dataset_name(dataset) / f"{trainer}__{plans}__{configuration}"
-    trainer_folder.mkdir(parents=True, exist_ok=True)
-    copy = trainer_folder / RANKING_COPY
+    weights = result.out_dir / f"{name}_for_{target.dataset_name}_{configuration}.pth"
+    export_winner(result, target.plans, configuration, target.dataset_json, weights, seed=seed)
+    maps = compute_dataset_risk_maps(target.folder, target.plans, configuration, target.dataset_json, weights,
+                                     device=device, seed=seed, overwrite=overwrite_maps, progress=progress,
+                                     overwrite_flag="--overwrite-maps (overwrite_maps=True)")
+    results_folder = trainer_folder(target.dataset_name, configuration, plans=plans, trainer=trainer)
+    results_folder.mkdir(parents=True, exist_ok=True)
+    copy = results_folder / RANKING_COPY
     shutil.copyfile(result.paths["json"], copy)
     command = ["nnUNetv2_train", str(dataset), configuration, str(fold), "-tr", trainer,
                "-pretrained_weights", str(weights)]

@@ -12,7 +12,7 @@ option                environment variable            default     meaning
 ``sigma``             ``nnUNet_te_sigma``             1.0         smoothing of -T (voxels) when maps are computed
 ``ce_normalisation``  ``nnUNet_te_ce_normalisation``  pixels      what a patch's weighted cross-entropy is divided by:
                                                                   ``pixels`` (its pixel count, nnU-Net's own scale) or
-                                                                  ``foreground`` (its foreground pixels + 1, seed 003)
+                                                                  ``foreground`` (its foreground pixels + 1, as in the Transfer Risk Map paper)
 ``refresh_every``     ``nnUNet_te_refresh_every``     0           recompute maps from the current network every
                                                                   N epochs (0: never)
 ``checkpoint``        ``nnUNet_te_risk_checkpoint``   ""          checkpoint the maps are computed from when
@@ -25,16 +25,23 @@ option                environment variable            default     meaning
                                                                   ``-pretrained_weights``; a ``--c`` resume
                                                                   keeps the first start's choice
 ====================  ==============================  ==========  =======================================================
+
+``nnUNet_te_overwrite=1`` is not an option of the run but a permission: a start without ``--c`` in a
+fold folder that holds a finished run (``checkpoint_final.pth``) is refused unless it is set, since it
+would replace the trainer's files there (``risk_options.json``, the risk-source network and maps, the
+zoo choice); nnU-Net itself replaces its own checkpoints and logs in that case.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 
 import numpy as np
 
+from nnunet_te.errors import UserError
 from nnunet_te.risk.loss import check_ce_normalisation
 from nnunet_te.risk.maps import risk_weights
 
@@ -51,6 +58,20 @@ ENVIRONMENT = {
     "zoo": "nnUNet_te_zoo",
 }
 
+#: Largest beta of the ``exp`` weighting: exp(88.7) is float32's largest value.
+MAX_EXP_BETA = 80.0
+#: Set to 1 to let a fresh start (no ``--c``) replace the trainer's own files (risk options, maps,
+#: source network, zoo choice) in a fold folder that holds a finished run (``checkpoint_final.pth``).
+OVERWRITE_VARIABLE = "nnUNet_te_overwrite"
+
+
+def overwrite_allowed(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether :data:`OVERWRITE_VARIABLE` is set to 1 (``""``/``0`` or unset: no); other values raise."""
+    value = environ.get(OVERWRITE_VARIABLE, "").strip()
+    if value not in ("", "0", "1"):
+        raise UserError(f"{OVERWRITE_VARIABLE} must be 1 (replace) or 0, got {value!r}")
+    return value == "1"
+
 
 @dataclasses.dataclass(frozen=True)
 class RiskOptions:
@@ -65,9 +86,14 @@ class RiskOptions:
     zoo: str = ""
 
     def __post_init__(self):
+        for name in ("beta", "sigma"):  # NaN passes every comparison, inf every lower bound
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f"{name} ({ENVIRONMENT[name]}) must be a finite number >= 0, got {value!r}")
         risk_weights(np.zeros(1), beta=self.beta, weighting=self.weighting)  # raises on bad values
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.weighting == "exp" and self.beta > MAX_EXP_BETA:
+            raise UserError(f"beta ({ENVIRONMENT['beta']}) must be <= {MAX_EXP_BETA} with weighting exp "
+                            f"(exp(beta r) overflows float32 above 88), got {self.beta!r}")
         check_ce_normalisation(self.ce_normalisation)
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0 (0 = never), got {self.refresh_every}")
@@ -104,3 +130,13 @@ def read_options(plans: Mapping, environ: Mapping[str, str] = os.environ) -> Ris
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: cannot read {raw!r} as {type(field.default).__name__}") from err
     return RiskOptions(**values)
+
+
+def check_options_take_effect(options: RiskOptions, num_epochs: int) -> None:
+    """Raise UserError for an option that would be set but never act on this run: a refresh
+    interval ``nnUNet_te_refresh_every`` at or beyond the run's ``num_epochs`` (maps are refreshed
+    after epochs ``N, 2N, ...`` before the last). Called at train start, when the schedule is final."""
+    if options.refresh_every and options.refresh_every >= num_epochs:
+        raise UserError(f"{ENVIRONMENT['refresh_every']}={options.refresh_every} never takes effect: this run has "
+                        f"{num_epochs} epoch(s) and refreshes after epochs N, 2N, ... before the last; set it "
+                        f"below {num_epochs}, or to 0 (or unset it) for no refresh")

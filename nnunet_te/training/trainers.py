@@ -5,7 +5,7 @@ Use them like any nnU-Net trainer (``nnUNetv2_train D CONFIG FOLD -tr RiskWeight
 With ``nnUNet_te_zoo=zoo.yaml`` a ``RiskWeightedTrainer`` ranks the zoo on its own training cases
 at its first start and begins from the winner (:meth:`RiskWeightedTrainer.on_train_start`).
 
-- ``RiskWeightedTrainer``: fine-tunes with the transfer-risk-weighted loss (METHODS.md 1.7). The
+- ``RiskWeightedTrainer``: fine-tunes with the transfer-risk-weighted loss (docs/nnunet.md section 4). The
   per-case risk maps travel through nnU-Net's data loading with every spatial augmentation
   (:mod:`nnunet_te.training.dataloading`); the weights ``w = 1 + beta r`` (or ``exp(beta r)``) go
   into :class:`~nnunet_te.risk.loss.RiskWeightedDeepSupervisionLoss` in both the training and the
@@ -22,11 +22,13 @@ Every variant writes its own results folder (nnU-Net names it after the class).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
@@ -35,15 +37,21 @@ from torch import nn
 
 from nnunet_te.training.dataloading import RiskMapDataset, RiskMapTransforms, split_risk_channel
 from nnunet_te.training.few_shot import few_shot_cases
-from nnunet_te.training.options import read_options
+from nnunet_te.training.options import (OVERWRITE_VARIABLE, check_options_take_effect, overwrite_allowed,
+                                        read_options)
 from nnunet_te.ranking.rank import rank_zoo
 from nnunet_te.ranking.zoo import read_zoo
+from nnunet_te.data.target import PreprocessedTarget
+from nnunet_te.errors import UserError
+from nnunet_te.io.checkpoints import read_checkpoint
 from nnunet_te.io.files import file_sha256
 from nnunet_te.networks.weights import unwrap_network
 from nnunet_te.risk.compute import compute_dataset_risk_maps
 from nnunet_te.risk.loss import RiskWeightedDeepSupervisionLoss
 from nnunet_te.risk.maps import risk_weights
-from nnunet_te.risk.storage import case_map_path, read_manifest, risk_folder
+from nnunet_te.risk.reuse import (missing_maps, overwrite_remedy, own_maps_base, run_copy,
+                                  why_shared_maps_unusable)
+from nnunet_te.risk.storage import read_manifest, risk_folder
 from nnunet_te.training.winner import RANKING_COPY, export_winner
 
 #: The trainer `nnunet-te rank --train` prepares a run of.
@@ -54,6 +62,86 @@ ZOO_WEIGHTS = "nnunet_te_zoo_weights.pth"
 #: Few-shot sizes and seeds with a generated class each.
 FEW_SHOT_K = (1, 2, 3, 5, 10, 20)
 FEW_SHOT_SEEDS = (0, 1, 2)
+
+
+#: What the trainer writes into a fold folder (files and folders), protected by :func:`check_fresh_start`.
+FOLD_OUTPUTS = ("risk_options.json", "risk_source_network.pth", "risk_source", "risk_maps",
+                "risk_refresh_network.pth", "risk_refresh", ZOO_CHOICE, ZOO_WEIGHTS,
+                ZOO_WEIGHTS.replace(".pth", "_load_report.json"), RANKING_COPY)
+
+
+def check_fresh_start(output_folder: str | Path, current_epoch: int, environ=None) -> None:
+    """Refuse a start without ``--c`` (``current_epoch == 0``) in a fold folder that holds a finished
+    run (``checkpoint_final.pth``) and this trainer's files (:data:`FOLD_OUTPUTS`), which the start
+    would replace before its first epoch, unless ``nnUNet_te_overwrite=1``. Raises UserError naming
+    the files and both remedies; nnU-Net's own files are nnU-Net's business (it replaces them)."""
+    import os
+
+    folder = Path(output_folder)
+    if current_epoch > 0 or not (folder / "checkpoint_final.pth").is_file():
+        return
+    ours = [name for name in FOLD_OUTPUTS if (folder / name).exists()]
+    if ours and not overwrite_allowed(os.environ if environ is None else environ):
+        raise UserError(
+            f"{folder} holds a finished run (checkpoint_final.pth) and this start without --c would replace "
+            f"its RiskWeightedTrainer files: {', '.join(ours)}. To continue or re-validate that run, add --c; "
+            f"to train it anew, set {OVERWRITE_VARIABLE}=1 (then nnU-Net also replaces its own "
+            "checkpoint_*.pth and training logs there; nnunet_te protects only its own files), or move the "
+            "fold folder away first")
+
+
+def pretrained_weights_argument(argv: list[str] | None = None) -> str | None:
+    """The file given to ``nnUNetv2_train ... -pretrained_weights FILE`` in ``argv`` (default:
+    ``sys.argv[1:]``; also ``-pretrained_weights=FILE`` and argparse's unambiguous prefixes), else None.
+    nnU-Net does not pass it to the trainer: it loads it after construction."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if len(name) >= 4 and "-pretrained_weights".startswith(name):
+            return value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def check_pretrained_weights(path: str | Path) -> None:
+    """Refuse a ``-pretrained_weights`` file before nnU-Net's loader runs: that loader unpickles with
+    ``weights_only=False``, which runs any code a pickle holds. The file must read with
+    :func:`~nnunet_te.io.checkpoints.read_checkpoint` (``weights_only=True``, finite values) and hold
+    ``network_weights`` (what the loader takes). Raises UserError naming the file and the remedy."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except (ValueError, OSError) as err:
+        raise UserError(f"-pretrained_weights {path} refused before nnU-Net's loader (which unpickles with "
+                        f"weights_only=False) could open it: {err}") from None
+    if checkpoint.format not in ("nnunet", "nnssl"):
+        raise UserError(f"-pretrained_weights {path}: a {checkpoint.format} file without 'network_weights', "
+                        f"which nnU-Net's loader needs; convert it first: nnunet-te convert-weights {path} "
+                        "-d DATASET -c CONFIGURATION -o init.pth")
+
+
+def check_command_line_weights(trainer) -> None:
+    """:func:`check_pretrained_weights` on this process's ``-pretrained_weights`` (nnUNetv2_train), once."""
+    path = pretrained_weights_argument()
+    if path is not None and not getattr(trainer, "_pretrained_weights_checked", False):
+        check_pretrained_weights(path)
+        trainer._pretrained_weights_checked = True
+
+
+def _nnunet_command_line() -> bool:
+    """Whether this process is nnU-Net's training command (``nnUNetv2_train`` or its module)."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name.startswith("nnUNetv2_train") or name == "run_training.py"
+
+
+@contextmanager
+def stop_on_user_error(trainer: str):
+    """Under ``nnUNetv2_train``, end the process with ``<trainer>: error: <message>`` (exit code 1,
+    no traceback) for bad input (UserError, ValueError, OSError); elsewhere re-raise it as it is."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        if not _nnunet_command_line() or os.environ.get("NNUNET_TE_DEBUG", "") not in ("", "0"):
+            raise
+        raise SystemExit(f"{trainer}: error: {err}") from None
 
 
 class _LossWithBoundWeights(nn.Module):
@@ -84,7 +172,10 @@ class _LossWithBoundWeights(nn.Module):
 
 
 class RiskWeightedTrainer(nnUNetTrainer):
-    """nnU-Net trainer whose loss weights every voxel by its transfer risk (METHODS.md 1.7).
+    """nnU-Net trainer whose loss weights every voxel by its transfer risk.
+
+    After the Transfer Risk Map paper (Zhang et al. 2025, https://arxiv.org/abs/2502.02340); what is
+    computed and the options: docs/nnunet.md sections 3-4.
 
     Risk maps are stored per case beside nnU-Net's data (:func:`nnunet_te.risk.storage.risk_folder`).
     At train start, before any data loader starts, the trainer checks that every case of the split
@@ -110,21 +201,27 @@ class RiskWeightedTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.risk_options = read_options(self.plans_manager.plans)
         self.risk_folder = None  # -> on_train_start
         self._risk_fit_cases = None  # -> on_train_start: the k training cases of a few-shot run
         self.zoo_weights = None  # -> on_train_start, with nnUNet_te_zoo
-        if self.risk_options.zoo:
-            read_zoo(self.risk_options.zoo)  # a malformed zoo fails now, not after data loading starts
+        with stop_on_user_error(type(self).__name__):  # bad input fails now, before nnU-Net loads data
+            self.risk_options = read_options(self.plans_manager.plans)
+            if self.risk_options.zoo:
+                read_zoo(self.risk_options.zoo)
+            check_command_line_weights(self)
 
     # ---- loss and the two steps -------------------------------------------------------------
+    @cached_property
+    def preprocessed_target(self) -> PreprocessedTarget:
+        """This run's dataset and configuration, opened once (refuses region-based datasets: the
+        loss is softmax cross-entropy + soft Dice over classes)."""
+        return PreprocessedTarget(self.preprocessed_dataset_folder_base, self.plans_manager.plans,
+                                  self.configuration_name, self.dataset_json)
+
     def _build_loss(self):
-        if self.label_manager.has_regions:
-            raise ValueError("RiskWeightedTrainer does not support region-based training: its loss is "
-                             "softmax cross-entropy + soft Dice over classes")
         return _LossWithBoundWeights(RiskWeightedDeepSupervisionLoss(
-            ignore_label=self.label_manager.ignore_label, batch_dice=self.configuration_manager.batch_dice,
-            ce_normalisation=self.risk_options.ce_normalisation))
+            ignore_label=self.preprocessed_target.ignore_label, batch_dice=self.configuration_manager.batch_dice,
+            ce_normalisation=self.risk_options.ce_normalisation, ddp=self.is_ddp))
 
     def _weights_from_batch(self, batch: dict) -> torch.Tensor:
         """Take the risk channel out of ``batch['data']`` and map it to loss weights on the device."""
@@ -157,6 +254,9 @@ class RiskWeightedTrainer(nnUNetTrainer):
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
+        # before anything of ours is written: a start without --c in a finished fold replaces nothing of ours
+        check_fresh_start(self.output_folder, self.current_epoch)
+        check_options_take_effect(self.risk_options, self.num_epochs)
         if self.risk_options.zoo:
             self.zoo_weights = self._start_from_zoo_choice()
         self._prepare_risk_maps()
@@ -201,65 +301,40 @@ class RiskWeightedTrainer(nnUNetTrainer):
         return str(weights)
 
     def _prepare_risk_maps(self) -> None:
-        """Check data and maps of every case of the split, compute missing maps, record options."""
+        """Check data and maps of every case of the split, compute missing maps, record options
+        (which stored maps serve the run: :mod:`nnunet_te.risk.reuse`)."""
         options = self.risk_options
         self.print_to_log_file(f"RiskWeightedTrainer options: {options.as_dict()}")
         train_cases, val_cases = self.do_split()
-        cases = sorted(set(train_cases) | set(val_cases))
-        shapes = self._case_shapes(cases)
+        cases = self.preprocessed_target.check_cases(sorted(set(train_cases) | set(val_cases)), "the split")
+        reader = self.preprocessed_target.cases(cases, slices=False)
+        shapes = {case: reader.case_shape(case) for case in cases}
         wanted = options.checkpoint or self.zoo_weights
         # a few-shot run's weights may use no labels but those of its k training cases
         self._risk_fit_cases = sorted(train_cases) if getattr(self, "few_shot_k", None) else None
-        maps = risk_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
-        unusable = self._why_unusable(maps, wanted)
+        base = Path(self.preprocessed_dataset_folder_base)
+        unusable = why_shared_maps_unusable(risk_folder(base, self.configuration_manager.data_identifier),
+                                            checkpoint=wanted, sigma=options.sigma, fit_case_ids=self._risk_fit_cases)
         if unusable:
             # this run's own maps: recomputed at a fresh start, resumed with --c
-            maps = self._compute_maps(Path(self.output_folder) / "risk_source", wanted or self._save_initial_network(),
-                                      case_ids=cases, overwrite=self.current_epoch == 0)
+            base = own_maps_base(self.output_folder)
+            maps = self._compute_maps(base, wanted or self._save_initial_network(), case_ids=cases,
+                                      overwrite=self.current_epoch == 0)
             self.print_to_log_file(f"shared risk maps not used ({unusable}): this run uses its own, in {maps}")
-        missing = self._check_maps(maps, shapes)
+        maps = risk_folder(base, self.configuration_manager.data_identifier)
+        missing = missing_maps(maps, shapes)
         if missing:
             self.print_to_log_file(f"{len(missing)} risk map(s) missing in {maps}")
-            self._compute_maps(self.preprocessed_dataset_folder_base, wanted or self._save_initial_network())
-            missing = self._check_maps(maps, shapes)
+            self._compute_maps(base, wanted or self._save_initial_network())
+            missing = missing_maps(maps, shapes)
             if missing:
                 raise RuntimeError(f"risk maps still missing after computing them, e.g. {missing[0]!r}")
         manifest = read_manifest(maps) or {}
-        self.risk_folder = self._run_folder(maps) if options.refresh_every else maps
+        self.risk_folder = run_copy(maps, self.output_folder) if options.refresh_every else maps
         record = {"options": options.as_dict(), "risk_folder": str(self.risk_folder),
                   "maps": manifest.get("settings", {})}
         self.print_to_log_file(f"risk maps: {self.risk_folder} (computed with {record['maps']})")
         save_json(record, join(self.output_folder, "risk_options.json"), sort_keys=False)
-
-    def _case_shapes(self, cases: list[str]) -> dict[str, tuple[int, ...]]:
-        """Spatial shape of every preprocessed case; a clear error when files are missing."""
-        folder = Path(self.preprocessed_dataset_folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"preprocessed data folder {folder} does not exist; run "
-                                    f"`nnUNetv2_plan_and_preprocess -d DATASET -c {self.configuration_name}`")
-        present = set(self.dataset_class.get_identifiers(str(folder)))
-        absent = [c for c in cases if c not in present or not (folder / f"{c}.pkl").is_file()]
-        if absent:
-            raise FileNotFoundError(f"{len(absent)} case(s) of the split lack preprocessed files in {folder}, "
-                                    f"e.g. {absent[0]!r}; re-run `nnUNetv2_plan_and_preprocess`")
-        dataset = self.dataset_class(str(folder), cases)
-        return {c: tuple(dataset.load_case(c)[0].shape[1:]) for c in cases}
-
-    @staticmethod
-    def _check_maps(folder: Path, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-        """Cases without a map in ``folder``; raises ValueError listing stale maps (shape differs)."""
-        missing, stale = [], []
-        for case, shape in shapes.items():
-            path = case_map_path(folder, case)
-            if not path.is_file():
-                missing.append(case)
-            elif tuple(np.load(path, mmap_mode="r").shape) != shape:
-                stale.append(case)
-        if stale:
-            raise ValueError(f"{len(stale)} risk map(s) in {folder} are stale (shape differs from the "
-                             f"preprocessed case), e.g. {stale[0]!r}; recompute them with `nnunet-te riskmap "
-                             f"-d DATASET -c CONFIGURATION --weights CHECKPOINT --overwrite` or delete {folder}")
-        return missing
 
     def _compute_maps(self, base: str | Path, checkpoint: str, **options) -> Path:
         """Maps from ``checkpoint`` in ``risk_folder(base)`` (every case unless ``case_ids`` is
@@ -274,7 +349,8 @@ class RiskWeightedTrainer(nnUNetTrainer):
         return Path(compute_dataset_risk_maps(
             base, join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json"),
             self.configuration_name, self.dataset_json, checkpoint, device=str(self.device),
-            sigma=self.risk_options.sigma, fit_case_ids=self._risk_fit_cases, progress=False, **options))
+            sigma=self.risk_options.sigma, fit_case_ids=self._risk_fit_cases, progress=False,
+            overwrite_flag=overwrite_remedy(own=base != Path(self.preprocessed_dataset_folder_base)), **options))
 
     def _save_initial_network(self) -> str:
         """Save the network as initialised, minus its (never pre-trained) segmentation head."""
@@ -285,25 +361,7 @@ class RiskWeightedTrainer(nnUNetTrainer):
         torch.save({"network_weights": weights}, path)
         return path
 
-    def _why_unusable(self, folder: Path, checkpoint: str | None) -> str:
-        """Why the maps in ``folder`` cannot serve this run ('' if they can, or do not exist yet in a
-        full run, which then computes them there for every later run)."""
-        settings = (read_manifest(folder) or {}).get("settings")
-        if self._risk_fit_cases is not None and (settings or {}).get(
-                "fit_case_ids", (settings or {}).get("case_ids")) != self._risk_fit_cases:
-            return "a few-shot run estimates P(y|z) on its own training cases only"
-        if settings and checkpoint and settings.get("checkpoint_sha256") != file_sha256(checkpoint):
-            return f"computed from another checkpoint than {checkpoint}"
-        return ""
-
     # ---- refreshing the maps from the current network ----------------------------------------
-    def _run_folder(self, source: Path) -> Path:
-        """This run's copy of the maps (refreshing must not change other runs' maps); kept on resume."""
-        folder = Path(self.output_folder) / "risk_maps"
-        if not folder.is_dir():
-            shutil.copytree(source, folder, ignore=shutil.ignore_patterns("overlays", ".*"))
-        return folder
-
     def _refresh_risk_maps(self) -> None:
         """Recompute the maps from the current network into a staging folder, then move them into
         this run's folder one file at a time (atomic renames: augmentation workers reading a map
@@ -323,6 +381,11 @@ class FewShotSplit:
 
     few_shot_k: int
     few_shot_seed: int
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        with stop_on_user_error(type(self).__name__):  # the plain nnUNetTrainer_k{K}s{S} variants too
+            check_command_line_weights(self)
 
     def do_split(self):
         train_cases, val_cases = super().do_split()
@@ -348,6 +411,8 @@ class CpuSchedule:
         self.num_val_iterations_per_epoch = 2
         self.save_every = 1
         self._trim_validation = False
+        with stop_on_user_error(type(self).__name__):  # the plain nnUNetTrainer_cpu variants too
+            check_command_line_weights(self)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self._trim_validation = True
@@ -372,6 +437,9 @@ def check_trainer(trainer: str) -> None:
 
 
 __all__ = ["RiskWeightedTrainer", "FEW_SHOT_K", "FEW_SHOT_SEEDS"]
+#: Trainer names generated by :func:`_define_variants`, in definition order; docs/nnunet.md lists them
+#: (:func:`variant_table`, checked by tests/test_trainer_variants.py).
+VARIANTS: list[str] = []
 
 
 def _define(name: str, bases: tuple, doc: str, **attributes) -> None:
@@ -380,6 +448,7 @@ def _define(name: str, bases: tuple, doc: str, **attributes) -> None:
     globals()[name] = type(name, bases, {"__module__": __name__, "__qualname__": name, "__doc__": doc,
                                          **attributes})
     __all__.append(name)
+    VARIANTS.append(name)
 
 
 def _define_variants() -> None:
@@ -396,3 +465,18 @@ def _define_variants() -> None:
 
 
 _define_variants()
+
+
+def variant_table() -> str:
+    """The Markdown table of every generated trainer name, as docs/nnunet.md lists it between
+    ``<!-- trainer-variants:start -->`` and ``<!-- trainer-variants:end -->`` (a test checks it):
+    ``python -c "from nnunet_te.training.trainers import variant_table; print(variant_table())"``."""
+    rows = ["| `-tr` name | base | training cases | schedule |", "|---|---|---|---|"]
+    for name in VARIANTS:
+        trainer = globals()[name]
+        base = "RiskWeightedTrainer" if issubclass(trainer, RiskWeightedTrainer) else "nnUNetTrainer"
+        cases = (f"{trainer.few_shot_k} of the fold, seed {trainer.few_shot_seed}"
+                 if issubclass(trainer, FewShotSplit) else "the fold's")
+        schedule = "CPU smoke run" if issubclass(trainer, CpuSchedule) else "nnU-Net's"
+        rows.append(f"| `{name}` | {base} | {cases} | {schedule} |")
+    return "\n".join(rows)
