@@ -36,6 +36,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunet_te.training.dataloading import RiskMapDataset, RiskMapTransforms, split_risk_channel
+from nnunet_te.training.distributed import is_writer, on_rank_zero
 from nnunet_te.training.few_shot import few_shot_cases
 from nnunet_te.training.options import (OVERWRITE_VARIABLE, check_options_take_effect, overwrite_allowed,
                                         read_options)
@@ -196,6 +197,9 @@ class RiskWeightedTrainer(nnUNetTrainer):
     is saved as ``nnunet_te_ranking.json`` and the choice as ``nnunet_te_zoo_choice.json`` in the
     fold's output folder. A ``--c`` resume keeps the first start's choice and does not rank again
     (the resumed checkpoint already holds the trained weights).
+
+    Under DDP (``-num_gpus N``) rank 0 alone ranks, computes maps and writes these files; every
+    rank trains on its choice and maps (:mod:`nnunet_te.training.distributed`).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -257,19 +261,26 @@ class RiskWeightedTrainer(nnUNetTrainer):
         # before anything of ours is written: a start without --c in a finished fold replaces nothing of ours
         check_fresh_start(self.output_folder, self.current_epoch)
         check_options_take_effect(self.risk_options, self.num_epochs)
+        # under DDP rank 0 ranks, computes and writes; every rank trains on its choice and maps
         if self.risk_options.zoo:
-            self.zoo_weights = self._start_from_zoo_choice()
-        self._prepare_risk_maps()
+            self.zoo_weights = on_rank_zero(self._start_from_zoo_choice)
+            if self.current_epoch == 0:
+                load_pretrained_weights(self.network, self.zoo_weights, verbose=False)
+        # rank 0 first: nnU-Net writes splits_final.json when it is missing, and the other ranks read it
+        train_cases, _ = on_rank_zero(self.do_split)
+        # a few-shot run's weights may use no labels but those of its k training cases
+        self._risk_fit_cases = sorted(train_cases) if getattr(self, "few_shot_k", None) else None
+        self.risk_folder = Path(on_rank_zero(self._prepare_risk_maps))
         super().on_train_start()
 
     def on_epoch_end(self):
         super().on_epoch_end()
         every = self.risk_options.refresh_every
         if every and self.current_epoch % every == 0 and self.current_epoch < self.num_epochs:
-            self._refresh_risk_maps()
+            on_rank_zero(self._refresh_risk_maps)
 
     def _start_from_zoo_choice(self) -> str:
-        """Rank the zoo and load the winner at the first start; on resume read the first choice.
+        """Rank the zoo and export the winner at the first start; on resume read the first choice.
         Returns the winner's weights file (the checkpoint the risk maps must come from)."""
         record = Path(self.output_folder) / ZOO_CHOICE
         if self.current_epoch > 0:  # resumed (--c): nnU-Net loaded the run's own checkpoint
@@ -289,7 +300,6 @@ class RiskWeightedTrainer(nnUNetTrainer):
                           device=str(self.device), progress=False)
         chosen = export_winner(result, self.plans_manager.plans, self.configuration_name, self.dataset_json,
                                weights, seed=result.metadata["seed"])
-        load_pretrained_weights(self.network, str(weights), verbose=False)
         shutil.copyfile(result.paths["json"], Path(self.output_folder) / RANKING_COPY)
         choice = {"zoo": str(Path(self.risk_options.zoo).resolve()), "chosen": chosen,
                   "best_ranked": result.ranking[0], "primary_metric": result.primary,
@@ -300,9 +310,10 @@ class RiskWeightedTrainer(nnUNetTrainer):
         self.print_to_log_file(f"zoo ranking {result.ranking} ({result.primary}); starting from {chosen!r}")
         return str(weights)
 
-    def _prepare_risk_maps(self) -> None:
+    def _prepare_risk_maps(self) -> str:
         """Check data and maps of every case of the split, compute missing maps, record options
-        (which stored maps serve the run: :mod:`nnunet_te.risk.reuse`)."""
+        (which stored maps serve the run: :mod:`nnunet_te.risk.reuse`). Returns the folder of the
+        maps the run trains on."""
         options = self.risk_options
         self.print_to_log_file(f"RiskWeightedTrainer options: {options.as_dict()}")
         train_cases, val_cases = self.do_split()
@@ -310,8 +321,6 @@ class RiskWeightedTrainer(nnUNetTrainer):
         reader = self.preprocessed_target.cases(cases, slices=False)
         shapes = {case: reader.case_shape(case) for case in cases}
         wanted = options.checkpoint or self.zoo_weights
-        # a few-shot run's weights may use no labels but those of its k training cases
-        self._risk_fit_cases = sorted(train_cases) if getattr(self, "few_shot_k", None) else None
         base = Path(self.preprocessed_dataset_folder_base)
         unusable = why_shared_maps_unusable(risk_folder(base, self.configuration_manager.data_identifier),
                                             checkpoint=wanted, sigma=options.sigma, fit_case_ids=self._risk_fit_cases)
@@ -330,11 +339,11 @@ class RiskWeightedTrainer(nnUNetTrainer):
             if missing:
                 raise RuntimeError(f"risk maps still missing after computing them, e.g. {missing[0]!r}")
         manifest = read_manifest(maps) or {}
-        self.risk_folder = run_copy(maps, self.output_folder) if options.refresh_every else maps
-        record = {"options": options.as_dict(), "risk_folder": str(self.risk_folder),
-                  "maps": manifest.get("settings", {})}
-        self.print_to_log_file(f"risk maps: {self.risk_folder} (computed with {record['maps']})")
+        used = run_copy(maps, self.output_folder) if options.refresh_every else maps
+        record = {"options": options.as_dict(), "risk_folder": str(used), "maps": manifest.get("settings", {})}
+        self.print_to_log_file(f"risk maps: {used} (computed with {record['maps']})")
         save_json(record, join(self.output_folder, "risk_options.json"), sort_keys=False)
+        return str(used)
 
     def _compute_maps(self, base: str | Path, checkpoint: str, **options) -> Path:
         """Maps from ``checkpoint`` in ``risk_folder(base)`` (every case unless ``case_ids`` is
@@ -390,9 +399,10 @@ class FewShotSplit:
     def do_split(self):
         train_cases, val_cases = super().do_split()
         chosen = few_shot_cases(train_cases, self.few_shot_k, self.few_shot_seed)
-        save_json({"k": self.few_shot_k, "seed": self.few_shot_seed, "fold": self.fold, "train": chosen,
-                   "val": list(val_cases), "fold_train": sorted(train_cases)},
-                  join(self.output_folder, "few_shot_split.json"), sort_keys=False)
+        if is_writer():  # the same draw on every rank (seeded), written once
+            save_json({"k": self.few_shot_k, "seed": self.few_shot_seed, "fold": self.fold, "train": chosen,
+                       "val": list(val_cases), "fold_train": sorted(train_cases)},
+                      join(self.output_folder, "few_shot_split.json"), sort_keys=False)
         return chosen, val_cases
 
 
