@@ -142,19 +142,31 @@ def _convert_weights(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     from nnunet_te.features.sampling import SamplingConfig
-    from nnunet_te.ranking.rank import rank_zoo
+    from nnunet_te.ranking.extraction import parse_shard
+    from nnunet_te.ranking.rank import extract_shard, rank_zoo
     from nnunet_te.training.handoff import check_training_target, prepare_training, run_training
     from nnunet_te.training.trainers import check_trainer
 
+    if args.shard and args.train is not None:
+        raise UserError("--train prepares a run from the whole zoo's ranking: give it to the --merge run")
     if args.train is not None:
         check_trainer(args.tr)
         if not args.overwrite_training:  # before any ranking work
             check_training_target(args.d, args.c, args.train, plans=args.p, trainer=args.tr)
     sampling = SamplingConfig(**({"max_points_per_stage": args.points} if args.points is not None else {}))
-    rates = {} if args.consistency_rates is None else {"consistency_rates": args.consistency_rates}
-    result = rank_zoo(args.d, args.c, Path(args.zoo), plans=args.p, metrics=args.metrics,
-                      out_dir=args.output, seed=args.seed, device=args.device, sampling=sampling,
-                      cache_dir=args.cache_dir, max_cases=args.cases, **rates)
+    options = dict(plans=args.p, seed=args.seed, device=args.device, sampling=sampling, cache_dir=args.cache_dir,
+                   max_cases=args.cases,
+                   **({} if args.consistency_rates is None else {"consistency_rates": args.consistency_rates}))
+    if args.shard:
+        if args.output is None:
+            raise UserError("--shard needs -o DIR, the folder every shard and the merge share")
+        record = extract_shard(args.d, args.c, Path(args.zoo), shard=parse_shard(args.shard), out_dir=args.output,
+                               **options)
+        print(f"shard {args.shard} done: {record}\nwhen every shard is done, rank with the same options "
+              f"and --merge -o {args.output}")
+        return 0
+    result = rank_zoo(args.d, args.c, Path(args.zoo), metrics=args.metrics, out_dir=args.output,
+                      ray=args.ray, merge=args.merge, **options)
     print(result.paths["md"].read_text())
     for name, reason in result.candidate_errors.items():
         print(f"error: candidate {name!r} not ranked: {reason}", file=sys.stderr)
@@ -280,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--cache-dir", help="feature cache (default: feature_cache/ in the ranking root)")
     rank.add_argument("--seed", type=int, default=0, help="seed of sampling and random decoders")
     rank.add_argument("-device", "--device", default="auto", type=device_arg, help="torch device")
+    spread = rank.add_mutually_exclusive_group()
+    spread.add_argument("--ray", nargs="?", const=True, default=False, metavar="ADDRESS",
+                        help="extract each candidate in a Ray task: on a local Ray instance, or on the cluster "
+                             "at ADDRESS (pip install 'nnunet-te[ray]'; docs/ranking.md)")
+    spread.add_argument("--shard", metavar="I/N", help="extract only shard I of N of the zoo into the feature "
+                                                        "cache (e.g. one SLURM array task each; needs -o)")
+    spread.add_argument("--merge", action="store_true",
+                        help="rank from the shards' records in -o and the feature cache, extracting nothing")
     rank.add_argument("--train", metavar="FOLD", help="then prepare RiskWeightedTrainer on FOLD with the "
                                                       "best nnU-Net/nnssl candidate and print the command")
     rank.add_argument("-tr", default="RiskWeightedTrainer",

@@ -31,23 +31,23 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from nnunet_te.errors import UserError
 from nnunet_te.data.paths import dataset_name, nnunet_results
 from nnunet_te.data.target import PreprocessedCases, PreprocessedTarget, check_classes_present
 from nnunet_te.features.cache import FeatureCache
 from nnunet_te.features.sampling import CandidateFeatures, SamplingConfig
-from nnunet_te.features.sliding import extract_dataset_features
 from nnunet_te.metrics.registry import SEGMENTATION, Metric, metrics_for
 from nnunet_te.io.files import refuse_existing
 from nnunet_te.ranking.report import ranking_paths, write_ranking
 from nnunet_te.ranking.scoring import ZooScores, score_zoo
-from nnunet_te.networks.stages import window_size
-from nnunet_te.ranking.zoo import Candidate, CandidateError, CandidateNetwork, candidate_network, read_zoo
+from nnunet_te.ranking.extraction import (CandidateOutcome, ExtractionSettings, extract_locally, extract_on_ray,
+                                          merged_outcomes, ranking_fingerprint, shard_candidates,
+                                          shard_record_path, write_shard_record)
+from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network, read_zoo
 
 #: PreprocessedCases and check_classes_present live in nnunet_te.data.target; importable here too.
-__all__ = ["RankingResult", "rank_zoo", "default_ranking_root", "PreprocessedCases", "check_classes_present"]
+__all__ = ["RankingResult", "rank_zoo", "extract_shard", "default_ranking_root", "PreprocessedCases", "check_classes_present"]
 
 RANKING_FOLDER = "nnunet_te_ranking__{plans}__{configuration}"
 #: Metric the ranking is sorted by when it was computed (the fused score of the Geometry of Transfer paper).
@@ -129,51 +129,6 @@ def _samples_fingerprint(features) -> dict:
     return {"n": int(y.size), "sha256": digest.hexdigest()}
 
 
-def _network_identity(candidate: Candidate, plans: dict, configuration: str, seed: int) -> str:
-    """sha256 of what a candidate's network depends on: its checkpoint and architecture, the
-    plans' configuration it is built from, and the seed of its randomly initialised parts."""
-    digest = hashlib.sha256(candidate.content_hash().encode())
-    digest.update(json.dumps([plans["configurations"][configuration], seed], sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class ExtractionSettings:
-    """What every candidate's features depend on besides its network and window, set once per
-    ranking and given to both the feature cache's key and the extraction (so they cannot differ)."""
-
-    dataset: str
-    configuration: str
-    n_classes: int
-    sampling: SamplingConfig
-    consistency_rates: tuple[float, ...]
-    seed: int
-    device: str
-
-    def features(self, name: str, identity: str, loaded: CandidateNetwork, window: tuple[int, ...],
-                 cases: PreprocessedCases, cache: FeatureCache, *, progress: bool) -> CandidateFeatures:
-        """One candidate's features (from ``cache`` when stored under the same key)."""
-        source_head = loaded.load_report.head_loaded
-        key = cache.key(candidate_sha256=identity, dataset=self.dataset, configuration=self.configuration,
-                        case_ids=cases.case_ids, patch_size=window, n_classes=self.n_classes,
-                        config=self.sampling, global_stages=list(loaded.global_modules),
-                        local_stages=list(loaded.local_modules), consistency_rates=self.consistency_rates,
-                        seed=self.seed, source_head=source_head)
-        return extract_dataset_features(
-            loaded.network, loaded.global_modules, loaded.local_modules, cases, patch_size=window,
-            n_classes=self.n_classes, config=self.sampling, device=self.device,
-            consistency_rates=self.consistency_rates, seed=self.seed, source_head=source_head,
-            bottleneck=loaded.bottleneck, cache=cache, key=key, name=name, progress=progress)
-
-
-class ZooFeatures(NamedTuple):
-    """Features of the candidates that were extracted, with each candidate's time and window."""
-
-    features: dict[str, CandidateFeatures]
-    extraction_seconds: dict[str, float]
-    windows: dict[str, tuple[int, ...]]
-
-
 def _zoo_candidates(zoo: str | Path | Sequence[Candidate]) -> list[Candidate]:
     """The zoo's candidates (a zoo file is read and validated); ValueError when it is empty."""
     candidates = list(read_zoo(zoo) if isinstance(zoo, (str, Path)) else zoo)
@@ -209,28 +164,14 @@ def _load_reports(candidates: list[Candidate], target: PreprocessedTarget, seed:
     return reports, errors
 
 
-def _zoo_features(candidates: list[Candidate], target: PreprocessedTarget, cases: PreprocessedCases,
-                  settings: ExtractionSettings, cache: FeatureCache, errors: dict[str, str], *,
-                  progress: bool) -> ZooFeatures:
-    """Features of every candidate in ``candidates``; a candidate that fails is added to ``errors``."""
-    result = ZooFeatures({}, {}, {})
-    for candidate in tqdm(candidates, desc="candidates", disable=not progress):
-        start = time.perf_counter()
-        try:
-            loaded = candidate_network(candidate, target, seed=settings.seed, device=settings.device)
-            window = result.windows[candidate.name] = window_size(loaded.network, target.patch_size)
-            identity = _network_identity(candidate, target.plans, target.configuration, settings.seed)
-            result.features[candidate.name] = settings.features(candidate.name, identity, loaded, window, cases,
-                                                                cache, progress=progress)
-        except (CandidateError, RuntimeError, ValueError) as err:
-            # a forward pass that fails (shapes, memory) is a property of this candidate
-            errors[candidate.name] = getattr(err, "reason", str(err))
-        finally:
-            result.extraction_seconds[candidate.name] = time.perf_counter() - start
-    if not result.features:
+def _scored_features(outcomes: list[CandidateOutcome], errors: dict[str, str]) -> dict[str, CandidateFeatures]:
+    """{candidate: features} of the outcomes that have them; the others' reasons go to ``errors``."""
+    errors.update({o.name: o.error for o in outcomes if o.error})
+    features = {o.name: o.features for o in outcomes if not o.error}
+    if not features:
         raise UserError("feature extraction failed for every candidate:\n" +
                         "\n".join(f"  candidate {n!r}: {r}" for n, r in errors.items()))
-    return result
+    return features
 
 
 def _zoo_scores(requested: list[Metric], explicit: bool, features: dict[str, CandidateFeatures], *,
@@ -251,13 +192,38 @@ def _primary_metric(scores: ZooScores, chosen: list[Metric]) -> str:
     return chosen[0].name
 
 
+class _RankingInputs(NamedTuple):
+    """What a ranking and each of its shards open first (cheapest checks, in seconds)."""
+
+    candidates: list[Candidate]
+    target: PreprocessedTarget
+    cases: PreprocessedCases
+    settings: ExtractionSettings
+    cache: FeatureCache
+    root: Path
+
+
+def _ranking_inputs(dataset, configuration, zoo, *, plans, seed, device, sampling, cache_dir, case_ids,
+                    max_cases, consistency_rates, preprocessed_root) -> _RankingInputs:
+    candidates = _zoo_candidates(zoo)
+    target = PreprocessedTarget.open(dataset, configuration, plans, preprocessed_root=preprocessed_root)
+    cases = _ranked_cases(target, case_ids, max_cases, seed)
+    root = default_ranking_root(target.dataset_name, plans, configuration)
+    settings = ExtractionSettings(target.dataset_name, configuration, target.n_classes,
+                                  replace(sampling or SamplingConfig(), seed=seed), tuple(consistency_rates),
+                                  seed, str(device))
+    cache = FeatureCache(Path(cache_dir) if cache_dir is not None else root / "feature_cache")
+    return _RankingInputs(candidates, target, cases, settings, cache, root)
+
+
 def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[Candidate], *,
              plans: str = "nnUNetPlans", metrics: Sequence[str] | None = None,
              out_dir: str | Path | None = None, seed: int = 0, device: str = "cpu",
              sampling: SamplingConfig | None = None, cache_dir: str | Path | None = None,
              case_ids: Sequence[str] | None = None, max_cases: int | None = None,
              consistency_rates: Sequence[float] = CONSISTENCY_RATES,
-             preprocessed_root: str | Path | None = None, progress: bool = True) -> RankingResult:
+             preprocessed_root: str | Path | None = None, ray: bool | str = False, merge: bool = False,
+             progress: bool = True) -> RankingResult:
     """Rank the candidates of ``zoo`` for ``dataset`` / ``configuration``; write the ranking.
 
     Arguments: ``dataset`` id or name (preprocessed with ``nnUNetv2_plan_and_preprocess``);
@@ -270,7 +236,10 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     extra forward passes); ``cache_dir`` the feature cache (default:
     ``<ranking root>/feature_cache``, shared by every run on this dataset and configuration);
     ``preprocessed_root`` the folder holding ``DatasetXXX_Name`` (default:
-    ``$nnUNet_preprocessed``).
+    ``$nnUNet_preprocessed``). ``ray``: extract each candidate in a Ray task (True: a local Ray
+    instance; a string: the cluster's address); ``merge``: extract nothing, take every
+    candidate's features from the shards :func:`extract_shard` wrote to ``out_dir``
+    (:mod:`nnunet_te.ranking.extraction`).
 
     Raises ValueError for an empty zoo, unknown metrics, a foreground class absent from every
     sampled case, and RuntimeError when no candidate loads (the message lists each candidate's
@@ -278,21 +247,27 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     are ranked.
     """
     started = time.perf_counter()
-    candidates = _zoo_candidates(zoo)
+    if merge and out_dir is None:
+        raise UserError("--merge needs -o: the folder the shards wrote their records to")
+    inputs = _ranking_inputs(dataset, configuration, zoo, plans=plans, seed=seed, device=device, sampling=sampling,
+                             cache_dir=cache_dir, case_ids=case_ids, max_cases=max_cases,
+                             consistency_rates=consistency_rates, preprocessed_root=preprocessed_root)
+    candidates, target, cases, settings, cache, root = inputs
     requested = metrics_for(SEGMENTATION, list(metrics) if metrics else None)
-    target = PreprocessedTarget.open(dataset, configuration, plans, preprocessed_root=preprocessed_root)
-    cases = _ranked_cases(target, case_ids, max_cases, seed)
-    root = default_ranking_root(target.dataset_name, plans, configuration)
     out_folder = _output_folder(Path(out_dir).resolve() if out_dir is not None else None, root)
 
     reports, errors = _load_reports(candidates, target, seed)
-    settings = ExtractionSettings(target.dataset_name, configuration, target.n_classes,
-                                  replace(sampling or SamplingConfig(), seed=seed), tuple(consistency_rates),
-                                  seed, device)
-    cache = FeatureCache(Path(cache_dir) if cache_dir is not None else root / "feature_cache")
-    extracted = _zoo_features([c for c in candidates if c.name not in errors], target, cases, settings, cache,
-                              errors, progress=progress)
-    features = extracted.features
+    usable = [c for c in candidates if c.name not in errors]
+    if merge:
+        outcomes = merged_outcomes(usable, target, cases, settings, cache, out_dir=out_folder, progress=progress,
+                                   fingerprint=ranking_fingerprint(candidates, cases, settings, plans, cache))
+    elif ray:
+        outcomes = extract_on_ray(usable, target, cases, settings, cache, progress=progress,
+                                  address=ray if isinstance(ray, str) else None)
+    else:
+        outcomes = extract_locally(usable, target, cases, settings, cache, progress=progress)
+    features = _scored_features(outcomes, errors)
+    by_name = {o.name: o for o in outcomes}
     scores, chosen, metric_seconds = _zoo_scores(requested, bool(metrics), features, progress=progress)
     primary = _primary_metric(scores, chosen)
     metadata = {
@@ -301,17 +276,18 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
         "cases": cases.case_ids, "n_cases_available": len(target.case_ids),
         "seed": seed, "sampling": asdict(settings.sampling), "consistency_rates": list(consistency_rates),
         "patch_size": list(target.patch_size),
-        "zoo": [{**c.to_dict(), "window": extracted.windows.get(c.name),
+        "zoo": [{**c.to_dict(), "window": by_name[c.name].window if c.name in by_name else None,
                  "status": "scored" if c.name in features else "failed",
                  "error": errors.get(c.name), "load_report": reports.get(c.name)} for c in candidates],
         "candidate_errors": errors,
         # Sampling depends only on labels, grid and seed: equal fingerprints at the full-resolution
         # stage show that candidates were scored on the same voxels.
         "final_stage_samples": {n: _samples_fingerprint(f) for n, f in features.items()},
-        "timings": {n: {"extraction_seconds": extracted.extraction_seconds[n],
+        "timings": {n: {"extraction_seconds": by_name[n].seconds,
                         "metric_seconds": metric_seconds[n],
                         "metric_total_seconds": sum(metric_seconds[n].values())} for n in features},
         "total_seconds": time.perf_counter() - started,
+        "extraction": "shards (merged)" if merge else "ray" if ray else "local",
         "device": str(device), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "feature_cache": str(cache.root),
@@ -319,3 +295,27 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     paths = write_ranking(scores, out_folder, primary=primary, metadata=metadata)
     ranking = json.loads(paths["json"].read_text())["ranking"]
     return RankingResult(candidates, scores, primary, ranking, errors, out_folder, paths, metadata)
+
+
+def extract_shard(dataset: int | str, configuration: str, zoo: str | Path | Sequence[Candidate], *,
+                  shard: tuple[int, int], out_dir: str | Path, plans: str = "nnUNetPlans", seed: int = 0,
+                  device: str = "cpu", sampling: SamplingConfig | None = None, cache_dir: str | Path | None = None,
+                  case_ids: Sequence[str] | None = None, max_cases: int | None = None,
+                  consistency_rates: Sequence[float] = CONSISTENCY_RATES,
+                  preprocessed_root: str | Path | None = None, progress: bool = True) -> Path:
+    """Shard ``I`` of ``N`` of a ranking (``shard=(I, N)``): extract the features of candidates
+    ``I, I+N, ...`` into the feature cache and write ``out_dir/shard-I-of-N.json``; then
+    ``rank_zoo(..., merge=True, out_dir=out_dir)`` with the same arguments ranks the whole zoo.
+    Every shard must see the same cache (``cache_dir`` on a shared file system). A shard already
+    recorded is not run again. Returns the record's path."""
+    index, count = shard
+    record = shard_record_path(Path(out_dir), index, count)
+    refuse_existing([record], remedy=f"shard {index}/{count} is done ({record}): merge with --merge, or "
+                                     "delete the record to extract it again (its cached features are reused)")
+    candidates, target, cases, settings, cache, _ = _ranking_inputs(
+        dataset, configuration, zoo, plans=plans, seed=seed, device=device, sampling=sampling, cache_dir=cache_dir,
+        case_ids=case_ids, max_cases=max_cases, consistency_rates=consistency_rates,
+        preprocessed_root=preprocessed_root)
+    outcomes = extract_locally(shard_candidates(candidates, index, count), target, cases, settings, cache,
+                               progress=progress)
+    return write_shard_record(record, ranking_fingerprint(candidates, cases, settings, plans, cache), outcomes)
