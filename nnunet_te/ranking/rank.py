@@ -9,7 +9,9 @@ Steps of :func:`rank_zoo`, cheapest checks first so a bad input fails in seconds
 3. load every candidate once (:func:`~nnunet_te.ranking.zoo.candidate_network`): a candidate that
    does not load is recorded with its error and left out, the others are still ranked;
 4. per candidate, sliding-window features over the whole preprocessed cases with class-balanced
-   sampling on the same voxels for every candidate (timed: extraction seconds), cached on disk;
+   sampling on the same voxels for every candidate (timed: extraction seconds), cached on disk:
+   in this process, in Ray tasks, or from the shards of :func:`extract_shard`
+   (:mod:`nnunet_te.ranking.extraction`);
 5. every segmentation metric of the registry (timed per candidate and metric), then
    ``ranking.{csv,json,md,png}`` (:mod:`nnunet_te.ranking.report`).
 
@@ -47,7 +49,8 @@ from nnunet_te.ranking.extraction import (CandidateOutcome, ExtractionSettings, 
 from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network, read_zoo
 
 #: PreprocessedCases and check_classes_present live in nnunet_te.data.target; importable here too.
-__all__ = ["RankingResult", "rank_zoo", "extract_shard", "default_ranking_root", "PreprocessedCases", "check_classes_present"]
+__all__ = ["RankingResult", "rank_zoo", "extract_shard", "default_ranking_root", "PreprocessedCases",
+           "check_classes_present"]
 
 RANKING_FOLDER = "nnunet_te_ranking__{plans}__{configuration}"
 #: Metric the ranking is sorted by when it was computed (the fused score of the Geometry of Transfer paper).

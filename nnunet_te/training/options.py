@@ -12,7 +12,8 @@ option                environment variable            default     meaning
 ``sigma``             ``nnUNet_te_sigma``             1.0         smoothing of -T (voxels) when maps are computed
 ``ce_normalisation``  ``nnUNet_te_ce_normalisation``  pixels      what a patch's weighted cross-entropy is divided by:
                                                                   ``pixels`` (its pixel count, nnU-Net's own scale) or
-                                                                  ``foreground`` (its foreground pixels + 1, as in the Transfer Risk Map paper)
+                                                                  ``foreground`` (its foreground pixels + 1, as in
+                                                                  the Transfer Risk Map paper)
 ``refresh_every``     ``nnUNet_te_refresh_every``     0           recompute maps from the current network every
                                                                   N epochs (0: never)
 ``checkpoint``        ``nnUNet_te_risk_checkpoint``   ""          checkpoint the maps are computed from when
