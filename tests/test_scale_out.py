@@ -101,6 +101,24 @@ def test_ray_ranking_equals_the_one_process_ranking(env, tmp_path, local_ranking
     assert len(result.ranking) == len(local_ranking["zoo"])
 
 
+def test_rank_cli_with_ray_starts_its_own_instance_and_equals_the_one_process_ranking(tree, tmp_path,
+                                                                                       local_ranking):
+    _ray()
+    out = tmp_path / "ray_cli"
+    done = _rank_cli(tree, "--ray", "-o", str(out), "--cache-dir", str(tmp_path / "cache"))
+    assert "features" in done.stdout
+    ranking = json.loads((out / "ranking.json").read_text())
+    _assert_same_scores(ranking, local_ranking)
+    assert ranking["extraction"] == "ray"
+
+
+def test_ray_is_not_imported_without_ray():
+    code = ("import sys, nnunet_te.cli, nnunet_te.ranking.rank, nnunet_te.ranking.extraction; "
+            "nnunet_te.cli.build_parser().parse_args(['rank', '-d', '1', '-c', '3d_fullres', '--zoo', 'z.yaml']); "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
+
+
 def _extraction_worker_pids() -> list[int]:
     """Ray workers running a candidate's extraction (Ray titles them ``ray::<function>``)."""
     pids = []
