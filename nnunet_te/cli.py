@@ -133,7 +133,8 @@ def _convert_weights(args: argparse.Namespace) -> int:
 
     target = _preprocessed_target(args, regions=True)  # plain nnU-Net trains region-based datasets too
     report = convert_for_pretrained_weights(args.checkpoint, target.plans, target.configuration,
-                                            target.dataset_json, args.output, seed=args.seed)
+                                            target.dataset_json, args.output, seed=args.seed,
+                                            trust_pickle=args.trust_pickle)
     print(report)
     print(f"wrote {args.output}\nuse: nnUNetv2_train {args.d} {args.c} FOLD -tr RiskWeightedTrainer "
           f"-pretrained_weights {args.output}")
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", required=True, help="converted checkpoint to write (never overwritten)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised decoder")
     _add_allow_module(convert)
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="read CHECKPOINT with full unpickling, which can run code from the file: only for a "
+                              "file from a trusted source that weights_only=True refuses; the output holds "
+                              "tensors only and loads everywhere without this flag")
     convert.set_defaults(func=_convert_weights)
 
     rank = verbs.add_parser("rank", help="rank a zoo of pre-trained checkpoints on a preprocessed dataset")

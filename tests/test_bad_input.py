@@ -188,6 +188,34 @@ def test_convert_weights_refuses_bad_checkpoints(inputs, dataset, kind):
     assert not out.exists()
 
 
+def test_convert_weights_reads_numpy1_files_and_trusted_pickles_only_when_asked(inputs, dataset):
+    from test_nnunet_weights import numpy1_checkpoint
+
+    from nnunet_te.networks.weights import network_for_configuration
+
+    plans, dataset_json = (json.loads((dataset.tree.preprocessed / name).read_text())
+                           for name in ("nnUNetPlans.json", "dataset.json"))
+    weights = network_for_configuration(plans, "3d_fullres", dataset_json, seed=4)[0].state_dict()
+    numpy1 = numpy1_checkpoint(inputs.root / "numpy1.pth", weights)
+    convert = ["nnunet-te", "convert-weights", "-d", "991", "-c", "3d_fullres"]
+    done = _run([*convert, str(numpy1), "-o", str(inputs.root / "numpy1_converted.pth")],
+                dataset.env, inputs.work, dataset.watched)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    # a file holding another Python object (here an argparse.Namespace): refused, then read on request
+    import argparse
+
+    torch.save({"network_weights": weights, "args": argparse.Namespace(fold=0)}, inputs.root / "namespace.pth")
+    out = inputs.root / "namespace_converted.pth"
+    refused = _run([*convert, str(inputs.root / "namespace.pth"), "-o", str(out)], dataset.env, inputs.work,
+                   dataset.watched)
+    _expect_error(refused, "argparse.Namespace", "--trust-pickle", verb="convert-weights")
+    assert not out.exists()
+    trusted = _run([*convert, str(inputs.root / "namespace.pth"), "-o", str(out), "--trust-pickle"],
+                   dataset.env, inputs.work, dataset.watched)
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert set(torch.load(out, weights_only=True)["network_weights"]) == set(weights)
+
+
 @pytest.mark.parametrize("kind", ["empty", "evil_torch"])
 def test_riskmap_refuses_bad_checkpoints(inputs, dataset, kind):
     checkpoint = inputs.files / _FILE.get(kind, f"{kind}.pth")

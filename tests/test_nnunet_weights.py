@@ -150,6 +150,38 @@ def test_dataparallel_and_compile_prefixes_are_stripped(tmp_path):
     assert not report.missing
 
 
+def test_lightning_prefix_is_stripped_only_from_lightning_checkpoints(tmp_path):
+    source = _pretrained()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()},
+                "pytorch-lightning_version": "2.4.0", "epoch": 3}, tmp_path / "lightning.ckpt")
+    checkpoint = read_checkpoint(tmp_path / "lightning.ckpt")
+    assert set(checkpoint.state_dict) == set(source.state_dict())
+    # the same keys without Lightning's marker stay as they are (MONAI's UNet names its layers model.*)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "plain.pth")
+    assert all(k.startswith("model.") for k in read_checkpoint(tmp_path / "plain.pth").state_dict)
+
+
+def numpy1_checkpoint(path, weights: dict):
+    """An nnU-Net checkpoint as trainers wrote it under numpy 1.x: numpy scalars and an array in
+    the log, pickled under numpy 1.x's global names ``numpy.core.multiarray.*`` (numpy 2 writes
+    ``numpy._core``; the legacy torch format keeps the pickle's text so the names can be set)."""
+    torch.save({"network_weights": weights, "_best_ema": np.float64(0.81), "current_epoch": 3,
+                "logging": {"ema_fg_dice": [np.float32(0.5), np.float32(0.8)], "dice_per_class": np.ones(2)},
+                "trainer_name": "nnUNetTrainer"}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert b"numpy._core.multiarray" in data
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    return path
+
+
+def test_numpy1_pickled_nnunet_checkpoint_loads_with_weights_only(tmp_path):
+    source = _pretrained()
+    checkpoint = read_checkpoint(numpy1_checkpoint(tmp_path / "np1.pth", source.state_dict()))
+    assert checkpoint.format == "nnunet" and checkpoint.metadata["current_epoch"] == 3
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(checkpoint.state_dict[key], value)
+
+
 def test_monai_state_dict_is_recognised_and_loads_into_monai_but_not_nnunet(tmp_path):
     monai_net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
     path = tmp_path / "monai.pt"

@@ -13,9 +13,13 @@ Formats (``Checkpoint.format``):
 - ``state_dict``: any other mapping of names to tensors, bare or under ``state_dict`` / ``model``.
 
 Files are read with ``torch.load(weights_only=True)``, which cannot run code from the file; the
-numpy scalars nnU-Net stores in its logs are the only extra types allowed. ``trust_pickle=True``
-falls back to full unpickling for files from a trusted source that hold other Python objects.
-``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed.
+numpy scalars and arrays nnU-Net stores in its logs are the only extra types allowed, under their
+numpy 2 names and under the numpy 1.x names (``numpy.core.multiarray.*``) that most nnU-Net files
+in the wild carry. ``trust_pickle=True`` (``nnunet-te convert-weights --trust-pickle``: the user's
+choice, never an input file's) falls back to full unpickling for files from a trusted source
+that hold other Python objects. ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile)
+prefixes are removed, and a PyTorch Lightning checkpoint's ``model.`` / ``net.`` prefix when every
+key carries it.
 """
 
 from __future__ import annotations
@@ -38,10 +42,17 @@ ACCEPTED = ("nnU-Net trainer checkpoint (dict with 'network_weights'), nnssl/Ope
             "state dict (optionally under 'state_dict' or 'model')")
 NNSSL_PLAN_FIELDS = ("pretrain_num_input_channels", "key_to_encoder", "key_to_stem",
                      "keys_to_in_proj", "recommended_downstream_patchsize")
-# The only non-tensor globals nnU-Net checkpoints hold: numpy scalars in the training log.
-_NUMPY_CORE = getattr(np, "_core", None) or np.core  # renamed in numpy 2
-_NUMPY_SAFE_GLOBALS = [np.dtype, _NUMPY_CORE.multiarray.scalar,
-                       *{type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"}]
+# The only non-tensor globals nnU-Net checkpoints hold: numpy scalars (and arrays) in the training
+# log. They rebuild values from bytes and run nothing. Files written under numpy 1.x name them
+# numpy.core.multiarray.*, which numpy 2 renamed to numpy._core.multiarray.*: both names are allowed.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+_NUMPY_SAFE_GLOBALS = [np.dtype, np.ndarray, *{type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"},
+                       *[(getattr(_NUMPY_CORE.multiarray, name), f"{module}.{name}")
+                         for name in ("scalar", "_reconstruct")
+                         for module in ("numpy.core.multiarray", "numpy._core.multiarray")]]
+#: Top-level keys of a PyTorch Lightning checkpoint, and the attribute names its modules are under.
+_LIGHTNING_MARKERS = ("pytorch-lightning_version", "lightning_version")
+_LIGHTNING_PREFIXES = ("model.", "net.", "network.")
 
 
 @dataclass
@@ -68,6 +79,15 @@ def _strip_wrappers(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module."):]
     return key
+
+
+def _without_lightning_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Lightning module's weights without the attribute its network is under (``model.`` ...),
+    when every key carries the same one (MONAI's own ``model.*`` names are not from Lightning)."""
+    for prefix in _LIGHTNING_PREFIXES:
+        if all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def _is_state_dict(obj) -> bool:
@@ -126,6 +146,8 @@ def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
         raise UserError(f"{source}: no state dict (a non-empty mapping of names to tensors) found; "
                          f"top-level keys {sorted(map(str, obj))[:8]}; accepted: {ACCEPTED}")
     state_dict = {_strip_wrappers(k): v for k, v in weights.items()}
+    if any(marker in obj for marker in _LIGHTNING_MARKERS):
+        state_dict = _without_lightning_prefix(state_dict)
     check_finite(state_dict, source)
     if fmt == "state_dict" and (monai := _monai_network(list(state_dict))):
         fmt, metadata = "monai", {"monai_network": monai}
@@ -199,8 +221,9 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     except pickle.UnpicklingError as err:
         raise UserError(f"{path}: refused by torch.load(weights_only=True), nothing in it was run: it holds "
                         f"Python objects other than tensors ({_refusal(err)}). If the file comes from a trusted "
-                        "source, re-save its weights in Python: torch.save(read_checkpoint(path, "
-                        "trust_pickle=True).state_dict, new_path) (nnunet_te.io.checkpoints)") from err
+                        "source, convert it once with `nnunet-te convert-weights FILE -d DATASET -c CONFIGURATION -o OUT "
+                        "--trust-pickle` (full unpickling, which can run code from the file) and use OUT: it "
+                        "loads everywhere with weights_only=True") from err
     except (EOFError, IndexError) as err:  # torch's unpickler stops anywhere in a cut-off file
         raise UserError(f"{path}: truncated or damaged torch file ({type(err).__name__}: {err}); "
                         "copy it again") from err

@@ -216,7 +216,7 @@ def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint |
 
 def convert_for_pretrained_weights(checkpoint_path: str | Path, plans_file: str | Path | dict,
                                    configuration: str, dataset_json: str | Path | dict,
-                                   out_path: str | Path, *, seed: int = 0) -> LoadReport:
+                                   out_path: str | Path, *, seed: int = 0, trust_pickle: bool = False) -> LoadReport:
     """Write a file the stock ``nnUNetv2_train ... -pretrained_weights FILE`` accepts.
 
     nnU-Net's loader demands every non-``seg_layers`` tensor of the target network with its exact
@@ -227,7 +227,9 @@ def convert_for_pretrained_weights(checkpoint_path: str | Path, plans_file: str 
 
     The segmentation head is saved only when it came from the checkpoint: a seeded random head
     would look like a source head to the risk maps (which use a real head's softmax when there
-    is one), and nnU-Net's loader never copies ``seg_layers`` anyway.
+    is one), and nnU-Net's loader never copies ``seg_layers`` anyway. ``trust_pickle``: read the
+    checkpoint with full unpickling (:func:`~nnunet_te.io.checkpoints.read_checkpoint`); the file
+    written holds tensors only.
     """
     out_path = Path(out_path)
     report_path = out_path.with_name(f"{out_path.stem}_load_report.json")
@@ -235,7 +237,8 @@ def convert_for_pretrained_weights(checkpoint_path: str | Path, plans_file: str 
         if path.exists():
             raise FileExistsError(f"{path} exists; remove it or choose another output path")
     network, load_report = network_for_configuration(plans_file, configuration, dataset_json,
-                                                     checkpoint=read_checkpoint(checkpoint_path), seed=seed)
+                                                     checkpoint=read_checkpoint(checkpoint_path, trust_pickle=trust_pickle),
+                                                     seed=seed)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     weights = {key: value for key, value in network.state_dict().items()
                if load_report.head_loaded or ".seg_layers." not in key}
