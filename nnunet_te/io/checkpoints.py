@@ -6,7 +6,9 @@ Formats (``Checkpoint.format``):
   (plans, configuration, fold, dataset_json), ``trainer_name``, ``current_epoch``, ...
 - ``nnssl``: an nnssl / OpenMind checkpoint, ``network_weights`` plus ``nnssl_adaptation_plan``
   (``architecture_plans.arch_class_name``, ``pretrain_num_input_channels``, ``key_to_encoder``,
-  ``key_to_stem``, ``keys_to_in_proj``, ``recommended_downstream_patchsize``).
+  ``key_to_stem``, ``keys_to_in_proj``, ``recommended_downstream_patchsize``); also nnssl's SparK
+  training file, which has ``spark_weights`` and no plan (its ResEnc-L is recognised by its keys).
+  A checkpoint with an ``adaptation_plan.json`` beside it (nnssl's published pair) takes that plan.
 - ``monai``: a state dict of a MONAI network, bare or under ``state_dict`` / ``model``. Recognised
   by MONAI's block naming: ``.adn.`` (the activation-dropout-norm blocks of ``Convolution`` and
   ``ResidualUnit``, used by ``UNet`` and ``BasicUNet``) or the ``swinViT.`` prefix (``SwinUNETR``).
@@ -24,6 +26,7 @@ key carries it.
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -40,6 +43,8 @@ FORMATS = ("nnunet", "nnssl", "monai", "state_dict")
 ACCEPTED = ("nnU-Net trainer checkpoint (dict with 'network_weights'), nnssl/OpenMind checkpoint "
             "('network_weights' + 'nnssl_adaptation_plan'), MONAI network state dict, or a bare "
             "state dict (optionally under 'state_dict' or 'model')")
+#: The file nnssl publishes beside a checkpoint with its adaptation plan.
+ADAPTATION_PLAN = "adaptation_plan.json"
 NNSSL_PLAN_FIELDS = ("pretrain_num_input_channels", "key_to_encoder", "key_to_stem",
                      "keys_to_in_proj", "recommended_downstream_patchsize")
 # The only non-tensor globals nnU-Net checkpoints hold: numpy scalars (and arrays) in the training
@@ -122,6 +127,19 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "<memory>
                         "of that run or another model")
 
 
+def _spark_training_metadata(weights: Mapping) -> dict:
+    """The adaptation plan nnssl would publish for a SparK training file (nnssl trains SparK on
+    ResEnc-L only): ResEnc-L when the keys show its six stages, else no architecture (an error
+    later names the missing plan)."""
+    last = weights.get("encoder.stages.5.blocks.5.conv2.conv.weight")
+    resenc_l = (isinstance(last, torch.Tensor) and tuple(last.shape) == (320, 320, 3, 3, 3)
+                and not any(k.startswith("encoder.stages.6.") for k in weights))
+    return {"arch_class_name": "ResEncL" if resenc_l else None, "pretrain_num_input_channels": 1,
+            "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem",
+            "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+            "recommended_downstream_patchsize": None, "spark_training_file": True}
+
+
 def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
     """Recognise the format of an already loaded checkpoint object (see the module docstring)."""
     if not isinstance(obj, Mapping):
@@ -134,6 +152,8 @@ def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
             fmt, plan = "nnssl", obj["nnssl_adaptation_plan"]
             metadata["arch_class_name"] = plan.get("architecture_plans", {}).get("arch_class_name")
             metadata.update({name: plan.get(name) for name in NNSSL_PLAN_FIELDS})
+        elif "spark_weights" in obj:  # nnssl's SparK training file: no plan, else like an nnU-Net file
+            fmt, metadata = "nnssl", _spark_training_metadata(weights)
         else:
             fmt, init_args = "nnunet", obj.get("init_args") or {}
             metadata = {"trainer_name": obj.get("trainer_name"), "current_epoch": obj.get("current_epoch"),
@@ -230,4 +250,22 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     except (RuntimeError, OSError, KeyError, ValueError) as err:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0][:200]}); "
                         f"accepted: {ACCEPTED}") from err
-    return parse_checkpoint(obj, str(path))
+    checkpoint = parse_checkpoint(obj, str(path))
+    plan_file = path.with_name(ADAPTATION_PLAN)
+    if plan_file.is_file() and not (checkpoint.format == "nnssl" and "nnssl_adaptation_plan" in obj):
+        checkpoint = _with_adaptation_plan(checkpoint, plan_file)
+    return checkpoint
+
+
+def _with_adaptation_plan(checkpoint: Checkpoint, plan_file: Path) -> Checkpoint:
+    """The checkpoint as nnssl describes it in the ``adaptation_plan.json`` published beside it
+    (a training file carries no plan of its own)."""
+    try:
+        plan = json.loads(plan_file.read_text())
+        architecture = plan["architecture_plans"]["arch_class_name"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{plan_file}: not an nnssl adaptation plan ({type(err).__name__}: {err}); "
+                        f"move it away from {checkpoint.source} or fix it") from err
+    metadata = {"arch_class_name": architecture, **{name: plan.get(name) for name in NNSSL_PLAN_FIELDS},
+                "adaptation_plan_file": str(plan_file)}
+    return Checkpoint(checkpoint.state_dict, "nnssl", metadata, checkpoint.encoder_only, checkpoint.source)

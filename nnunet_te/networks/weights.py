@@ -25,7 +25,9 @@ from torch import nn
 
 from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
+from nnunet_te.errors import UserError
 from nnunet_te.networks.classpaths import check_plans_classes
+from nnunet_te.networks.nnssl import nnssl_architecture
 
 
 @dataclass
@@ -210,7 +212,19 @@ def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint |
             configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import, target.n_inputs, target.n_classes,
             allow_init=True, deep_supervision=deep_supervision)
-    load_report = load_pretrained(network, checkpoint) if checkpoint is not None else None
+    if checkpoint is None:
+        return network.to(device), None
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = read_checkpoint(checkpoint)
+    try:
+        load_report = load_pretrained(network, checkpoint)
+    except ValueError as err:
+        if not nnssl_architecture(checkpoint):
+            raise
+        raise UserError(f"{err}. The checkpoint is an nnssl {nnssl_architecture(checkpoint)} network, the plans "
+                        f"build {type(network).__name__}: this needs plans of the checkpoint's architecture "
+                        "(`nnunet-te rank` builds nnssl networks from their own plan and can rank it "
+                        "as it is)") from err
     return network.to(device), load_report
 
 

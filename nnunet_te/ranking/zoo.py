@@ -42,6 +42,7 @@ from torch import nn
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import FORMATS, Checkpoint, read_checkpoint
 from nnunet_te.networks import classpaths
+from nnunet_te.networks.nnssl import nnssl_architecture, nnssl_network
 from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.networks.weights import LoadReport, load_pretrained, network_for_target
 from nnunet_te.io.files import file_sha256
@@ -249,14 +250,19 @@ def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
         raise CandidateError(candidate.name, f"input channels differ: pre-trained on {pretrained_channels}, "
                                              f"the dataset has {target.n_inputs}")
     try:
-        if candidate.architecture is None:
+        if candidate.architecture is None and nnssl_architecture(checkpoint):
+            # nnssl names its network: built from the name, encoder and stem loaded (networks/nnssl.py)
+            network = nnssl_network(checkpoint, n_inputs=target.n_inputs, n_classes=target.n_classes,
+                                    ndim=target.ndim, seed=seed)
+            report = load_pretrained(network, checkpoint, encoder_only=True, report=False)
+        elif candidate.architecture is None:
             network, report = network_for_target(target, checkpoint=checkpoint, seed=seed)
         else:
             network = _architecture_network(candidate, target, seed)
             report = load_pretrained(network, checkpoint, report=False)
     except CandidateError:
         raise
-    except (ValueError, RuntimeError, TypeError) as err:
+    except (ValueError, RuntimeError, TypeError) as err:  # UserError included
         raise CandidateError(candidate.name, str(err)) from err
     network.to(device).eval()
     global_modules, local_modules, bottleneck = stage_modules(network)

@@ -1,0 +1,98 @@
+"""Real nnssl / OpenMind checkpoint layouts (``../shared/checkpoint_layouts``, full size, random
+values): every layout is read, every ResEnc-L one builds its own network from its plan and loads
+its encoder and stem only, and ``nnunet-te rank`` ranks a zoo of them beside an nnU-Net checkpoint
+on the hippocampus data with its default (PlainConvUNet) plans."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import nnunet_checkpoint, write_zoo
+from conftest import _require, copy_nnunet_tree
+from layouts import LAYOUTS, checkpoint_from_layout, layout_files, read_layout
+
+from nnunet_te.data.target import PlannedConfiguration
+from nnunet_te.io.checkpoints import read_checkpoint
+from nnunet_te.networks.nnssl import NOT_YET, nnssl_architecture
+from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _architecture(name: str) -> str:
+    plan = read_layout(name).get("nnssl_adaptation_plan")
+    return plan["architecture_plans"]["arch_class_name"] if plan else "ResEncL"  # SparK training file
+
+
+@pytest.fixture(scope="module")
+def target(hippocampus_nnunet):
+    _require(LAYOUTS)
+    return PlannedConfiguration(hippocampus_nnunet.preprocessed / "nnUNetPlans.json", "3d_fullres",
+                                hippocampus_nnunet.preprocessed / "dataset.json")
+
+
+@pytest.mark.parametrize("name", [p.name for p in layout_files()] or [None])
+def test_every_layout_reads_as_nnssl_and_resenc_l_loads_its_encoder_and_stem_only(name, target, tmp_path):
+    _require(LAYOUTS / (name or "published1_MAE.json"))
+    path = checkpoint_from_layout(name, tmp_path / "checkpoint.pth")
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.format == "nnssl" and nnssl_architecture(checkpoint) == _architecture(name)
+    candidate = Candidate(Path(name).stem, path, None, None, "")
+    if _architecture(name) in NOT_YET:
+        with pytest.raises(CandidateError, match="cannot be ranked yet"):
+            candidate_network(candidate, target)
+        return
+    loaded = candidate_network(candidate, target, seed=3)
+    network_keys = loaded.network.state_dict()
+    encoder = [k for k in network_keys if k.startswith(("encoder.", "decoder.encoder."))]
+    assert sorted(loaded.load_report.loaded) == sorted(encoder)  # stem and every encoder stage, both copies
+    assert not loaded.load_report.head_loaded
+    for key in encoder:  # an encoder-only file (VoCo, SimCLR, ...) fills the decoder's copy too
+        stored = checkpoint.state_dict.get(key, checkpoint.state_dict.get(key.removeprefix("decoder.")))
+        torch.testing.assert_close(network_keys[key], stored, rtol=0, atol=0)
+    # the pre-training decoder and heads are not transferred: the decoder is the seeded random one
+    decoder = [k for k in checkpoint.state_dict if k.startswith("decoder.stages.")]
+    for key in decoder[:3]:
+        assert not torch.equal(network_keys[key], checkpoint.state_dict[key])
+    assert loaded.global_modules and loaded.local_modules
+
+
+def test_a_training_file_takes_the_adaptation_plan_published_beside_it(tmp_path):
+    _require(LAYOUTS / "published_SparK_adaptation_plan.json")
+    path = checkpoint_from_layout("trainer_SparK.json", tmp_path / "checkpoint_final.pth")
+    plan = read_layout("published_SparK_adaptation_plan.json")
+    (tmp_path / "adaptation_plan.json").write_text(json.dumps({**plan, "key_to_stem": "encoder.stem"}))
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.metadata["adaptation_plan_file"] == str(tmp_path / "adaptation_plan.json")
+    assert checkpoint.metadata["arch_class_name"] == plan["architecture_plans"]["arch_class_name"]
+    assert checkpoint.metadata["keys_to_in_proj"] == plan["keys_to_in_proj"]
+    (tmp_path / "adaptation_plan.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not an nnssl adaptation plan"):
+        read_checkpoint(path)
+
+
+def test_rank_a_zoo_of_openmind_layouts_with_the_default_plans(hippocampus_nnunet, tmp_path):
+    _require(LAYOUTS)
+    tree = copy_nnunet_tree(hippocampus_nnunet, tmp_path / "tree")
+    names = ["trainer_MAE.json", "published2_MAE.json", "trainer_SparK.json", "trainer_VoCo.json"]
+    entries = [{"name": Path(n).stem, "checkpoint": str(checkpoint_from_layout(n, tmp_path / f"{Path(n).stem}.pth",
+                                                                              seed=i))}
+               for i, n in enumerate(names)]
+    entries.append({"name": "nnunet", "checkpoint": str(nnunet_checkpoint(tree.preprocessed, "3d_fullres",
+                                                                          tmp_path / "nnunet.pth"))})
+    zoo = write_zoo(tmp_path / "zoo.yaml", entries)
+    out = tmp_path / "ranking"
+    done = subprocess.run([str(BIN / "nnunet-te"), "rank", "-d", "991", "-c", "3d_fullres", "--zoo", str(zoo),
+                           "-o", str(out), "--cases", "2", "--points", "512", "--consistency-rates",
+                           "-device", "cpu"], env=tree.env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert ranking["candidate_errors"] == {}
+    assert sorted(ranking["ranking"]) == sorted(e["name"] for e in entries)
+    windows = {z["name"]: z["window"] for z in ranking["zoo"]}
+    assert all(w % 32 == 0 for w in windows["trainer_MAE"])  # ResEnc-L's own total stride, not the plans'
