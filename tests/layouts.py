@@ -56,7 +56,8 @@ def _random_weights(layout: dict, generator: torch.Generator) -> dict[str, torch
     weights = {}
     for key, (shape, dtype) in layout.items():
         known = resenc_l.get(key)
-        weights[key] = (known.to(getattr(torch, dtype)).clone() if known is not None and list(known.shape) == shape
+        # the network's own tensor, not a copy: aliases share storage and are saved once, as in a real file
+        weights[key] = (known.to(getattr(torch, dtype)) if known is not None and list(known.shape) == shape
                         else _random_tensor(shape, dtype, generator))
     return weights
 

@@ -46,8 +46,10 @@ def test_every_layout_reads_as_nnssl_and_resenc_l_loads_its_encoder_and_stem_onl
     if _architecture(name) in NOT_YET:
         with pytest.raises(CandidateError, match="cannot be ranked yet"):
             candidate_network(candidate, target)
+        path.unlink()
         return
     loaded = candidate_network(candidate, target, seed=3)
+    path.unlink()  # full size (about 0.4 GB each): pytest keeps tmp_path
     network_keys = loaded.network.state_dict()
     encoder = [k for k in network_keys if k.startswith(("encoder.", "decoder.encoder."))]
     assert sorted(loaded.load_report.loaded) == sorted(encoder)  # stem and every encoder stage, both copies
@@ -74,6 +76,7 @@ def test_a_training_file_takes_the_adaptation_plan_published_beside_it(tmp_path)
     (tmp_path / "adaptation_plan.json").write_text("{not json")
     with pytest.raises(ValueError, match="not an nnssl adaptation plan"):
         read_checkpoint(path)
+    path.unlink()  # full size: pytest keeps tmp_path
 
 
 def test_rank_a_zoo_of_openmind_layouts_with_the_default_plans(hippocampus_nnunet, tmp_path):
@@ -90,6 +93,8 @@ def test_rank_a_zoo_of_openmind_layouts_with_the_default_plans(hippocampus_nnune
     done = subprocess.run([str(BIN / "nnunet-te"), "rank", "-d", "991", "-c", "3d_fullres", "--zoo", str(zoo),
                            "-o", str(out), "--cases", "2", "--points", "512", "--consistency-rates",
                            "-device", "cpu"], env=tree.env, capture_output=True, text=True, timeout=1800)
+    for entry in entries:  # about 0.4 GB each
+        Path(entry["checkpoint"]).unlink()
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     ranking = json.loads((out / "ranking.json").read_text())
     assert ranking["candidate_errors"] == {}
