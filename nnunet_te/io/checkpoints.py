@@ -116,8 +116,6 @@ def _monai_network(keys: list[str]) -> str | None:
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "<memory>") -> None:
     """Raise UserError naming the tensors with NaN or inf values (a diverged or corrupted run):
     nothing trained, ranked or converted from them would mean anything."""
-    from nnunet_te.errors import UserError
-
     bad = [k for k, v in state_dict.items()
            if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
     if bad:

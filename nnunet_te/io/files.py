@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from nnunet_te.errors import UserError
+
 
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename it into place, so a crash
@@ -28,8 +30,6 @@ def refuse_existing(paths, *, remedy: str) -> None:
     """Raise :class:`~nnunet_te.errors.UserError` when any of ``paths`` exists, naming every one
     of them and ``remedy`` (the flag or step that works where the user is): a writer calls it
     before it replaces anything it did not make in this run."""
-    from nnunet_te.errors import UserError
-
     present = [str(p) for p in paths if Path(p).exists()]
     if present:
         raise UserError(f"{len(present)} existing file(s) would be replaced: {', '.join(present)}; {remedy}")

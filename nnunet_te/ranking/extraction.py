@@ -8,7 +8,7 @@ under a key of exactly these. So the same function, :func:`extract_candidate`, s
 - a Ray cluster (:func:`extract_on_ray`): one task per candidate with the resources it needs
   (one GPU when the device is CUDA, else one CPU), retried when its worker dies, recorded as the
   candidate's error when it still fails; a killed driver resumes from the cache;
-- job arrays without a cluster (:func:`extract_shard`): shard ``I`` of ``N`` extracts candidates
+- job arrays without a cluster (:func:`nnunet_te.ranking.rank.extract_shard`): shard ``I`` of ``N`` extracts candidates
   ``I, I+N, I+2N, ...`` (zoo order) and writes ``shard-I-of-N.json`` beside the ranking; the merge
   (:func:`merged_outcomes`) then reads every shard's record and the features from the cache,
   and computes nothing but the metrics.
