@@ -175,3 +175,41 @@ def test_few_shot_risk_weighted_run_under_ddp_writes_once_and_trains_the_same(hi
                                               "few_shot_split.json")).read_text())
     assert zero["n_maps"] == len(split["train"]) + len(split["val"])
     assert zero["weights_sum"] == one["weights_sum"]  # DDP kept the ranks in step
+
+
+def _batch_dice_loss_on_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from nnunet_te.risk.loss import risk_weighted_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    logits, target, weights = _batch_dice_inputs()
+    half = slice(2 * rank, 2 * rank + 2)  # each rank its half of one global batch
+    loss = risk_weighted_loss(logits[half], target[half], weights[half], batch_dice=True, ddp=True)
+    Path(out, f"loss{rank}.json").write_text(json.dumps(float(loss)))
+    dist.destroy_process_group()
+
+
+def _batch_dice_inputs():
+    import torch
+
+    generator = torch.Generator().manual_seed(7)
+    return (torch.randn((4, 3, 6, 5, 4), generator=generator),
+            torch.randint(0, 3, (4, 1, 6, 5, 4), generator=generator),
+            1 + torch.rand((4, 1, 6, 5, 4), generator=generator))
+
+
+def test_batch_dice_under_ddp_pools_the_counts_of_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from nnunet_te.risk.loss import risk_weighted_loss
+
+    mp.spawn(_batch_dice_loss_on_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"loss{r}.json").read_text()) for r in range(2)]
+    # each rank: its own cross-entropy minus the Dice of the global batch; their mean is the loss
+    # of one process holding the whole batch (pooling each rank's counts alone would differ)
+    whole = float(risk_weighted_loss(*_batch_dice_inputs(), batch_dice=True))
+    assert abs(sum(ranks) / 2 - whole) < 1e-6
+    halves = [float(risk_weighted_loss(*(t[2 * r:2 * r + 2] for t in _batch_dice_inputs()), batch_dice=True))
+              for r in range(2)]
+    assert abs(sum(halves) / 2 - whole) > 1e-4  # the check can fail
