@@ -150,6 +150,50 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree, shared_data):
                for r in variant)
     assert "Paired test, risk_fg_ce, over 2 (target, member, seed) pairs" in docs.read_text()
 
+    # the two controls of risk weighting: their own trainer classes through nnUNetv2_train, maps from the
+    # same checkpoint, paired with the risk runs in the report
+    fourth = _run(command + ["--risk-trainers", "risk_uniform", "risk_shuffled"], env, root)
+    assert "4 new fine-tune(s)" in fourth
+    controls = [r for r in read_results(work / "results.csv") if r["trainer"] in ("risk_uniform", "risk_shuffled")]
+    assert sorted((r["trainer"], r["member"]) for r in controls) == [
+        ("risk_shuffled", "random_s0"), ("risk_shuffled", "sup_isbi_membranes"),
+        ("risk_uniform", "random_s0"), ("risk_uniform", "sup_isbi_membranes")]
+    for r in controls:
+        folder = Path(r["run_folder"])
+        stem = "RiskUniformControl" if r["trainer"] == "risk_uniform" else "RiskShuffledControl"
+        assert folder.parent.name == f"{stem}_k5s0_bench__nnUNetPlans_cpu__2d" and np.isfinite(r["dice"])
+        log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+        assert ("permutations seeded with 20260" in log) == (r["trainer"] == "risk_shuffled")
+        assert (folder / "risk_options.json").is_file()
+    text = docs.read_text()
+    assert "| risk_uniform | 2 |" in text and "| risk_shuffled | 2 |" in text
+
+
+@pytest.mark.slow
+def test_the_schedule_probe_chooses_from_pool_cases_and_resumes(epfl_tree, shared_data):
+    from benchmarks.finetune_grid.plan import bench_split
+    from benchmarks.finetune_grid.schedule_rule import converged_epochs
+
+    root, env = epfl_tree
+    env = _with_repo(env)
+    work, docs = root / "probe_work", root / "probe.md"
+    command = [*BENCH, "-d", "981", "--work", str(work), "--shared", str(shared_data.parent), "--test-cases", "3",
+               "--probe", "2", "1", "--probe-only", "-device", "cpu"]
+    assert "1 new probe(s)" in _run(command, env, root)
+    record = json.loads((work / "schedules.json").read_text())["targets"]["Dataset981_EPFLEM_mitochondrion"]
+    data = root / "nnUNet_preprocessed" / "Dataset981_EPFLEM_mitochondrion" / "nnUNetPlans_2d"
+    cases = sorted(p.name.removesuffix(".b2nd") for p in data.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
+    test = set(bench_split(cases, 3, 0)["val"])
+    run_folder = next((work / "probe" / "runs").rglob("few_shot_split.json")).parent
+    few_shot = json.loads((run_folder / "few_shot_split.json").read_text())
+    assert sorted(few_shot["val"]) == sorted(record["validation_cases"]) and len(few_shot["train"]) == 5
+    assert not (set(few_shot["train"]) | set(few_shot["val"])) & test  # the rule never sees a test case
+    assert len(record["ema_fg_dice"]) == 2 and record["epochs"] == converged_epochs(record["ema_fg_dice"], 1).epochs
+    assert "0 new probe(s)" in _run(command, env, root)  # resumed: nothing trained again
+    _run([*BENCH, "--report-only", "--work", str(work), "--docs", str(docs)], env, root)
+    if record["epochs"]:
+        assert f"by the schedule rule (981: {record['epochs']}x20)" in docs.read_text()
+
 
 @pytest.mark.slow
 def test_a_few_shot_draw_without_a_class_is_named_before_any_work(epfl_tree, tmp_path):
@@ -229,6 +273,57 @@ def test_schedules_give_each_dataset_its_own_by_id_or_name():
         Schedules(Schedule(5, 20), {"Hippocampus": Schedule(40, 20)})
 
 
+def test_schedules_take_the_given_one_before_the_rules():
+    from benchmarks.finetune_grid.ground_truth import Schedule, Schedules
+
+    ruled = Schedules(None, {"508": Schedule(40, 20)}).with_rule({501: Schedule(25, 20), 508: Schedule(10, 20)})
+    assert ruled.of(508) == Schedule(40, 20) and ruled.of(501) == Schedule(25, 20)  # given for 508, ruled for 501
+    assert ruled.needs_rule(501) and not ruled.needs_rule(508) and not ruled.has(502)
+    with pytest.raises(ValueError, match="502: no fine-tuning schedule"):
+        ruled.of(502)
+    assert ruled.describe() == "by the schedule rule (501: 25x20, 508: 40x20)"
+    everywhere = Schedules(Schedule(5, 20)).with_rule({501: Schedule(25, 20)})
+    assert everywhere.of(501) == Schedule(5, 20) and not everywhere.needs_rule(501)  # --schedule wins over the rule
+
+
+def _saturating(tau: float, epochs: int = 100, top: float = 0.8) -> list[float]:
+    return [top * (1 - np.exp(-t / tau)) for t in range(1, epochs + 1)]
+
+
+def test_the_schedule_rule_on_saturating_curves():
+    from benchmarks.finetune_grid.schedule_rule import converged_epochs
+
+    # c(t) = 0.8 (1 - exp(-t / 6)): c(E) >= 0.95 c(100) needs exp(-E/6) <= 0.05, E >= 18.0; the last quarter
+    # moves 0.8 (exp(-(E - E//4 + 1)/6) - exp(-E/6)): 2.7 points at E = 20, 1.6 at 25, 0.93 at 30
+    choice = converged_epochs(_saturating(6.0), step=5)
+    assert (choice.epochs, choice.converged) == (30, True)
+    # a slower curve (tau 10) still moves 1.08 points over epochs 39-50 at E = 50, the longest candidate
+    slow = converged_epochs(_saturating(10.0), step=5)
+    assert (slow.epochs, slow.converged) == (50, False)
+    # the all-background phase is flat at 0 but is not convergence
+    assert converged_epochs([0.0] * 100, step=5).epochs is None
+    # flat at 0.3 for 20 epochs (one class learned), then rising to 0.8: the plateau is not the end (a
+    # look-ahead of 2E would stop at E = 5); 95 % of 0.8 needs E >= 25.1, a flat last quarter E = 35
+    late = [0.3] * 20 + [0.3 + b for b in _saturating(2.0, 80, 0.5)]
+    assert converged_epochs(late, step=5).epochs == 35
+
+
+def test_the_probe_validates_on_pool_cases_never_on_test_cases():
+    from benchmarks.finetune_grid.plan import bench_split
+    from benchmarks.finetune_grid.schedule_rule import PROBE_K, probe_split, probe_validation_size
+
+    cases = [f"case_{i:03d}" for i in range(60)]
+    split = bench_split(cases, 20, seed=0)
+    n_val = probe_validation_size(len(split["train"]))
+    probe = probe_split(split, n_val, seed=0)
+    assert len(probe["val"]) == n_val and len(probe["train"]) >= 10 > PROBE_K
+    assert not set(probe["val"]) & set(split["val"]) and not set(probe["train"]) & set(split["val"])
+    assert sorted(probe["train"] + probe["val"]) == sorted(split["train"])
+    assert probe == probe_split(split, n_val, seed=0)
+    with pytest.raises(ValueError, match="validation cases from a pool"):
+        probe_split(split, len(split["train"]), seed=0)
+
+
 def test_dataset_schedule_needs_integers(tmp_path):
     done = subprocess.run([str(BIN / BENCH[0]), *BENCH[1:], "--report-only", "--work", str(tmp_path),
                            "--dataset-schedule", "508", "forty", "20"], capture_output=True, text=True,
@@ -305,16 +400,16 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
              {"dataset": "D2_b", "k": 5, "noise_floor": 3.0, "spread": 5.0}]
     pairs = [{"dataset": "D1_a", "k": 5, "trainer": "risk", "difference": d} for d in (3.0, 2.0)] + \
             [{"dataset": "D2_b", "k": 5, "trainer": "risk", "difference": d} for d in (-4.0, -3.0)]
-    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs)}
+    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs, {})}
     ahead = rows["fused topology score ahead of every baseline on mean weighted tau"]
     # topology 0.25 vs ccfv 0.20 and logme 0.10
     assert ahead["met"] is True and "topology 0.250 vs best baseline ccfv 0.200 (2 target(s))" == ahead["measured"]
     # a baseline measured on one target only is compared on that target
-    ahead_with_leep = goals(quality + _quality(5, {("D2_b", "leep"): 0.0}), noise, pairs)[0]
+    ahead_with_leep = goals(quality + _quality(5, {("D2_b", "leep"): 0.0}), noise, pairs, {})[0]
     assert ahead_with_leep["measured"] == "topology -0.100 vs best baseline leep 0.000 (1 target(s))"
     assert ahead_with_leep["met"] is False
     # a tie names the same baseline whatever the process's string hashing (LEEP and NCE often tie)
-    tied = goals(quality + _quality(5, {("D2_b", "nce"): 0.0, ("D2_b", "leep"): 0.0}), noise, pairs)[0]
+    tied = goals(quality + _quality(5, {("D2_b", "nce"): 0.0, ("D2_b", "leep"): 0.0}), noise, pairs, {})[0]
     assert tied["measured"] == "topology -0.100 vs best baseline leep 0.000 (1 target(s))"
     positive = rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]
     assert positive["met"] is False and positive["measured"] == "1 of 2 such target(s) positive; not positive: b"
@@ -325,14 +420,14 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
 
     # a target whose spread is inside its noise floor does not count; nothing measured: not judged
     noise[1]["spread"] = 2.0
-    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs[:2])}
+    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs[:2], {})}
     assert rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]["met"] is True
     assert rows["risk weighting >= +2 Dice points on average"]["met"] is True
-    assert all(g["met"] is None for g in goals([], [], []))
+    assert all(g["met"] is None for g in goals([], [], [], {}))
 
     # an option variant is judged on its own pairs, beside the product's defaults
     variant = [{**p, "trainer": "risk_fg_ce", "difference": p["difference"] + 5} for p in pairs]
-    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs + variant)}
+    rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs + variant, {})}
     assert rows["risk weighting >= +2 Dice points on average"]["measured"] == "-0.50 points over 4 pairs"
     assert rows["risk weighting (risk_fg_ce) >= +2 Dice points on average"]["measured"] == "+4.50 points over 4 pairs"
     assert rows["risk weighting (risk_fg_ce) never worse than minus the noise floor on any target"]["met"] is True
@@ -352,6 +447,55 @@ def test_risk_pairs_and_tests_per_trainer_kind():
         ("risk", 0, -10.0), ("risk", 1, -5.0), ("risk_fg_ce", 0, 10.0)]
     assert tests["risk"]["n_pairs"] == 2 and tests["risk"]["mean_difference"] == pytest.approx(-7.5)
     assert "wilcoxon_p" in tests["risk"] and tests["risk_fg_ce"] == {"n_pairs": 1, "mean_difference": pytest.approx(10.0)}
+
+
+def test_risk_against_its_controls_is_paired_and_judged():
+    from benchmarks.finetune_grid.tables import goals, risk_vs_controls, risk_vs_plain
+
+    def row(member, seed, trainer, dice):
+        return {"dataset": "D1_a", "member": member, "k": 5, "seed": seed, "trainer": trainer, "dice": dice}
+
+    rows = [row(m, s, "plain", 0.5) for m in "abc" for s in (0, 1)]
+    rows += [row(m, s, "risk", 0.6 + 0.01 * s) for m in "abc" for s in (0, 1)]
+    rows += [row(m, s, "risk_uniform", 0.6 + 0.01 * s) for m in "abc" for s in (0, 1)]  # as good as the map
+    rows += [row(m, s, "risk_shuffled", 0.5 - 0.01 * i - 0.001 * s) for i, m in enumerate("abc") for s in (0, 1)]
+    controls = risk_vs_controls(rows)
+    assert controls["risk_uniform"] == {"n_pairs": 6, "mean_difference": 0.0}  # no difference: no test
+    assert controls["risk_shuffled"]["mean_difference"] == pytest.approx(100 * np.mean(
+        [0.6 + 0.01 * s - (0.5 - 0.01 * i - 0.001 * s) for i in range(3) for s in (0, 1)]))
+    pairs, tests = risk_vs_plain(rows)
+    assert set(tests) == {"risk", "risk_uniform", "risk_shuffled"}
+    judged = {g["goal"]: g["met"] for g in goals([], [], pairs, controls)}
+    assert judged["risk weighting ahead of its uniform control (paired, p < 0.05)"] is False
+    assert judged["risk weighting ahead of its shuffled control (paired, p < 0.05)"] is True
+    assert not any("risk_uniform" in g or "risk_shuffled" in g for g in judged)  # controls get no gain goals
+
+
+def test_uniform_control_keeps_each_patch_mean_and_removes_the_pattern():
+    from benchmarks.finetune_grid.controls import uniform_weights
+
+    weights = 1 + torch.rand(3, 1, 8, 6, generator=torch.Generator().manual_seed(0))
+    flat = uniform_weights(weights)
+    assert flat.shape == weights.shape
+    assert torch.allclose(flat.flatten(1).mean(1), weights.flatten(1).mean(1))
+    assert torch.all(flat.flatten(1).std(1) == 0) and weights.flatten(1).std(1).min() > 0
+
+
+def test_shuffled_control_permutes_within_foreground_and_background_only():
+    from benchmarks.finetune_grid.controls import shuffled_weights
+
+    generator = torch.Generator().manual_seed(1)
+    weights = 1 + torch.rand(2, 1, 10, 12, generator=generator)
+    labels = (torch.rand(2, 1, 10, 12, generator=generator) > 0.7).long() * torch.randint(1, 3, (2, 1, 10, 12),
+                                                                                         generator=generator)
+    shuffled = shuffled_weights(weights, labels, torch.Generator().manual_seed(5))
+    for b in range(2):
+        for side in (labels[b] == 0, labels[b] != 0):
+            assert torch.equal(weights[b][side].sort().values, shuffled[b][side].sort().values)  # same values
+    assert (shuffled != weights).float().mean() > 0.5  # moved
+    assert torch.equal(shuffled, shuffled_weights(weights, labels, torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="differ in shape"):
+        shuffled_weights(weights, labels[:, :, :5], generator)
 
 
 def test_results_csv_with_other_columns_is_refused(tmp_path):

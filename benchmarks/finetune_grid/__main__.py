@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "risk_fg_ce (nnUNet_te_ce_normalisation=foreground, the transfer-risk paper's loss, docs/metrics.md) (default: risk)")
     bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
                        help="fine-tuning schedule of every dataset without --dataset-schedule, also the one "
-                            "whose fine-tunes the tables show (default: benchmarks.finetune_grid.run.DEFAULT_SCHEDULE)")
+                            "whose fine-tunes the tables show (default: per dataset, the schedule rule's choice from "
+                            "a probe run, benchmarks/finetune_grid/schedule_rule.py)")
+    bench.add_argument("--probe", nargs=2, type=int, metavar=("EPOCHS", "STEP"),
+                       help="length of the schedule rule's probe and the step of its candidate schedules "
+                            "(default: 100 5)")
+    bench.add_argument("--probe-only", action="store_true",
+                       help="run the schedule rule's probes (and the zoo member they need) only")
     bench.add_argument("--dataset-schedule", nargs=3, action="append", metavar=("D", "EPOCHS", "ITERATIONS"),
                        help="schedule of one dataset instead of --schedule (repeatable), e.g. for a small structure "
                             "that stays all background over the default schedule")
@@ -63,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench(args: argparse.Namespace) -> int:
     from benchmarks.finetune_grid.ground_truth import Schedule, Schedules
-    from benchmarks.finetune_grid.run import DEFAULT_SCHEDULE, run_bench
+    from benchmarks.finetune_grid.run import run_bench
+    from benchmarks.finetune_grid.schedule_rule import Probe, ruled_schedules
     from benchmarks.finetune_grid.tables import write_report
     from benchmarks.finetune_grid.zoo import default_shared
 
@@ -71,10 +78,10 @@ def bench(args: argparse.Namespace) -> int:
     if not all(e.isdigit() and i.isdigit() for _, e, i in given_schedules):
         raise ValueError(f"--dataset-schedule D EPOCHS ITERATIONS takes integer EPOCHS and ITERATIONS, got "
                          f"{[' '.join(g) for g in given_schedules]}")
-    schedules = Schedules(Schedule(*args.schedule) if args.schedule else DEFAULT_SCHEDULE,
+    schedules = Schedules(Schedule(*args.schedule) if args.schedule else None,
                           {d: Schedule(int(e), int(i)) for d, e, i in given_schedules})
     if args.report_only:
-        for name, path in write_report(Path(args.work), schedules,
+        for name, path in write_report(Path(args.work), schedules.with_rule(ruled_schedules(Path(args.work))),
                                        docs=Path(args.docs) if args.docs else None).items():
             print(f"{name}: {path}")
         return 0
@@ -84,10 +91,14 @@ def bench(args: argparse.Namespace) -> int:
              "risk_trainers": args.risk_trainers}
     summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
                         n_test=args.test_cases, device=args.device, jobs=args.jobs,
-                        fine_tunes=not args.no_fine_tunes,
+                        fine_tunes=not args.no_fine_tunes, probe_only=args.probe_only,
+                        probe=Probe(epochs=args.probe[0], step=args.probe[1]) if args.probe else Probe(),
                         schedules=schedules, shared=Path(args.shared) if args.shared else default_shared(),
                         docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in given.items() if v is not None})
+    if args.probe_only:
+        print(f"{summary['new_probes']} new probe(s) in {summary['seconds']:.0f} s; schedules: {summary['schedules']}")
+        return 0
     print(f"{summary['new_fine_tunes']} new fine-tune(s) in {summary['seconds']:.0f} s; results: "
           f"{summary['results_csv']}")
     for name, path in summary.get("report", {}).items():

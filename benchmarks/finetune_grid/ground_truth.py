@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.finetune_grid.controls import CONTROL_TRAINERS
 from benchmarks.finetune_grid.plan import CONFIGURATION, PLANS
 from benchmarks.finetune_grid.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, subprocess_environment
 from nnunet_te.training.few_shot import few_shot_cases
@@ -36,9 +37,11 @@ from nnunet_te.data.paths import dataset_id
 
 #: Trainer kinds: the nnU-Net trainer class each runs, and the RiskWeightedTrainer options
 #: (``nnunet_te.training.options``) a variant sets. ``risk`` is RiskWeightedTrainer as the product
-#: ships it; ``risk_fg_ce`` divides the cross-entropy by the foreground size, as the transfer-risk paper (arXiv 2502.02340) does.
+#: ships it; ``risk_fg_ce`` divides the cross-entropy by the foreground size, as the transfer-risk paper (arXiv 2502.02340) does;
+#: ``risk_uniform`` and ``risk_shuffled`` are its controls (:mod:`benchmarks.finetune_grid.controls`).
 TRAINERS = {"plain": ("nnUNetTrainer", {}), "risk": ("RiskWeightedTrainer", {}),
-            "risk_fg_ce": ("RiskWeightedTrainer", {"nnUNet_te_ce_normalisation": "foreground"})}
+            "risk_fg_ce": ("RiskWeightedTrainer", {"nnUNet_te_ce_normalisation": "foreground"}),
+            **{f"risk_{control}": (stem, {}) for control, stem in CONTROL_TRAINERS.items()}}
 COLUMNS = ("dataset", "target", "member", "trainer", "k", "seed", "schedule", "dice", "dice_per_class",
            "train_seconds", "torch_threads", "n_test", "fold", "finished", "run_folder")
 
@@ -67,23 +70,48 @@ class Schedule:
 @dataclass(frozen=True)
 class Schedules:
     """The fine-tuning schedule of each target: ``per_dataset`` (keyed by dataset id or name) where
-    given, else ``default``. Targets may need different lengths (a small structure can stay in
-    nnU-Net's all-background phase for the whole default schedule); within a target every
-    member and trainer gets the same schedule, so rankings and risk pairs stay comparable."""
+    given, else ``default`` where given, else the one the schedule rule chose (``ruled``,
+    :mod:`benchmarks.finetune_grid.schedule_rule`). Targets may need different lengths (a small
+    structure can stay in nnU-Net's all-background phase for a whole short schedule); within a
+    target every member and trainer gets the same schedule, so rankings and risk pairs stay
+    comparable."""
 
-    default: Schedule
+    default: Schedule | None
     per_dataset: dict[int | str, Schedule] = field(default_factory=dict)
+    ruled: dict[int | str, Schedule] = field(default_factory=dict)
 
     def __post_init__(self):
-        object.__setattr__(self, "per_dataset", {dataset_id(d): s for d, s in self.per_dataset.items()})
+        for name in ("per_dataset", "ruled"):
+            object.__setattr__(self, name, {dataset_id(d): s for d, s in getattr(self, name).items()})
+
+    def has(self, dataset: int | str) -> bool:
+        d = dataset_id(dataset)
+        return d in self.per_dataset or self.default is not None or d in self.ruled
+
+    def needs_rule(self, dataset: int | str) -> bool:
+        """Whether the dataset's schedule is the rule's (neither given for it nor for all)."""
+        return dataset_id(dataset) not in self.per_dataset and self.default is None
 
     def of(self, dataset: int | str) -> Schedule:
-        return self.per_dataset.get(dataset_id(dataset), self.default)
+        d = dataset_id(dataset)
+        if d in self.per_dataset:
+            return self.per_dataset[d]
+        if self.default is not None:
+            return self.default
+        if d in self.ruled:
+            return self.ruled[d]
+        raise ValueError(f"dataset {dataset}: no fine-tuning schedule: the schedule rule chose none (see "
+                         "schedules.json in the work folder) and none was given (--dataset-schedule)")
+
+    def with_rule(self, ruled: dict[int | str, Schedule]) -> "Schedules":
+        return Schedules(self.default, self.per_dataset, ruled)
 
     def describe(self) -> str:
-        """``"5x20"``, or ``"5x20 (508: 20x20)"`` with per-dataset schedules."""
-        overrides = ", ".join(f"{d}: {s.label}" for d, s in sorted(self.per_dataset.items()))
-        return f"{self.default.label} ({overrides})" if overrides else self.default.label
+        """``"5x20"``, ``"5x20 (508: 20x20)"`` with per-dataset schedules, ``"by the rule (501: 25x20)"``."""
+        chosen = {**({} if self.default is not None else self.ruled), **self.per_dataset}
+        overrides = ", ".join(f"{d}: {s.label}" for d, s in sorted(chosen.items()))
+        head = self.default.label if self.default is not None else "by the schedule rule"
+        return f"{head} ({overrides})" if overrides else head
 
 
 @dataclass(frozen=True)

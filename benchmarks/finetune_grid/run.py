@@ -31,16 +31,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.finetune_grid.ground_truth import (TRAINERS, Run, Schedule, Schedules, done_keys, fine_tune,
-                                                  read_results, training_cases)
+from benchmarks.finetune_grid.ground_truth import (TRAINERS, Run, Schedules, done_keys, fine_tune, read_results,
+                                                  training_cases)
 from benchmarks.finetune_grid.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
                                           preprocessed_view, write_cpu_plans)
+from benchmarks.finetune_grid.schedule_rule import (PROBE_MEMBER, Probe, probe_split, probe_target,
+                                                   probe_validation_size, probed_schedules, ruled_schedules,
+                                                   write_schedules)
 from benchmarks.finetune_grid.zoo import BuiltMember, Member, build_zoo, default_shared, select_members
 
-#: Fine-tuning schedule chosen for the 2-core CPU budget (docs/benchmark.md, "CPU plan").
-DEFAULT_SCHEDULE = Schedule(epochs=5, iterations=20, val_iterations=2)
-DEFAULT_SHOTS = (5, 10)
-DEFAULT_SEEDS = (0, 1)
+#: k = 5 is the main setting; a larger k runs on a subset of targets (``--shots 10``).
+DEFAULT_SHOTS = (5,)
+DEFAULT_SEEDS = (0, 1, 2)
 #: Risk-weighted vs plain: at these shots, for the top-ranked, the median-ranked and the
 #: bottom-ranked member of each target.
 DEFAULT_RISK_SHOTS = (5,)
@@ -150,7 +152,7 @@ def risk_members(ranking_json: Path, primary: str = "topology") -> list[str]:
 def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: list[str] | None = None,
               shots: tuple[int, ...] = DEFAULT_SHOTS, seeds: tuple[int, ...] = DEFAULT_SEEDS,
               risk_shots: tuple[int, ...] = DEFAULT_RISK_SHOTS, risk_trainers: tuple[str, ...] = DEFAULT_RISK_TRAINERS,
-              schedules: Schedules = Schedules(DEFAULT_SCHEDULE),
+              schedules: Schedules = Schedules(None), probe: Probe = Probe(), probe_only: bool = False,
               zoo_iterations: int | None = None, n_test: int | None = None, split_seed: int = 0,
               device: str = "cpu", jobs: int = 1, fine_tunes: bool = True, report: bool = True,
               docs: str | os.PathLike | None = None, shared: str | os.PathLike | None = None) -> dict:
@@ -160,7 +162,9 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     ``jobs`` fine-tunes train side by side, on CPU each with its share of the cores as torch
     threads (on 2 cores, 2 jobs of 1 thread finish about 1.5 x as many runs per hour as 1 job of 2:
     process start and validation do not use the second core). ``schedules`` gives each target
-    its fine-tuning schedule (by default :data:`DEFAULT_SCHEDULE` for all). ``risk_trainers``:
+    its fine-tuning schedule; a target given none gets the schedule rule's, from a ``probe``
+    run first (:mod:`benchmarks.finetune_grid.schedule_rule`; ``probe_only``: stop after the
+    probes), and a target for which the rule chose none is not fine-tuned. ``risk_trainers``:
     the risk-weighted kinds of :data:`~benchmarks.finetune_grid.ground_truth.TRAINERS` paired with the
     plain runs of the top-, median- and bottom-ranked members at ``risk_shots``.
     ``fine_tunes=False`` builds the zoo and the rankings only; ``report`` writes the tables and
@@ -195,15 +199,26 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         if len(target.split["train"]) < max(shots):
             raise ValueError(f"{target.dataset}: {len(target.split['train'])} training cases, fewer than k={max(shots)}")
         check_few_shot_classes(target, shots, seeds)
-    zoo = build_zoo(chosen, work / "zoo", shared=default_shared() if shared is None else shared, device=device)
+    shared = default_shared() if shared is None else shared
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 and device == "cpu" else None
+    started = time.perf_counter()
+    # the schedules are fixed before any ranking exists
+    probed = [t for t in targets if schedules.needs_rule(t.dataset)]
+    new_probes = run_probes(probed, work, probe, shared=shared, zoo_iterations=zoo_iterations, split_seed=split_seed,
+                            device=device, jobs=jobs, threads=threads) if probed else 0
+    schedules = schedules.with_rule(ruled_schedules(work))
+    if probe_only:
+        return {"work": str(work), "targets": [t.dataset for t in targets], "new_probes": new_probes,
+                "seconds": time.perf_counter() - started, "schedules": str(work / "schedules.json")}
+    zoo = build_zoo(chosen, work / "zoo", shared=shared, device=device)
     for target in targets:
         target.members = [b for b in zoo if b.member.name in target.allowed]
     results_csv = work / "results.csv"
-    started, new_runs = time.perf_counter(), 0
+    new_runs = 0
     for target in targets:
         rankings = {(k, s): rank_target(target, k, s, work, device=device) for k in shots for s in seeds}
-        if not fine_tunes:
-            continue
+        if not fine_tunes or not schedules.has(target.dataset):
+            continue  # no schedule: the random initialisation never learned the target in the probe
         runs = [Run(target.dataset, b.member.name, "plain", k, s) for k in shots for s in seeds for b in target.members]
         for k in risk_shots:
             picked = risk_members(rankings[(k, seeds[0])])
@@ -213,7 +228,6 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         todo = [r for r in runs if r.key(schedule) not in done]
         by_name = {b.member.name: b for b in target.members}
         weights = {m: converted_weights(target, by_name[m], work) for m in sorted({r.member for r in todo})}
-        threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 and device == "cpu" else None
 
         def train(run: Run) -> dict | None:
             return fine_tune(run, dataset_id=target.dataset_id, target=target.source, weights=weights[run.member],
@@ -228,6 +242,31 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         summary["report"] = {k: str(v) for k, v in write_report(work, schedules,
                                                                  docs=Path(docs) if docs else None).items()}
     return summary
+
+
+def run_probes(targets: list[Target], work: Path, probe: Probe, *, shared, zoo_iterations: int | None,
+               split_seed: int, device: str, jobs: int, threads: int | None) -> int:
+    """The schedule rule's probe of every target (resumed where it ran), ``jobs`` side by side;
+    each finished probe is merged into ``<work>/schedules.json`` at once. Returns the number run
+    (a target already in that file with the same probe settings is not probed again)."""
+    import threading
+
+    (member,) = build_zoo(select_members([PROBE_MEMBER], iterations=zoo_iterations), work / "zoo", shared=shared,
+                          device=device)
+    writing = threading.Lock()
+
+    def run(target: Target) -> dict | None:
+        if target.dataset in probed_schedules(work, probe):
+            return None
+        split = probe_split(target.split, probe_validation_size(len(target.split["train"])), split_seed)
+        record = probe_target(target.dataset, target.dataset_id, target.source, converted_weights(target, member, work),
+                              split, ensure_split(target.preprocessed, split), work, probe, device=device,
+                              threads=threads)
+        with writing:
+            write_schedules(work, probe, {target.dataset: record})
+        return record
+
+    return _in_parallel(run, targets, jobs, desc="schedule probes")
 
 
 def _in_parallel(train, runs: list[Run], jobs: int, *, desc: str) -> int:

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from benchmarks.docs_section import write_section
+from benchmarks.finetune_grid.controls import CONTROL_TRAINERS
 from benchmarks.finetune_grid.ground_truth import TRAINERS, Schedules, read_results
 from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
                                              nemenyi_cd, rank_methods)
@@ -132,22 +133,42 @@ def unlearned_classes(rows: list[dict]) -> dict[tuple, list[str]]:
             for key, labels in sorted(best.items()) if 0 in labels.values()}
 
 
+def paired(rows: list[dict], treated: str, baseline: str) -> tuple[list[dict], dict]:
+    """Paired differences ``treated`` - ``baseline`` trainer kinds (Dice points), one pair per
+    (dataset, member, k, seed) with both, and the test over all pairs (Wilcoxon signed-rank and
+    paired t-test where at least 2 pairs differ)."""
+    base = {(r["dataset"], r["member"], r["k"], r["seed"]): r["dice"] for r in rows if r["trainer"] == baseline}
+    pairs = [{"dataset": r["dataset"], "member": r["member"], "k": r["k"], "seed": r["seed"], "trainer": treated,
+              "baseline": baseline, "baseline_dice": base[key], "dice": r["dice"],
+              "difference": 100 * (r["dice"] - base[key])}
+             for r in rows if r["trainer"] == treated
+             and (key := (r["dataset"], r["member"], r["k"], r["seed"])) in base]
+    d = np.array([p["difference"] for p in pairs])
+    test = {"n_pairs": len(d), "mean_difference": float(d.mean()) if len(d) else float("nan")}
+    if len(d) >= 2 and np.any(d != 0):
+        test["wilcoxon_p"] = float(stats.wilcoxon(d).pvalue)
+        test["t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return pairs, test
+
+
 def risk_vs_plain(rows: list[dict]) -> tuple[list[dict], dict[str, dict]]:
-    """Paired differences risk-weighted - plain (Dice points), one pair per risk-weighted row
-    (``trainer`` = its kind), and per kind the test over all its pairs."""
-    plain = {(r["dataset"], r["member"], r["k"], r["seed"]): r["dice"] for r in rows if r["trainer"] == "plain"}
-    pairs = [{"dataset": r["dataset"], "member": r["member"], "k": r["k"], "seed": r["seed"], "trainer": r["trainer"],
-              "plain": plain[key], "risk": r["dice"], "difference": 100 * (r["dice"] - plain[key])}
-             for r in rows if r["trainer"] != "plain"
-             and (key := (r["dataset"], r["member"], r["k"], r["seed"])) in plain]
+    """:func:`paired` of every risk-weighted kind (the controls included) against plain."""
+    pairs, tests = [], {}
+    for kind in sorted({r["trainer"] for r in rows} - {"plain"}):
+        kind_pairs, tests[kind] = paired(rows, kind, "plain")
+        pairs += kind_pairs
+    return pairs, {k: t for k, t in tests.items() if t["n_pairs"]}
+
+
+def risk_vs_controls(rows: list[dict]) -> dict[str, dict]:
+    """:func:`paired` of the shipped risk weighting against each control that ran: does the map's
+    spatial pattern add anything to the loss scale it brings?"""
     tests = {}
-    for kind in sorted({p["trainer"] for p in pairs}):
-        d = np.array([p["difference"] for p in pairs if p["trainer"] == kind])
-        tests[kind] = {"n_pairs": len(d), "mean_difference": float(d.mean())}
-        if len(d) >= 2 and np.any(d != 0):
-            tests[kind]["wilcoxon_p"] = float(stats.wilcoxon(d).pvalue)
-            tests[kind]["t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
-    return pairs, tests
+    for control in (k for k in TRAINERS if k.startswith("risk_") and TRAINERS[k][0] in CONTROL_TRAINERS.values()):
+        _, test = paired(rows, "risk", control)
+        if test["n_pairs"]:
+            tests[control] = test
+    return tests
 
 
 #: This package's method (the fused score, its two components, the label-free score): the other
@@ -157,7 +178,7 @@ OURS = ("topology", "grtd", "lbtc", "consistency")
 RISK_GOAL_K, RISK_GOAL_POINTS = 5, 2.0
 
 
-def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dict]:
+def goals(quality: list[dict], noise: list[dict], pairs: list[dict], controls: dict[str, dict]) -> list[dict]:
     """The benchmark's goals as rows (goal, measured, met), computed from the tables; ``met`` is
     None while a goal cannot be judged yet (too few targets, members or pairs).
 
@@ -165,7 +186,7 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dic
     (means over the targets where both were measured); its weighted tau positive on every target
     whose spread between members exceeds the noise floor. Risk weighting at ``RISK_GOAL_K``: mean
     gain >= ``RISK_GOAL_POINTS`` Dice points over all pairs; no target's mean gain below minus
-    that target's noise floor.
+    that target's noise floor. ``controls``: :func:`risk_vs_controls`; risk weighting must beat each.
     """
     out = []
     floors = {(n["dataset"], n["k"]): n for n in noise}
@@ -195,9 +216,16 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict]) -> list[dic
                     "met": not negative if separated else None,
                     "measured": f"{len(separated) - len(negative)} of {len(separated)} such target(s) positive"
                                 + (f"; not positive: {', '.join(negative)}" if negative else "")})
-    for kind in sorted({p["trainer"] for p in pairs}, key=lambda t: t != "risk") or ["risk"]:
+    weighted = {p["trainer"] for p in pairs} - set(controls)
+    for kind in sorted(weighted, key=lambda t: t != "risk") or ["risk"]:
         out += _risk_goals([p for p in pairs if p["trainer"] == kind], floors,
                            "risk weighting" if kind == "risk" else f"risk weighting ({kind})")
+    for control, test in controls.items():
+        p_value = test.get("wilcoxon_p", np.nan)
+        out.append({"goal": f"risk weighting ahead of its {control.removeprefix('risk_')} control (paired, p < 0.05)",
+                    "met": bool(test["mean_difference"] > 0 and p_value < 0.05) if test["n_pairs"] >= 2 else None,
+                    "measured": f"{test['mean_difference']:+.2f} points over {test['n_pairs']} pairs, Wilcoxon p = "
+                                f"{_fmt(p_value)}"})
     return out
 
 
@@ -407,12 +435,13 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
     every_row = read_results(work / "results.csv")
-    rows = [r for r in every_row if r["schedule"] == schedules.of(r["dataset"]).label]
+    rows = [r for r in every_row if schedules.has(r["dataset"]) and r["schedule"] == schedules.of(r["dataset"]).label]
     truth = ground_truth(rows)
     quality = ranking_quality(work, truth)
     noise = noise_floor(rows)
     pairs, risk_tests = risk_vs_plain(rows)
-    goal_rows = goals(quality, noise, pairs)
+    control_tests = risk_vs_controls(rows)
+    goal_rows = goals(quality, noise, pairs, control_tests)
     costs = cost(work, rows)
     scaling_csv = out / "metric_scaling.csv"
     scaling = _read_csv(scaling_csv) if scaling_csv.is_file() else metric_scaling(work)
@@ -422,11 +451,13 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
     hours = grid_hours(work, rows)
-    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, scaling, out, figures,
+    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, control_tests, costs, scaling,
+                                  out, figures,
                                   schedules=schedules, other_schedules=len(every_row) - len(rows), hours=hours)
     figures["cd"] = cd_png
     (out / "benchmark.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_tests": risk_tests,
+                                                  "control_tests": control_tests,
                                                   "n_fine_tunes": len(rows), "hours": hours}, indent=1))
     paths = {"md": out / "benchmark.md", **{k: v for k, v in figures.items() if v is not None}}
     if docs is not None:
@@ -439,7 +470,8 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     return paths
 
 
-def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, scaling, out: Path, figures: dict, *,
+def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, control_tests, costs, scaling, out: Path,
+                     figures: dict, *,
                      schedules: Schedules, other_schedules: int, hours: dict[str, float]):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
@@ -524,6 +556,15 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, costs, 
         lines += [line + ".", ""]
     lines += [f"Trainers: {', '.join(f'`{t}` ({_describe_kind(t)})' for t in sorted(risk_tests))}." if risk_tests
               else "No risk-weighted fine-tunes yet."]
+    lines += ["", "### Risk weighting against its controls: `risk` - control (Dice points)", "",
+              "Controls (`benchmarks/finetune_grid/controls.py`): `risk_uniform`, each patch's weights replaced by "
+              "their mean (same loss scale, no spatial information); `risk_shuffled`, the weights permuted within "
+              "the patch's foreground and within its background (same values, wrong places). Same member, split, "
+              "seed and checkpoint as the `risk` run.", ""]
+    lines.append(_markdown(["control", "pairs", "mean risk - control", "Wilcoxon p", "paired t p"],
+                           [[c, str(t["n_pairs"]), _fmt(t["mean_difference"], 2), _fmt(t.get("wilcoxon_p", np.nan)),
+                             _fmt(t.get("t_p", np.nan))] for c, t in control_tests.items()])
+                 if control_tests else "No control runs yet.")
     lines += ["", "### Cost per target (seconds, this machine, wall clock)", ""]
     metric_names = sorted({m for c in costs for m in c["metric_seconds"]})
     lines.append(_markdown(["target", "cases ranked", "features / candidate"] + [f"{m} / candidate" for m in metric_names]

@@ -1,7 +1,9 @@
 """The benchmark's training schedule on top of the product's CPU trainers.
 
 ``<name>_bench`` for every ``<name>_cpu`` trainer of :mod:`nnunet_te.training.trainers`
-(``nnUNetTrainer_k5s0_bench``, ``RiskWeightedTrainer_k10s1_bench``, ``nnUNetTrainer_bench``, ...):
+(``nnUNetTrainer_k5s0_bench``, ``RiskWeightedTrainer_k10s1_bench``, ``nnUNetTrainer_bench``, ...),
+and beside each RiskWeightedTrainer variant its two controls (``RiskUniformControl_k5s0_bench``,
+``RiskShuffledControl_k5s0_bench``, :mod:`benchmarks.finetune_grid.controls`):
 the same class (few-shot split, risk weighting, a checkpoint per epoch, ``--c`` resumes) with the
 schedule read from the environment instead of the smoke-run constants, and the final validation
 on every validation case (the benchmark's test cases), not the first two, without test-time
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.finetune_grid.controls import CONTROL_TRAINERS, ShuffledWeightControl, UniformWeightControl
 from nnunet_te.training import trainers as product
 
 SCHEDULE_VARIABLES = ("nnUNet_te_bench_epochs", "nnUNet_te_bench_iterations", "nnUNet_te_bench_val_iterations")
@@ -99,15 +102,24 @@ class BenchSchedule:
 __all__ = []
 
 
+def _define(name: str, bases: tuple, doc: str) -> None:
+    globals()[name] = type(name, bases, {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+    __all__.append(name)
+
+
 def _define_bench_variants() -> None:
+    mixins = {"RiskUniformControl": UniformWeightControl, "RiskShuffledControl": ShuffledWeightControl}
     for name in product.__all__:
         if name.endswith("_cpu"):
-            bench = name.removesuffix("_cpu") + "_bench"
             base = getattr(product, name)
-            globals()[bench] = type(bench, (BenchSchedule, base), {
-                "__module__": __name__, "__qualname__": bench,
-                "__doc__": f"{base.__name__} with the benchmark schedule (benchmarks.finetune_grid.trainers)."})
-            __all__.append(bench)
+            bench = name.removesuffix("_cpu") + "_bench"
+            _define(bench, (BenchSchedule, base),
+                    f"{base.__name__} with the benchmark schedule (benchmarks.finetune_grid.trainers).")
+            if name.startswith(f"{product.TRAINER}_"):  # the risk-weighting controls, same schedule and split
+                for stem in CONTROL_TRAINERS.values():
+                    _define(bench.replace(product.TRAINER, stem, 1), (mixins[stem], BenchSchedule, base),
+                            f"{base.__name__} with the benchmark schedule and the {stem} weights "
+                            "(benchmarks.finetune_grid.controls).")
 
 
 _define_bench_variants()
