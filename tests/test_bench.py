@@ -1,5 +1,5 @@
 """The benchmark in miniature, end to end through ``python -m benchmarks.finetune_grid`` and the
-real nnU-Net CLI: 3 zoo members (one excluded for the target), 1 real 2D target (EPFL
+real nnU-Net CLI: 2 zoo members, 1 real 2D target (EPFL
 mitochondria, 12 slices), k = 5, one seed, a 1 x 2 schedule (given for the dataset); then a
 resumed run that must not train again."""
 
@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 #: The benchmark's command line; it runs from the checkout (not installed), so REPO is on PYTHONPATH.
 BENCH = ["python", "-m", "benchmarks.finetune_grid"]
-MEMBERS = ["random_s0", "sup_isbi_membranes", "sup_epfl_mitochondrion"]
+MEMBERS = ["random_s0", "sup_isbi_membranes"]
 
 
 def _with_repo(env) -> dict:
@@ -58,7 +58,9 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree, shared_data):
 
     with open(work / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    # the member pre-trained on the target's own task is neither ranked nor fine-tuned
+    # neither member saw a test image (checked by content), both are ranked and fine-tuned
+    exclusions = json.loads((work / "exclusions.json").read_text())["Dataset981_EPFLEM_mitochondrion"]
+    assert exclusions == {"test_cases": 3, "members_checked": MEMBERS, "seen": {}}
     assert sorted((r["member"], r["trainer"]) for r in rows) == [
         ("random_s0", "plain"), ("random_s0", "risk"), ("sup_isbi_membranes", "plain"), ("sup_isbi_membranes", "risk")]
     for r in rows:
@@ -210,13 +212,50 @@ def test_a_few_shot_draw_without_a_class_is_named_before_any_work(epfl_tree, tmp
     write_cpu_plans(folder)
     cases = sorted(p.name.removesuffix(".b2nd") for p in (folder / "nnUNetPlans_2d").glob("*.b2nd")
                    if not p.name.endswith("_seg.b2nd"))
-    target = Target(folder.name, 981, folder.name, folder, {"train": cases[:8], "val": cases[8:]}, 0, [])
+    target = Target(folder.name, 981, folder.name, folder, {"train": cases[:8], "val": cases[8:]}, 0)
     check_few_shot_classes(target, (5,), (0, 1))  # every slice has mitochondria
     dataset_json = json.loads((folder / "dataset.json").read_text())
     dataset_json["labels"]["ghost"] = 2
     (folder / "dataset.json").write_text(json.dumps(dataset_json))
     with pytest.raises(ValueError, match=r"class\(es\) 2 \(ghost\) occur in none .* k = 5 training cases of seed 0"):
         check_few_shot_classes(target, (5,), (0, 1))
+
+
+def test_a_member_that_saw_a_test_image_is_found_by_content_under_any_name(tmp_path, shared_data):
+    """JSRT X-rays converted by the product, and a copy under another name whose images are rescaled,
+    transposed and stored as NIfTI: the JSRT-supervised member saw every one of them, the others none."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, thumbnails
+    from benchmarks.finetune_grid.zoo import pretraining_images, select_members
+
+    env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw")}
+    _run(["nnunet-te", "data", "jsrt_lungs", "-d", "971", "--cases", "4"], env, tmp_path)
+    source = next((tmp_path / "raw").glob("Dataset971_*"))
+    cases = sorted(p.name.removesuffix("_0000.png") for p in (source / "imagesTr").glob("*.png"))
+    copy = tmp_path / "raw" / "Dataset972_Anonymous"
+    (copy / "imagesTr").mkdir(parents=True)
+    shutil.copytree(source / "labelsTr", copy / "labelsTr")
+    for i, case in enumerate(cases):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "imagesTr" / f"{case}_0000.png")))
+        sitk.WriteImage(sitk.GetImageFromArray((3.0 * image.T + 7).astype(np.float32)),
+                        str(copy / "imagesTr" / f"anon{i}_0000.nii.gz"))
+        (copy / "labelsTr" / f"{case}.png").rename(copy / "labelsTr" / f"anon{i}.png")
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    (copy / "dataset.json").write_text(json.dumps({"channel_names": {"0": "anything"}, "labels": dataset_json["labels"],
+                                                   "numTraining": len(cases), "file_ending": ".nii.gz"}))
+    for f in (copy / "labelsTr").glob("*.png"):  # labels in the images' format
+        sitk.WriteImage(sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(f))).T.copy()),
+                        str(f.with_suffix("").with_suffix(".nii.gz")))
+        f.unlink()
+    members = select_members(["random_s0", "sup_isbi_membranes", "sup_jsrt_lungs"])
+    seen_by = {m.name: thumbnails(pretraining_images(m, shared_data.parent)) for m in members}
+    for folder, ids in ((source, cases), (copy, [f"anon{i}" for i in range(len(cases))])):
+        tests = case_thumbnails(folder, ids)
+        assert {name: matched_cases(t, tests) for name, t in seen_by.items()} == {
+            "random_s0": [], "sup_isbi_membranes": [], "sup_jsrt_lungs": sorted(ids)}, folder.name
 
 
 def test_bad_shots_fail_before_any_work(tmp_path):

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks.finetune_grid.ground_truth import (TRAINERS, Run, Schedules, done_keys, fine_tune, read_results,
@@ -38,7 +39,9 @@ from benchmarks.finetune_grid.plan import (CONFIGURATION, PLANS, bench_split, de
 from benchmarks.finetune_grid.schedule_rule import (PROBE_MEMBER, Probe, probe_split, probe_target,
                                                    probe_validation_size, probed_schedules, ruled_schedules,
                                                    write_schedules)
-from benchmarks.finetune_grid.zoo import BuiltMember, Member, build_zoo, default_shared, select_members
+from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, thumbnails
+from benchmarks.finetune_grid.zoo import (BuiltMember, Member, build_zoo, default_shared, member_key,
+                                          pretraining_images, select_members)
 
 #: k = 5 is the main setting; a larger k runs on a subset of targets (``--shots 10``).
 DEFAULT_SHOTS = (5,)
@@ -54,16 +57,16 @@ DEFAULT_RISK_TRAINERS = ("risk",)
 class Target:
     dataset: str  # DatasetXXX_Name
     dataset_id: int
-    source: str  # dataset.json nnunet_te.source, else the dataset name (for exclusions)
+    source: str  # dataset.json nnunet_te.source, else the dataset name (the results' target column)
     preprocessed: Path
     split: dict[str, list[str]]
     fold: int
-    allowed: list[str]  # members not trained on this target's own task
-    members: list[BuiltMember] = field(default_factory=list)  # the built allowed members
+    excluded: dict[str, list[str]] = field(default_factory=dict)  # member -> the test cases it was pre-trained on
+    members: list[BuiltMember] = field(default_factory=list)  # the built members, excluded ones left out
 
 
-def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | None, split_seed: int) -> Target:
-    """CPU plan, split and allowed members of one dataset; clear errors before any long work."""
+def prepare_target(dataset: int | str, *, n_test: int | None, split_seed: int) -> Target:
+    """CPU plan and split of one dataset; clear errors before any long work."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from nnunet_te.data.paths import dataset_id, dataset_name, preprocessed_dataset_dir
@@ -77,9 +80,31 @@ def prepare_target(dataset: int | str, members: list[Member], *, n_test: int | N
     split = bench_split(cases, n_test or default_n_test(len(cases)), split_seed)
     dataset_json = json.loads((folder / "dataset.json").read_text())
     source = dataset_json.get("nnunet_te", {}).get("source", name)
-    allowed = [m.name for m in members if source not in m.excluded_for]
-    return Target(name, dataset_id(name), source, folder, split,
-                  ensure_split(folder, split), allowed)
+    return Target(name, dataset_id(name), source, folder, split, ensure_split(folder, split))
+
+
+def seen_test_cases(target: Target, members: list[Member], work: Path, shared) -> dict[str, list[str]]:
+    """{member: the target's test cases among its pre-training images} for the members that saw
+    any (:mod:`benchmarks.finetune_grid.overlap`, by content); recorded in ``<work>/exclusions.json``."""
+    from nnunet_te.data.paths import nnunet_raw
+
+    tests = case_thumbnails(nnunet_raw() / target.dataset, target.split["val"])
+    seen = {m.name: cases for m in members if (cases := matched_cases(pretraining_thumbnails(m, work, shared), tests))}
+    path = work / "exclusions.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored[target.dataset] = {"test_cases": len(tests), "members_checked": [m.name for m in members], "seen": seen}
+    path.write_text(json.dumps(stored, indent=1))
+    return seen
+
+
+def pretraining_thumbnails(member: Member, work: Path, shared) -> np.ndarray:
+    """The member's pre-training thumbnails, cached under ``<work>/zoo/thumbnails`` by its content key."""
+    path = work / "zoo" / "thumbnails" / f"{member.name}-{member_key(member, shared)[:12]}.npy"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path.with_suffix(".tmp.npy"), thumbnails(pretraining_images(member, shared)))
+        path.with_suffix(".tmp.npy").replace(path)
+    return np.load(path)
 
 
 def check_few_shot_classes(target: Target, shots: tuple[int, ...], seeds: tuple[int, ...]) -> None:
@@ -194,12 +219,14 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         env_folder(variable)  # raises naming the unset variable
     chosen = select_members(members, iterations=zoo_iterations)
     # every dataset checked (plan, split, k) before the zoo's long pre-training starts
-    targets = [prepare_target(d, chosen, n_test=n_test, split_seed=split_seed) for d in datasets]
+    targets = [prepare_target(d, n_test=n_test, split_seed=split_seed) for d in datasets]
     for target in targets:
         if len(target.split["train"]) < max(shots):
             raise ValueError(f"{target.dataset}: {len(target.split['train'])} training cases, fewer than k={max(shots)}")
         check_few_shot_classes(target, shots, seeds)
     shared = default_shared() if shared is None else shared
+    for target in targets:
+        target.excluded = seen_test_cases(target, chosen, work, shared)
     threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 and device == "cpu" else None
     started = time.perf_counter()
     # the schedules are fixed before any ranking exists
@@ -212,7 +239,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
                 "seconds": time.perf_counter() - started, "schedules": str(work / "schedules.json")}
     zoo = build_zoo(chosen, work / "zoo", shared=shared, device=device)
     for target in targets:
-        target.members = [b for b in zoo if b.member.name in target.allowed]
+        target.members = [b for b in zoo if b.member.name not in target.excluded]
     results_csv = work / "results.csv"
     new_runs = 0
     for target in targets:
