@@ -283,6 +283,67 @@ def test_zoo_members_are_deterministic_and_cached(tmp_path, shared_data):
     assert build_member(other, tmp_path / "a", shared=shared).folder != a.folder
 
 
+def test_nt_xent_on_analytic_views():
+    from benchmarks.finetune_grid.pretext import nt_xent
+
+    # orthogonal items, each view equal to its twin: the positive has cosine 1, the 2B - 2 negatives 0
+    z = torch.eye(4)
+    expected = -np.log(np.exp(1 / 0.1) / (np.exp(1 / 0.1) + 6 * np.exp(0.0)))
+    assert float(nt_xent(z, z)) == pytest.approx(expected, abs=1e-6)
+    # swapping which view is which changes nothing; a view that matches another item's costs more
+    assert float(nt_xent(z, z.roll(1, 0))) > float(nt_xent(z, z)) + 5
+
+
+def test_genesis_corruption_is_seeded_and_keeps_the_intensity_range():
+    from benchmarks.finetune_grid.pretext import genesis_corrupt
+
+    batch = torch.randn(4, 1, 64, 48, generator=torch.Generator().manual_seed(0))
+    a = genesis_corrupt(batch, torch.Generator().manual_seed(3))
+    assert torch.equal(a, genesis_corrupt(batch, torch.Generator().manual_seed(3)))
+    assert a.shape == batch.shape and not torch.equal(a, batch)
+    for clean, corrupted in zip(batch, a):  # scaled to [0, 1] and back: within the image's own range
+        assert clean.min() - 1e-5 <= corrupted.min() and corrupted.max() <= clean.max() + 1e-5
+
+
+def test_contrastive_pre_training_moves_the_encoder_only_and_is_seeded():
+    from benchmarks.finetune_grid.plan import build_cpu_network
+    from benchmarks.finetune_grid.pretext import pretrain_contrastive
+
+    crops = [np.random.default_rng(i).normal(size=(1, 64, 64)).astype(np.float32) for i in range(6)]
+    runs = []
+    for _ in range(2):
+        network = build_cpu_network(1, seed=0)
+        before = {k: v.clone() for k, v in network.state_dict().items()}
+        losses = pretrain_contrastive(network, crops, iterations=3, seed=1, batch_size=4)
+        after = network.state_dict()
+        decoder_own = [k for k in after if k.startswith("decoder.") and not k.startswith("decoder.encoder.")]
+        assert decoder_own and all(torch.equal(before[k], after[k]) for k in decoder_own)
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("encoder."))
+        runs.append(losses)
+    assert runs[0] == runs[1] and all(np.isfinite(runs[0]))
+
+
+def test_version_2_members_build_from_the_shared_data(tmp_path, shared_data):
+    from benchmarks.finetune_grid.zoo import build_member, pretraining_images, select_members
+
+    names = ["ssl_genesis", "ssl_contrastive", "ssl_mri", "sup_mni_tissue", "sup_nuclei", "sup_isbi_random_labels"]
+    for member in select_members(names, iterations=2):
+        built = build_member(member, tmp_path, shared=shared_data.parent)
+        assert len(built.record["losses"]) == 2 and np.isfinite(built.record["losses"]).all(), member.name
+        images = pretraining_images(member, shared_data.parent)
+        assert images and all(np.isfinite(i).all() and abs(float(np.mean(i))) < 1e-3 for i in images), member.name
+
+
+def test_random_labels_belong_to_another_image(shared_data):
+    from benchmarks.finetune_grid.zoo import _labelled_images, _npz
+
+    _, labels, n = _labelled_images("isbi_random_labels", shared_data)
+    true = _npz(shared_data / "isbi2012_em/train_256.npz")["membrane"] > 0
+    assert n == 2 and len(labels) == len(true)
+    for i, label in enumerate(labels):  # each image carries exactly one other image's membranes
+        assert [j for j in range(len(true)) if np.array_equal(label, true[j])] not in ([], [i])
+
+
 def test_unknown_dataset_fails_before_the_zoo(tmp_path, monkeypatch):
     from benchmarks.finetune_grid.run import run_bench
 
@@ -535,6 +596,22 @@ def test_shuffled_control_permutes_within_foreground_and_background_only():
     assert torch.equal(shuffled, shuffled_weights(weights, labels, torch.Generator().manual_seed(5)))
     with pytest.raises(ValueError, match="differ in shape"):
         shuffled_weights(weights, labels[:, :, :5], generator)
+
+
+def test_regret_of_the_picks_a_user_would_make_instead():
+    from benchmarks.finetune_grid.tables import pick_regrets
+
+    dice = {"random_s0": 0.50, "ssl_masked": 0.60, "sup_isbi_membranes": 0.70, "sup_jsrt_lungs": 0.40}
+    quality = [{"dataset": "D501_a", "k": 5, "metric": "topology", "top1_regret": 3.0}]
+    (row,) = pick_regrets(quality, {("D501_a", 5, 0): dice}, {"D501_a": "epfl_em_membranes"})
+    assert row["ranking (topology)"] == 3.0
+    assert row["random pick"] == pytest.approx(100 * np.mean([0.2, 0.1, 0.0, 0.3]))
+    # ssl_masked and both supervised members have 250 iterations: their regrets averaged
+    assert row["most pre-training"] == pytest.approx(100 * np.mean([0.1, 0.0, 0.3]))
+    assert row["closest source task"] == pytest.approx(0.0)  # EM membranes for EM membranes
+    (mri,) = pick_regrets([], {("D508_h", 5, 0): {"random_s0": 0.5, "sup_isbi_membranes": 0.7}},
+                          {"D508_h": "msd_hippocampus"})
+    assert np.isnan(mri["closest source task"]) and np.isnan(mri["ranking (topology)"])  # no MRI member
 
 
 def test_results_csv_with_other_columns_is_refused(tmp_path):

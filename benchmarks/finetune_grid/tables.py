@@ -100,6 +100,39 @@ def ranking_quality(work: Path, truth: dict[tuple, dict[str, float]]) -> list[di
     return rows
 
 
+#: What a user would pick without the ranking (:func:`pick_regrets`).
+PICKS = ("random pick", "most pre-training", "closest source task")
+
+
+def pick_regrets(quality: list[dict], truth: dict[tuple, dict[str, float]], sources: dict[str, str],
+                 primary: str = "topology") -> list[dict]:
+    """Per (dataset, k), top-1 regret in Dice points (mean over seeds) of the ranking's ``primary``
+    metric beside what a user would pick without it: a random member (expected regret), the member
+    with the most pre-training iterations, and the member whose source task is closest to the
+    target (:func:`~benchmarks.finetune_grid.zoo.task_closeness`; n/a where no member shares the
+    target's domain). Ties are averaged, as ``top1_regret`` does."""
+    from benchmarks.finetune_grid.zoo import MEMBERS, task_closeness
+    from nnunet_te.evaluation.statistics import top1_regret
+
+    by_name = {m.name: m for m in MEMBERS}
+    ranked = {(q["dataset"], q["k"]): q["top1_regret"] for q in quality if q["metric"] == primary}
+    picks: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (dataset, k, _seed), dice in truth.items():
+        names = sorted(n for n in dice if n in by_name)
+        if len(names) < 2:
+            continue
+        values = [dice[n] for n in names]
+        closeness = [task_closeness(by_name[n], sources[dataset]) for n in names]
+        picks[(dataset, k)]["random pick"].append(100 * top1_regret(np.zeros(len(names)), values))
+        picks[(dataset, k)]["most pre-training"].append(
+            100 * top1_regret([by_name[n].iterations for n in names], values))
+        if max(closeness):
+            picks[(dataset, k)]["closest source task"].append(100 * top1_regret(closeness, values))
+    return [{"dataset": d, "k": k, f"ranking ({primary})": ranked.get((d, k), float("nan")),
+             **{name: float(np.mean(picks[(d, k)][name])) if picks[(d, k)][name] else float("nan")
+                for name in PICKS}} for d, k in sorted(picks)]
+
+
 def noise_floor(rows: list[dict]) -> list[dict]:
     """Per (dataset, k): noise = mean over members of the mean absolute difference between the
     seeds' Dice (seed-to-seed spread, Dice points); spread = standard deviation of the members'
@@ -439,19 +472,21 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     truth = ground_truth(rows)
     quality = ranking_quality(work, truth)
     noise = noise_floor(rows)
+    regrets = pick_regrets(quality, truth, {r["dataset"]: r["target"] for r in rows})
     pairs, risk_tests = risk_vs_plain(rows)
     control_tests = risk_vs_controls(rows)
     goal_rows = goals(quality, noise, pairs, control_tests)
     costs = cost(work, rows)
     scaling_csv = out / "metric_scaling.csv"
     scaling = _read_csv(scaling_csv) if scaling_csv.is_file() else metric_scaling(work)
-    for name, table in (("goals", goal_rows), ("ranking_quality", quality), ("noise_floor", noise),
+    for name, table in (("goals", goal_rows), ("ranking_quality", quality), ("noise_floor", noise), ("regret", regrets),
                         ("risk_vs_plain", pairs), ("cost", costs), ("metric_scaling", scaling), ("results", rows)):
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
                "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
     hours = grid_hours(work, rows)
-    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, control_tests, costs, scaling,
+    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs,
+                                  scaling,
                                   out, figures,
                                   schedules=schedules, other_schedules=len(every_row) - len(rows), hours=hours)
     figures["cd"] = cd_png
@@ -470,7 +505,7 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     return paths
 
 
-def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, control_tests, costs, scaling, out: Path,
+def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs, scaling, out: Path,
                      figures: dict, *,
                      schedules: Schedules, other_schedules: int, hours: dict[str, float]):
     lines = []
@@ -516,6 +551,15 @@ def _markdown_report(rows, goal_rows, quality, noise, pairs, risk_tests, control
         else:
             lines += ["", f"Friedman test / CD plot (k = {k}): need at least 2 targets with rankings and "
                           "fine-tunes; not yet available."]
+    if regrets:
+        columns = [c for c in regrets[0] if c not in ("dataset", "k")]
+        lines += ["", "### What a user would pick instead: top-1 regret (Dice points, mean over seeds)", "",
+                  _markdown(["target", "k", *columns], [[_short(r["dataset"]), str(r["k"])] + [_fmt(r[c], 2) for c in columns]
+                                                       for r in regrets]),
+                  "", "Random pick: the expected regret of a member drawn at random. Most pre-training: the member "
+                      "with the most pre-training iterations (ties averaged). Closest source task: the supervised "
+                      "member whose source has the target's imaging domain and structure, else its domain "
+                      "(`TASKS` in `benchmarks/finetune_grid/zoo.py`; n/a where none shares the domain)."]
     lines += ["", "### Ground truth: test Dice per member (mean over seeds)", ""]
     keys = sorted({(r["dataset"], r["k"]) for r in rows if r["trainer"] == "plain"})
     members = sorted({r["member"] for r in rows})

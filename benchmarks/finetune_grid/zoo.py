@@ -11,7 +11,17 @@ Members (:data:`MEMBERS`):
   modalities (ISBI 2012 ssTEM train + unlabeled test, the 5 EPFL test slices, MNI152 T1 axial
   slices, the stardist fluorescence image);
 - ``sup_*``: supervised (nnU-Net's Dice + cross-entropy loss) on a real source task: ISBI 2012
-  membranes, JSRT lungs, MSD hippocampus slices, EPFL mitochondria of the 5 EPFL test slices.
+  membranes, JSRT lungs, MSD hippocampus slices, EPFL mitochondria of the 5 EPFL test slices;
+- version 2 adds members that differ as real zoos do: ``ssl_masked_long`` (the same objective
+  8 x longer, to the pretext loss's plateau), ``ssl_genesis`` and ``ssl_contrastive`` (Models
+  Genesis restoration and SimCLR, :mod:`benchmarks.finetune_grid.pretext`), ``ssl_mri`` (brain MRI
+  only: MNI152 T1 slices of all three axes), ``sup_mni_tissue`` (MNI152 grey / white matter),
+  ``sup_nuclei`` (fluorescence nuclei), and ``sup_isbi_random_labels``, expected to transfer
+  badly: ISBI 2012 images each paired with another image's membranes, labels a network can only
+  memorise (Zhang et al. 2017, "Understanding deep learning requires rethinking generalization",
+  https://arxiv.org/abs/1611.03530; Maennel et al. 2020, "What do neural networks learn when
+  trained with random labels?", https://arxiv.org/abs/2006.10455, find such pre-training can
+  slow down later training); its twin ``sup_isbi_membranes`` has the true labels.
 
 A member whose pre-training images include one of a target's test images is left out of that
 target; the benchmark decides this by content (:mod:`benchmarks.finetune_grid.overlap` on
@@ -42,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.finetune_grid.plan import CONFIGURATION, PLANS, build_cpu_network, cpu_architecture
+from benchmarks.finetune_grid.pretext import genesis_corrupt, pretrain_contrastive
 from nnunet_te.features.extract import zscore
 from nnunet_te.networks.unets import pretrain_self_supervised
 
@@ -84,7 +95,37 @@ MEMBERS: tuple[Member, ...] = (
            notes="MSD hippocampus MRI slices (2 classes), 40 cases"),
     Member("sup_epfl_mitochondrion", "supervised", 0, "epfl_test_mitochondrion", iterations=250,
            notes="EPFL mitochondria, the 5 EPFL test slices"),
+    # version 2: longer pre-training, other objectives and domains, a member expected to transfer badly
+    Member("ssl_masked_long", "ssl", 0, "pool_all", "masked", 2000, notes="SimMIM-like, 4 modalities, 8x longer"),
+    Member("ssl_genesis", "ssl", 0, "pool_all", "genesis", 1000, notes="Models Genesis restoration, 4 modalities"),
+    Member("ssl_contrastive", "ssl", 0, "pool_all", "contrastive", 1000, notes="SimCLR, 4 modalities, encoder only"),
+    Member("ssl_mri", "ssl", 0, "pool_mri", "masked", 1000, notes="SimMIM-like, MNI152 T1 slices of 3 axes only"),
+    Member("sup_mni_tissue", "supervised", 0, "mni_tissue", iterations=500,
+           notes="MNI152 T1 grey / white matter (3 classes), slices of 3 axes"),
+    Member("sup_nuclei", "supervised", 0, "nuclei", iterations=250, notes="fluorescence nuclei (stardist), 512 x 512"),
+    Member("sup_isbi_random_labels", "supervised", 0, "isbi_random_labels", iterations=250,
+           notes="ISBI 2012 images, each with another image's membranes (expected to transfer badly)"),
 )
+
+
+#: Imaging domain and structure of each supervised source and of each benchmark target (the
+#: ``nnunet_te.source`` its dataset.json records): the "closest source task" pick of the report.
+TASKS = {
+    "isbi_membranes": ("EM", "membranes"), "epfl_test_mitochondrion": ("EM", "mitochondria"),
+    "jsrt_lungs": ("X-ray", "lungs"), "msd_hippocampus": ("MRI", "hippocampus"),
+    "mni_tissue": ("MRI", "brain tissue"), "nuclei": ("fluorescence", "nuclei"),
+    "epfl_em_mitochondrion": ("EM", "mitochondria"), "epfl_em_mitochondrial_boundaries": ("EM", "mitochondria"),
+    "epfl_em_membranes": ("EM", "membranes"), "epfl_em_vesicles": ("EM", "vesicles"), "epfl_em_PSD": ("EM", "synapses"),
+}
+
+
+def task_closeness(member: Member, target_source: str) -> int:
+    """2: the member's source task has the target's domain and structure; 1: its domain only;
+    0: neither, a random or self-supervised member, or a target of unknown task."""
+    theirs, ours = TASKS.get(member.source) if member.kind == "supervised" else None, TASKS.get(target_source)
+    if theirs is None or ours is None:
+        return 0
+    return 2 if theirs == ours else int(theirs[0] == ours[0])
 
 
 @dataclass
@@ -116,8 +157,10 @@ def _source_files(source: str, d: Path) -> list[Path]:
                             (d / f"msd_hippocampus/imagesTr/{c}.nii.gz", d / f"msd_hippocampus/labelsTr/{c}.nii.gz")],
         "epfl_test_mitochondrion": [d / "epfl_em/epfl_test_256x192.npz"],
     }
-    files["pool_all"] = files["pool_em"] + [d / "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-                                            d / "stardist_nuclei/img2d.tif"]
+    mni = [d / f"mni152/mni_icbm152_{m}_tal_nlin_sym_09a_converted.nii.gz" for m in ("t1", "gm", "wm")]
+    files["pool_all"] = files["pool_em"] + [mni[0], d / "stardist_nuclei/img2d.tif"]
+    files.update(pool_mri=mni[:1], mni_tissue=mni, nuclei=[d / "stardist_nuclei/img2d.tif", d / "stardist_nuclei/mask2d.tif"],
+                 isbi_random_labels=files["isbi_membranes"])
     if source not in files:
         raise ValueError(f"unknown zoo source {source!r}; choose from {sorted(files)}")
     missing = [str(p) for p in files[source] if not p.is_file()]
@@ -136,10 +179,26 @@ def _standardised(image: np.ndarray) -> np.ndarray:
     return zscore(np.asarray(image, dtype=np.float64)[None])[0]
 
 
+def _mni(d: Path, map_name: str) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"mni152/mni_icbm152_{map_name}_tal_nlin_sym_09a_converted.nii.gz")))
+
+
+def _mni_slices(volume: np.ndarray, step: int = 6) -> list[np.ndarray]:
+    """Every ``step``-th slice along each of the 3 axes, within the central 60 % (the brain)."""
+    out = []
+    for axis, size in enumerate(volume.shape):
+        out += [np.take(volume, i, axis=axis) for i in range(int(0.2 * size), int(0.8 * size), step)]
+    return out
+
+
 def _unlabeled_images(source: str, d: Path) -> list[np.ndarray]:
     """2D float images (z-scored per image, as nnU-Net normalises these modalities)."""
     from skimage import io
 
+    if source == "pool_mri":
+        return [_standardised(i) for i in _mni_slices(_mni(d, "t1"))]
     images = list(_npz(d / "isbi2012_em/train_256.npz")["images"])
     for path in sorted((d / "isbi2012_em/test_unlabeled").glob("*.png")):
         full = io.imread(path).astype(np.float64)
@@ -147,9 +206,7 @@ def _unlabeled_images(source: str, d: Path) -> list[np.ndarray]:
         images.append(full.reshape(full.shape[0] // 2, 2, full.shape[1] // 2, 2).mean(axis=(1, 3)))  # 512 -> 256
     images += list(_npz(d / "epfl_em/epfl_test_256x192.npz")["images"])
     if source == "pool_all":
-        import SimpleITK as sitk
-
-        t1 = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "mni152/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")))
+        t1 = _mni(d, "t1")
         images += [t1[z] for z in range(40, 150, 6)]  # axial slices through the brain
         images.append(io.imread(d / "stardist_nuclei/img2d.tif"))
     return [_standardised(i) for i in images]
@@ -163,6 +220,21 @@ def _labelled_images(source: str, d: Path) -> tuple[list[np.ndarray], list[np.nd
     elif source == "jsrt_lungs":
         z = _npz(d / "jsrt_scr/jsrt_lungs_256.npz")
         images, labels, n = z["images"], z["masks_binary"].any(axis=1), 2
+    elif source == "isbi_random_labels":
+        # each image paired with the membranes of another (a seeded derangement): labels that say
+        # nothing about the image, which a network can only memorise
+        z = _npz(d / "isbi2012_em/train_256.npz")
+        n = len(z["images"])
+        other = (np.arange(n) + np.random.default_rng(0).integers(1, n, size=n)) % n
+        images, labels, n = z["images"], z["membrane"][other] > 0, 2
+    elif source == "mni_tissue":
+        gm, wm = _mni(d, "gm").astype(np.int16), _mni(d, "wm").astype(np.int16)
+        tissue = np.where((gm > 127) & (gm >= wm), 1, np.where(wm > 127, 2, 0))
+        images, labels, n = _mni_slices(_mni(d, "t1")), _mni_slices(tissue), 3
+    elif source == "nuclei":
+        from skimage import io
+
+        images, labels, n = [io.imread(d / "stardist_nuclei/img2d.tif")], [io.imread(d / "stardist_nuclei/mask2d.tif") > 0], 2
     elif source == "epfl_test_mitochondrion":
         z = _npz(d / "epfl_em/epfl_test_256x192.npz")
         images, labels, n = z["images"], z["masks"][:, list(z["targets"]).index("mitochondrion")] > 0, 2
@@ -261,8 +333,13 @@ def _train_member(member: Member, data: Path, device: str) -> tuple[torch.nn.Mod
         pool = _unlabeled_images(member.source, data)
         crops = [_crop(pool[i], CROP, rng)[0][None] for i in rng.integers(len(pool), size=4 * len(pool))]
         network = build_cpu_network(1, seed=member.seed)  # one output channel: the reconstruction
-        losses = pretrain_self_supervised(network, crops, objective=member.objective, iterations=member.iterations,
-                                          seed=member.seed, batch_size=member.batch_size, device=device)
+        if member.objective == "contrastive":
+            losses = pretrain_contrastive(network, crops, iterations=member.iterations, seed=member.seed,
+                                          batch_size=member.batch_size, device=device)
+        else:
+            objective = genesis_corrupt if member.objective == "genesis" else member.objective
+            losses = pretrain_self_supervised(network, crops, objective=objective, iterations=member.iterations,
+                                              seed=member.seed, batch_size=member.batch_size, device=device)
         return network, losses, 1
     if member.kind == "supervised":
         images, labels, n_classes = _labelled_images(member.source, data)

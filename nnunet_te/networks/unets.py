@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -47,25 +49,30 @@ def _corrupt(batch: torch.Tensor, objective: str, generator: torch.Generator) ->
     return batch * keep.to(batch.dtype)
 
 
-def pretrain_self_supervised(network: nn.Module, images: list[np.ndarray], *, objective: str,
+def pretrain_self_supervised(network: nn.Module, images: list[np.ndarray], *,
+                             objective: str | Callable[[torch.Tensor, torch.Generator], torch.Tensor],
                              iterations: int, seed: int, batch_size: int = 2, lr: float = 1e-3,
                              device: torch.device | str = "cpu") -> list[float]:
     """Train ``network`` to restore corrupted images; return the loss per iteration.
 
     ``images`` are (C, *spatial) arrays of one common shape divisible by 4 per axis. The
-    network's first output channel is the reconstruction (mean squared error).
+    network's first output channel is the reconstruction (mean squared error). ``objective``: one
+    of :data:`SSL_OBJECTIVES`, or a function ``(batch, generator) -> corrupted batch`` drawing its
+    randomness from ``generator`` (on ``device``), for another restoration task.
     """
-    if objective not in SSL_OBJECTIVES:
+    if not callable(objective) and objective not in SSL_OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {SSL_OBJECTIVES}")
     data = torch.as_tensor(np.stack(images), dtype=torch.float32, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr)
     network.to(device).train()
     losses = []
-    for _ in tqdm(range(iterations), desc=f"pre-train ({objective})", leave=False):
+    corrupt = objective if callable(objective) else lambda batch, gen: _corrupt(batch, objective, gen)
+    name = getattr(objective, "__name__", objective)
+    for _ in tqdm(range(iterations), desc=f"pre-train ({name})", leave=False):
         pick = torch.randint(len(images), (batch_size,), generator=generator, device=device)
         clean = data[pick]
-        restored = network(_corrupt(clean, objective, generator))[:, :clean.shape[1]]
+        restored = network(corrupt(clean, generator))[:, :clean.shape[1]]
         loss = torch.mean((restored - clean) ** 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
