@@ -34,6 +34,7 @@ from scipy import stats
 from benchmarks.docs_section import write_section
 from benchmarks.finetune_grid.controls import CONTROL_TRAINERS
 from benchmarks.finetune_grid.ground_truth import TRAINERS, Schedules, read_results
+from benchmarks.finetune_grid.schedule_rule import RULE, SCHEDULES_JSON
 from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
                                              nemenyi_cd, rank_methods)
 from nnunet_te.ranking.zoo import read_zoo
@@ -398,6 +399,82 @@ def metric_scaling(work: Path, points: tuple[int, ...] = SCALING_POINTS, seed: i
     return rows
 
 
+def _panels(count: int) -> tuple[Figure, np.ndarray]:
+    """A figure of ``count`` panels, 4 per row (the unused ones hidden)."""
+    columns, lines = min(count, 4), (count + 3) // 4
+    fig = Figure(figsize=(4.2 * columns, 3.4 * lines))
+    axes = fig.subplots(lines, columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _plot_probe_curves(work: Path, path: Path) -> Path | None:
+    """The schedule rule's probe curves, one panel per target, the chosen length marked."""
+    file = work / SCHEDULES_JSON
+    if not file.is_file():
+        return None
+    targets = json.loads(file.read_text())["targets"]
+    fig, axes = _panels(len(targets))
+    for ax, (dataset, record) in zip(axes, sorted(targets.items())):
+        ema = record["ema_fg_dice"]
+        ax.plot(np.arange(1, len(ema) + 1), ema, color="tab:blue")
+        if record["epochs"]:
+            ax.axvline(record["epochs"], color="tab:red", ls="--", label=f"chosen: {record['epochs']} epochs")
+            ax.legend(fontsize=7)
+        state = "converged" if record["converged"] else "not converged" if record["epochs"] else "never learned"
+        ax.set_title(f"{_short(dataset)} ({state})", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("pseudo Dice (EMA), pool validation cases")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_zoo_curves(work: Path, path: Path) -> Path | None:
+    """Each trained zoo member's pretext (or source-task) loss per iteration, smoothed over 20."""
+    records = sorted((json.loads(f.read_text()) for f in (work / "zoo").glob("*/member.json")),
+                     key=lambda r: r["member"]["name"])
+    records = [r for r in records if r["losses"]]
+    if not records:
+        return None
+    fig, axes = _panels(len(records))
+    for ax, record in zip(axes, records):
+        losses = np.asarray(record["losses"])
+        window = min(20, len(losses))
+        ax.plot(np.arange(window, len(losses) + 1), np.convolve(losses, np.ones(window) / window, mode="valid"))
+        member = record["member"]
+        ax.set_title(f"{member['name']} ({member['objective'] or member['kind']})", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss (mean of 20)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def schedule_rows(work: Path) -> list[dict]:
+    """One row per target of the schedule rule's choice (``<work>/schedules.json``)."""
+    file = work / SCHEDULES_JSON
+    if not file.is_file():
+        return []
+    stored = json.loads(file.read_text())
+    return [{"dataset": d, "epochs": t["epochs"], "iterations": t["iterations"], "converged": t["converged"],
+             "reason": t["reason"], "validation_cases": len(t["validation_cases"]),
+             "probe_validation_dice": t["validation_dice"], "probe_seconds": t["probe_seconds"],
+             "probe": f"{stored['probe']['epochs']}x{stored['probe']['iterations']}"}
+            for d, t in sorted(stored["targets"].items())]
+
+
+def exclusion_rows(work: Path) -> list[dict]:
+    """One row per (target, member) left out because it was pre-trained on a test image."""
+    file = work / "exclusions.json"
+    stored = json.loads(file.read_text()) if file.is_file() else {}
+    return [{"dataset": d, "member": m, "test_cases_seen": len(cases), "test_cases": record["test_cases"]}
+            for d, record in sorted(stored.items()) for m, cases in sorted(record["seen"].items())]
+
+
 def _plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
     curves = defaultdict(dict)
     for r in rows:
@@ -408,8 +485,7 @@ def _plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
     if not curves:
         return None
     keys = sorted(curves)
-    fig = Figure(figsize=(4.2 * min(len(keys), 4), 3.4 * ((len(keys) + 3) // 4)))
-    axes = fig.subplots((len(keys) + 3) // 4, min(len(keys), 4), squeeze=False).ravel()
+    fig, axes = _panels(len(keys))
     for ax, key in zip(axes, keys):
         for member, values in sorted(curves[key].items()):
             ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, label=member)
@@ -417,8 +493,6 @@ def _plot_learning_curves(rows: list[dict], path: Path) -> Path | None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("pseudo Dice (EMA)")
         ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
-        ax.axis("off")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -483,10 +557,15 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
                         ("risk_vs_plain", pairs), ("cost", costs), ("metric_scaling", scaling), ("results", rows)):
         _write_csv(out / f"{name}.csv", table)
     figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
-               "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png")}
+               "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png"),
+               "probe": _plot_probe_curves(work, out / "bench_probe_curves.png"),
+               "zoo": _plot_zoo_curves(work, out / "bench_zoo_curves.png")}
+    chosen, excluded = schedule_rows(work), exclusion_rows(work)
+    _write_csv(out / "schedules.csv", chosen)
+    _write_csv(out / "exclusions.csv", excluded)
     hours = grid_hours(work, rows)
     md, cd_png = _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs,
-                                  scaling,
+                                  scaling, chosen, excluded,
                                   out, figures,
                                   schedules=schedules, other_schedules=len(every_row) - len(rows), hours=hours)
     figures["cd"] = cd_png
@@ -505,7 +584,8 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     return paths
 
 
-def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs, scaling, out: Path,
+def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs, scaling,
+                     chosen, excluded, out: Path,
                      figures: dict, *,
                      schedules: Schedules, other_schedules: int, hours: dict[str, float]):
     lines = []
@@ -518,6 +598,20 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
                  f"{hours['zoo']:.1f} h, rankings {hours['rankings']:.1f} h, fine-tunes {hours['fine_tunes']:.1f} h "
                  f"of wall clock ({hours['fine_tunes_summed']:.1f} h one after the other; `--jobs` runs them side "
                  "by side; pauses between pieces not counted).")
+    if chosen:
+        lines += ["", f"### Schedules chosen by the rule (probe {chosen[0]['probe']}, before any ranking)", "",
+                  "Rule (`benchmarks/finetune_grid/schedule_rule.py`): " + RULE + ".", "",
+                  _markdown(["target", "schedule", "converged", "why", "probe's validation cases / Dice", "probe (s)"],
+                            [[_short(c["dataset"]), f"{c['epochs']}x{c['iterations']}" if c["epochs"] else "none",
+                              "yes" if c["converged"] else "no", c["reason"],
+                              f"{c['validation_cases']} / {_fmt(c['probe_validation_dice'])}", _fmt(c["probe_seconds"], 0)]
+                             for c in chosen])]
+        if figures.get("probe") is not None:
+            lines += ["", f"![the probes' learning curves]({figures['probe'].name})"]
+    lines += ["", "### Members left out of a target by content", "",
+              _markdown(["target", "member", "test cases among its pre-training images"],
+                        [[_short(e["dataset"]), e["member"], f"{e['test_cases_seen']} of {e['test_cases']}"]
+                         for e in excluded]) if excluded else "None: no member was pre-trained on a test image."]
     verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
     lines += ["", "### Goals (measured, not tests)", "",
               _markdown(["goal", "measured", "verdict"], [[g["goal"], g["measured"], verdict[g["met"]]] for g in goal_rows])]
@@ -625,7 +719,8 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
                       "features, subsampled; `metric_scaling` in `benchmarks/finetune_grid/tables.py`):", "",
                   _markdown(["points"] + names, [[str(int(r["points"]))] + [_fmt(float(r[n]), 3) for n in names]
                                                  for r in scaling])]
-    for key, title in (("dice", "test Dice per member"), ("curves", "learning curves (k-shot, first seed)")):
+    for key, title in (("dice", "test Dice per member"), ("curves", "learning curves (k-shot, first seed)"),
+                       ("zoo", "the zoo's pre-training losses")):
         if figures.get(key) is not None:
             lines += ["", f"![{title}]({figures[key].name})"]
     return "\n".join(lines) + "\n", cd_png
