@@ -51,7 +51,7 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree, shared_data):
                "--members", *MEMBERS,
                "--zoo-iterations", "2", "--shots", "5", "--seeds", "0", "--schedule", "9", "9",
                "--dataset-schedule", "981", "1", "2",  # the target's own schedule wins
-               "--test-cases", "3", "--jobs", "2", "--docs", str(docs), "-device", "cpu"]
+               "--test-cases", "3", "--jobs", "2", "--docs", str(docs), "-device", "cpu", "--risk-trainers", "risk"]
     started = time.time()
     first = _run(command, env, root)
     print(f"first run: {time.time() - started:.0f} s")

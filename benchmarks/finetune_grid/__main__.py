@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="k values with RiskWeightedTrainer runs (default: 5; given without values: none)")
     bench.add_argument("--risk-trainers", nargs="+",
                        help="risk-weighted kinds paired with plain runs: risk (the product's defaults), "
-                            "risk_fg_ce (nnUNet_te_ce_normalisation=foreground, the transfer-risk paper's loss, docs/metrics.md) (default: risk)")
+                            "risk_fg_ce (nnUNet_te_ce_normalisation=foreground, the transfer-risk paper's loss, docs/metrics.md), "
+                            "risk_uniform and risk_shuffled (its controls: each patch's mean weight; the weights permuted "
+                            "within foreground and background) (default: risk risk_uniform risk_shuffled)")
     bench.add_argument("--schedule", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
                        help="fine-tuning schedule of every dataset without --dataset-schedule, also the one "
                             "whose fine-tunes the tables show (default: per dataset, the schedule rule's choice from "

@@ -36,10 +36,10 @@ from benchmarks.finetune_grid.ground_truth import (TRAINERS, Run, Schedules, don
                                                   training_cases)
 from benchmarks.finetune_grid.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
                                           preprocessed_view, write_cpu_plans)
+from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, thumbnails
 from benchmarks.finetune_grid.schedule_rule import (PROBE_MEMBER, Probe, probe_split, probe_target,
                                                    probe_validation_size, probed_schedules, ruled_schedules,
                                                    write_schedules)
-from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, thumbnails
 from benchmarks.finetune_grid.zoo import (BuiltMember, Member, build_zoo, default_shared, member_key,
                                           pretraining_images, select_members)
 
@@ -49,8 +49,9 @@ DEFAULT_SEEDS = (0, 1, 2)
 #: Risk-weighted vs plain: at these shots, for the top-ranked, the median-ranked and the
 #: bottom-ranked member of each target.
 DEFAULT_RISK_SHOTS = (5,)
-#: Risk-weighted trainer kinds run against the plain one (keys of ``TRAINERS``).
-DEFAULT_RISK_TRAINERS = ("risk",)
+#: Risk-weighted trainer kinds run against the plain one (keys of ``TRAINERS``): the shipped
+#: weighting and its two controls (:mod:`benchmarks.finetune_grid.controls`).
+DEFAULT_RISK_TRAINERS = ("risk", "risk_uniform", "risk_shuffled")
 
 
 @dataclass
