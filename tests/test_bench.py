@@ -174,23 +174,25 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree, shared_data):
 @pytest.mark.slow
 def test_the_schedule_probe_chooses_from_pool_cases_and_resumes(epfl_tree, shared_data):
     from benchmarks.finetune_grid.plan import bench_split
-    from benchmarks.finetune_grid.schedule_rule import converged_epochs
+    from benchmarks.finetune_grid.schedule_rule import final_choice
 
     root, env = epfl_tree
     env = _with_repo(env)
     work, docs = root / "probe_work", root / "probe.md"
     command = [*BENCH, "-d", "981", "--work", str(work), "--shared", str(shared_data.parent), "--test-cases", "3",
-               "--probe", "2", "1", "--probe-only", "-device", "cpu"]
+               "--probe", "1", "2", "--probe-only", "-device", "cpu"]
     assert "1 new probe(s)" in _run(command, env, root)
     record = json.loads((work / "schedules.json").read_text())["targets"]["Dataset981_EPFLEM_mitochondrion"]
     data = root / "nnUNet_preprocessed" / "Dataset981_EPFLEM_mitochondrion" / "nnUNetPlans_2d"
     cases = sorted(p.name.removesuffix(".b2nd") for p in data.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
     test = set(bench_split(cases, 3, 0)["val"])
-    run_folder = next((work / "probe" / "runs").rglob("few_shot_split.json")).parent
-    few_shot = json.loads((run_folder / "few_shot_split.json").read_text())
-    assert sorted(few_shot["val"]) == sorted(record["validation_cases"]) and len(few_shot["train"]) == 5
-    assert not (set(few_shot["train"]) | set(few_shot["val"])) & test  # the rule never sees a test case
-    assert len(record["ema_fg_dice"]) == 2 and record["epochs"] == converged_epochs(record["ema_fg_dice"], 1).epochs
+    for run_folder in (p.parent for p in (work / "probe" / "runs").rglob("few_shot_split.json")):
+        few_shot = json.loads((run_folder / "few_shot_split.json").read_text())
+        assert sorted(few_shot["val"]) == sorted(record["validation_cases"]) and len(few_shot["train"]) == 5
+        assert not (set(few_shot["train"]) | set(few_shot["val"])) & test  # the rule never sees a test case
+    runs = record["runs"]
+    assert [r["epochs"] for r in runs] == [1, 2] and [len(r["ema_fg_dice"]) for r in runs] == [1, 2]
+    assert record["epochs"] == final_choice({r["epochs"]: r["validation_dice"] for r in runs}).epochs
     assert "0 new probe(s)" in _run(command, env, root)  # resumed: nothing trained again
     _run([*BENCH, "--report-only", "--work", str(work), "--docs", str(docs)], env, root)
     if record["epochs"]:
@@ -386,26 +388,21 @@ def test_schedules_take_the_given_one_before_the_rules():
     assert everywhere.of(501) == Schedule(5, 20) and not everywhere.needs_rule(501)  # --schedule wins over the rule
 
 
-def _saturating(tau: float, epochs: int = 100, top: float = 0.8) -> list[float]:
-    return [top * (1 - np.exp(-t / tau)) for t in range(1, epochs + 1)]
+def test_the_schedule_rule_doubles_until_the_longer_run_adds_under_5_percent():
+    from benchmarks.finetune_grid.schedule_rule import LEARNED, Probe, doubling_choice, final_choice
 
-
-def test_the_schedule_rule_on_saturating_curves():
-    from benchmarks.finetune_grid.schedule_rule import converged_epochs
-
-    # c(t) = 0.8 (1 - exp(-t / 6)): c(E) >= 0.95 c(100) needs exp(-E/6) <= 0.05, E >= 18.0; the last quarter
-    # moves 0.8 (exp(-(E - E//4 + 1)/6) - exp(-E/6)): 2.7 points at E = 20, 1.6 at 25, 0.93 at 30
-    choice = converged_epochs(_saturating(6.0), step=5)
-    assert (choice.epochs, choice.converged) == (30, True)
-    # a slower curve (tau 10) still moves 1.08 points over epochs 39-50 at E = 50, the longest candidate
-    slow = converged_epochs(_saturating(10.0), step=5)
-    assert (slow.epochs, slow.converged) == (50, False)
-    # the all-background phase is flat at 0 but is not convergence
-    assert converged_epochs([0.0] * 100, step=5).epochs is None
-    # flat at 0.3 for 20 epochs (one class learned), then rising to 0.8: the plateau is not the end (a
-    # look-ahead of 2E would stop at E = 5); 95 % of 0.8 needs E >= 25.1, a flat last quarter E = 35
-    late = [0.3] * 20 + [0.3 + b for b in _saturating(2.0, 80, 0.5)]
-    assert converged_epochs(late, step=5).epochs == 35
+    assert Probe().lengths == [10, 20, 40, 80] and Probe(start=1, longest=2).lengths == [1, 2]
+    with pytest.raises(ValueError, match="longest = start x 2"):
+        Probe(start=10, longest=60)
+    assert doubling_choice({10: 0.5}) is None  # needs the next run
+    assert doubling_choice({10: 0.5, 20: 0.7}) is None  # 0.5 < 0.95 * 0.7
+    choice = doubling_choice({10: 0.5, 20: 0.7, 40: 0.72})  # 0.7 >= 0.684
+    assert (choice.epochs, choice.converged) == (20, True)
+    # equal Dice of zero is the all-background phase, not convergence
+    assert doubling_choice({10: 0.0, 20: 0.0}) is None
+    assert final_choice({10: 0.0, 20: 0.01, 40: LEARNED}).epochs is None
+    late = final_choice({10: 0.1, 20: 0.3, 40: 0.5, 80: 0.7})
+    assert (late.epochs, late.converged) == (40, False)
 
 
 def test_the_probe_validates_on_pool_cases_never_on_test_cases():

@@ -49,9 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tuning schedule of every dataset without --dataset-schedule, also the one "
                             "whose fine-tunes the tables show (default: per dataset, the schedule rule's choice from "
                             "a probe run, benchmarks/finetune_grid/schedule_rule.py)")
-    bench.add_argument("--probe", nargs=2, type=int, metavar=("EPOCHS", "STEP"),
-                       help="length of the schedule rule's probe and the step of its candidate schedules "
-                            "(default: 100 5)")
+    bench.add_argument("--probe", nargs=2, type=int, metavar=("START", "LONGEST"),
+                       help="the schedule rule's probe runs: START, 2 START, ... epochs up to LONGEST (default: 10 80)")
     bench.add_argument("--probe-only", action="store_true",
                        help="run the schedule rule's probes (and the zoo member they need) only")
     bench.add_argument("--dataset-schedule", nargs=3, action="append", metavar=("D", "EPOCHS", "ITERATIONS"),
@@ -94,7 +93,7 @@ def bench(args: argparse.Namespace) -> int:
     summary = run_bench(args.d, Path(args.work), members=args.members, zoo_iterations=args.zoo_iterations,
                         n_test=args.test_cases, device=args.device, jobs=args.jobs,
                         fine_tunes=not args.no_fine_tunes, probe_only=args.probe_only,
-                        probe=Probe(epochs=args.probe[0], step=args.probe[1]) if args.probe else Probe(),
+                        probe=Probe(start=args.probe[0], longest=args.probe[1]) if args.probe else Probe(),
                         schedules=schedules, shared=Path(args.shared) if args.shared else default_shared(),
                         docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in given.items() if v is not None})

@@ -1,23 +1,21 @@
 """Each target's fine-tuning schedule, chosen by a written rule before any ranking is compared.
 
 The probe: the random initialisation ``random_s0`` is fine-tuned on the target (k = 5, seed 0,
-the benchmark's main setting) for :attr:`Probe.epochs` epochs, validated every epoch on a set
-of the training pool's cases (never a test case: :func:`probe_split`). nnU-Net logs the
-moving average of its pseudo Dice on that set (``ema_fg_dice``, the value its
-``checkpoint_best`` follows). The schedule is read off that learning curve by
-:func:`converged_epochs`, :data:`RULE`:
+the benchmark's main setting) with complete nnU-Net schedules of E = :attr:`Probe.start`,
+2 E, 4 E, ... epochs up to :attr:`Probe.longest`, each validated at its end on a set of the
+training pool's cases (never a test case: :func:`probe_split`). The rule, :data:`RULE`
+(:func:`doubling_choice`):
 
-- the smallest E, a multiple of :attr:`Probe.step` with 2 E <= the probe's epochs, such that
-  1. over the last quarter of E (epochs 3E/4 + 1 .. E) the curve moves by less than 1 Dice point
-     (max - min < :data:`FLAT`), and
-  2. at E it has reached :data:`REACHED` (95 %) of the highest value of the whole probe, a run
-     at least twice as long (a look-ahead of only 2E would take an early plateau, e.g. one class
-     learned and the next not yet, for convergence);
-- a target whose curve never rises above :data:`LEARNED` (0.05) has no schedule: the random
+- the schedule is the smallest E whose validation Dice is at least :data:`REACHED` (95 %) of the
+  Dice of the schedule twice as long;
+- a target on which no run exceeds :data:`LEARNED` (0.05) Dice has no schedule: the random
   initialisation never left nnU-Net's all-background phase there, and a ground truth of zeros
-  ranks nothing; one where no E qualifies gets the longest candidate and is marked not converged.
+  ranks nothing; where no E qualifies, the schedule is half the longest and marked not converged.
 
-Both are reported; neither is used for a ranking claim. Every member and trainer of a target then
+Each length is its own run because nnU-Net decays the learning rate to 0 over the epochs it is
+given: a first rule that read the schedule off one 100-epoch run's learning curve (the first E
+whose last quarter moved by < 1 point) chose no schedule on any EPFL target, while that run was
+still at a high learning rate (docs/benchmark.md). Every member and trainer of a target then
 shares its schedule (rankings and risk pairs stay comparable); the larger k gets the same one.
 Probe runs live under ``<work>/probe/`` with their own results file, apart from the grid.
 """
@@ -32,14 +30,12 @@ import numpy as np
 
 from benchmarks.finetune_grid.ground_truth import Run, Schedule, fine_tune, read_results
 
-FLAT = 0.01
 REACHED = 0.95
 LEARNED = 0.05
-RULE = ("the smallest E (a multiple of the probe's step, 2E at most the probe's length) at which the "
-        "random initialisation's moving-average pseudo Dice on validation cases of the training pool "
-        f"moved by less than {100 * FLAT:g} Dice point over the last quarter of E epochs and reached "
-        f"{100 * REACHED:g} % of its highest value over the whole probe (at least 2E epochs); no schedule where it "
-        f"never exceeded {LEARNED}")
+RULE = (f"the smallest E (of the probe's doubling lengths) at which the random initialisation's validation Dice "
+        f"on cases of the training pool reached {100 * REACHED:g} % of its Dice after 2E epochs, each a complete "
+        f"nnU-Net schedule; no schedule where no probe run exceeded {LEARNED}; half the longest run where no E "
+        "qualified (not converged)")
 #: The member, k and seed of the probe (the benchmark's main setting).
 PROBE_MEMBER, PROBE_K, PROBE_SEED = "random_s0", 5, 0
 #: Where the probe's chosen schedules are written, inside the work folder.
@@ -48,50 +44,59 @@ SCHEDULES_JSON = "schedules.json"
 
 @dataclass(frozen=True)
 class Probe:
-    """The probe's schedule: ``epochs`` x ``iterations``, ``val_iterations`` batches of pseudo
-    Dice per epoch; candidate schedules are multiples of ``step`` epochs up to ``epochs / 2``."""
+    """The probe's runs: ``start``, 2 ``start``, ... epochs up to ``longest`` (a power-of-2
+    multiple of ``start``), ``iterations`` per epoch, ``val_iterations`` batches of pseudo Dice
+    per epoch (the logged curves)."""
 
-    epochs: int = 100
+    start: int = 10
+    longest: int = 80
     iterations: int = 20
     val_iterations: int = 5
-    step: int = 5
 
     def __post_init__(self):
-        if min(self.epochs, self.iterations, self.val_iterations, self.step) < 1 or 2 * self.step > self.epochs:
-            raise ValueError(f"the probe needs positive values and 2 x step <= epochs, got {self}")
+        ratio = self.longest / self.start if self.start > 0 else 0
+        if min(self.start, self.iterations, self.val_iterations) < 1 or ratio < 2 or ratio != 2 ** round(np.log2(ratio)):
+            raise ValueError(f"the probe needs positive values and longest = start x 2^n (n >= 1), got {self}")
 
     @property
-    def schedule(self) -> Schedule:
-        return Schedule(self.epochs, self.iterations, self.val_iterations)
+    def lengths(self) -> list[int]:
+        return [self.start * 2 ** i for i in range(round(np.log2(self.longest / self.start)) + 1)]
+
+    def schedule(self, epochs: int) -> Schedule:
+        return Schedule(epochs, self.iterations, self.val_iterations)
 
 
 @dataclass(frozen=True)
 class Choice:
-    """What the rule read off one curve: ``epochs`` (None: never learned), ``converged``."""
+    """What the rule decided: ``epochs`` (None: never learned), ``converged``, and why."""
 
     epochs: int | None
     converged: bool
     reason: str
 
 
-def converged_epochs(ema: list[float], step: int) -> Choice:
-    """The rule (:data:`RULE`) applied to a learning curve ``ema`` (one value per epoch, the
-    probe's length)."""
-    curve = np.asarray(ema, dtype=float)
-    if curve.size < 2 * step:
-        raise ValueError(f"a curve of {curve.size} epochs is shorter than two steps of {step}")
-    if not np.nanmax(curve) > LEARNED:
-        return Choice(None, False, f"pseudo Dice never above {LEARNED} in {curve.size} epochs")
-    candidates = range(step, curve.size // 2 + 1, step)
-    for epochs in candidates:
-        last_quarter = curve[epochs - max(1, epochs // 4):epochs]
-        moved = float(np.ptp(last_quarter))
-        reached = float(curve[epochs - 1] / np.nanmax(curve))
-        if moved < FLAT and reached >= REACHED:
-            return Choice(epochs, True, f"moved {100 * moved:.2f} points over the last quarter, "
-                                        f"{100 * reached:.1f} % of the probe's best")
-    longest = candidates[-1]
-    return Choice(longest, False, f"no candidate up to {longest} epochs met the rule")
+def doubling_choice(dice: dict[int, float]) -> Choice | None:
+    """The rule (:data:`RULE`) on the validation Dice of the probe runs so far ({epochs: Dice},
+    lengths doubling from the shortest); None while it needs the next, longer run."""
+    lengths = sorted(dice)
+    for short, long in zip(lengths, lengths[1:]):
+        if dice[long] > LEARNED and dice[short] >= REACHED * dice[long]:
+            return Choice(short, True, f"Dice {dice[short]:.3f} after {short} epochs, "
+                                       f"{100 * dice[short] / dice[long]:.1f} % of {dice[long]:.3f} after {long}")
+    return None
+
+
+def final_choice(dice: dict[int, float]) -> Choice:
+    """The rule's answer once the longest run is done: :func:`doubling_choice`, else none (never
+    learned) or half the longest (not converged)."""
+    choice = doubling_choice(dice)
+    if choice is not None:
+        return choice
+    longest = max(dice)
+    if max(dice.values()) <= LEARNED:
+        return Choice(None, False, f"validation Dice at most {max(dice.values()):.3f} up to {longest} epochs")
+    return Choice(longest // 2, False, f"Dice {dice[longest // 2]:.3f} after {longest // 2} epochs, below "
+                                       f"{100 * REACHED:g} % of {dice[longest]:.3f} after {longest}")
 
 
 def probe_split(split: dict[str, list[str]], n_val: int, seed: int) -> dict[str, list[str]]:
@@ -114,23 +119,31 @@ def probe_validation_size(pool_size: int) -> int:
 
 def probe_target(dataset: str, dataset_id: int, target: str, weights: Path, split: dict[str, list[str]], fold: int,
                  work: Path, probe: Probe, *, device: str, threads: int | None) -> dict:
-    """Run (or resume) the probe of one target and return its record for :data:`SCHEDULES_JSON`."""
+    """Run (or resume) the probe of one target, doubling the length until the rule decides, and
+    return its record for :data:`SCHEDULES_JSON`."""
     run = Run(dataset, PROBE_MEMBER, "plain", PROBE_K, PROBE_SEED)
     probe_work = work / "probe"
     probe_work.mkdir(parents=True, exist_ok=True)
     results_csv = probe_work / "probes.csv"
-    fine_tune(run, dataset_id=dataset_id, target=target, weights=weights, split=split, fold=fold,
-              schedule=probe.schedule, work=probe_work, results_csv=results_csv, device=device, threads=threads)
-    rows = [r for r in read_results(results_csv) if (r["dataset"], r["schedule"]) == (dataset, probe.schedule.label)]
-    if not rows:
-        raise RuntimeError(f"the probe of {dataset} is being trained by another live process (lock file in "
-                           f"{probe_work / 'logs'}); run this piece again once it finished")
-    row = rows[-1]
-    curve = json.loads((Path(row["run_folder"]) / "learning_curve.json").read_text())
-    choice = converged_epochs(curve["ema_fg_dice"], probe.step)
+    runs = {}
+    for epochs in probe.lengths:
+        schedule = probe.schedule(epochs)
+        fine_tune(run, dataset_id=dataset_id, target=target, weights=weights, split=split, fold=fold,
+                  schedule=schedule, work=probe_work, results_csv=results_csv, device=device, threads=threads)
+        rows = [r for r in read_results(results_csv) if (r["dataset"], r["schedule"]) == (dataset, schedule.label)]
+        if not rows:
+            raise RuntimeError(f"the probe of {dataset} ({schedule.label}) is being trained by another live process "
+                               f"(lock file in {probe_work / 'logs'}); run this piece again once it finished")
+        runs[epochs] = rows[-1]
+        if doubling_choice({e: r["dice"] for e, r in runs.items()}) is not None:
+            break
+    choice = final_choice({e: r["dice"] for e, r in runs.items()})
+    curves = {e: json.loads((Path(r["run_folder"]) / "learning_curve.json").read_text())["ema_fg_dice"]
+              for e, r in runs.items()}
     return {"epochs": choice.epochs, "iterations": probe.iterations, "converged": choice.converged,
-            "reason": choice.reason, "ema_fg_dice": curve["ema_fg_dice"],
-            "validation_cases": split["val"], "validation_dice": row["dice"], "probe_seconds": row["train_seconds"]}
+            "reason": choice.reason, "validation_cases": split["val"],
+            "runs": [{"epochs": e, "validation_dice": r["dice"], "seconds": r["train_seconds"], "ema_fg_dice": curves[e]}
+                     for e, r in sorted(runs.items())]}
 
 
 def probed_schedules(work: Path, probe: Probe) -> dict[str, dict]:

@@ -410,22 +410,22 @@ def _panels(count: int) -> tuple[Figure, np.ndarray]:
 
 
 def _plot_probe_curves(work: Path, path: Path) -> Path | None:
-    """The schedule rule's probe curves, one panel per target, the chosen length marked."""
+    """The schedule rule's probe runs, one panel per target (one curve per run length)."""
     file = work / SCHEDULES_JSON
     if not file.is_file():
         return None
     targets = json.loads(file.read_text())["targets"]
     fig, axes = _panels(len(targets))
     for ax, (dataset, record) in zip(axes, sorted(targets.items())):
-        ema = record["ema_fg_dice"]
-        ax.plot(np.arange(1, len(ema) + 1), ema, color="tab:blue")
-        if record["epochs"]:
-            ax.axvline(record["epochs"], color="tab:red", ls="--", label=f"chosen: {record['epochs']} epochs")
-            ax.legend(fontsize=7)
+        for run in record["runs"]:
+            chosen = " (chosen)" if run["epochs"] == record["epochs"] else ""
+            ax.plot(np.arange(1, len(run["ema_fg_dice"]) + 1), run["ema_fg_dice"],
+                    label=f"{run['epochs']} epochs: Dice {run['validation_dice']:.3f}{chosen}")
         state = "converged" if record["converged"] else "not converged" if record["epochs"] else "never learned"
         ax.set_title(f"{_short(dataset)} ({state})", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("pseudo Dice (EMA), pool validation cases")
+        ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -459,12 +459,11 @@ def schedule_rows(work: Path) -> list[dict]:
     file = work / SCHEDULES_JSON
     if not file.is_file():
         return []
-    stored = json.loads(file.read_text())
     return [{"dataset": d, "epochs": t["epochs"], "iterations": t["iterations"], "converged": t["converged"],
              "reason": t["reason"], "validation_cases": len(t["validation_cases"]),
-             "probe_validation_dice": t["validation_dice"], "probe_seconds": t["probe_seconds"],
-             "probe": f"{stored['probe']['epochs']}x{stored['probe']['iterations']}"}
-            for d, t in sorted(stored["targets"].items())]
+             "probe_runs": {r["epochs"]: round(r["validation_dice"], 4) for r in t["runs"]},
+             "probe_seconds": sum(r["seconds"] for r in t["runs"])}
+            for d, t in sorted(json.loads(file.read_text())["targets"].items())]
 
 
 def exclusion_rows(work: Path) -> list[dict]:
@@ -599,13 +598,14 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
                  f"of wall clock ({hours['fine_tunes_summed']:.1f} h one after the other; `--jobs` runs them side "
                  "by side; pauses between pieces not counted).")
     if chosen:
-        lines += ["", f"### Schedules chosen by the rule (probe {chosen[0]['probe']}, before any ranking)", "",
+        lines += ["", "### Schedules chosen by the rule (before any ranking)", "",
                   "Rule (`benchmarks/finetune_grid/schedule_rule.py`): " + RULE + ".", "",
-                  _markdown(["target", "schedule", "converged", "why", "probe's validation cases / Dice", "probe (s)"],
+                  _markdown(["target", "schedule", "converged", "why", "probe runs: epochs -> validation Dice",
+                             "validation cases", "probe (s)"],
                             [[_short(c["dataset"]), f"{c['epochs']}x{c['iterations']}" if c["epochs"] else "none",
                               "yes" if c["converged"] else "no", c["reason"],
-                              f"{c['validation_cases']} / {_fmt(c['probe_validation_dice'])}", _fmt(c["probe_seconds"], 0)]
-                             for c in chosen])]
+                              ", ".join(f"{e} -> {d:.3f}" for e, d in c["probe_runs"].items()),
+                              str(c["validation_cases"]), _fmt(c["probe_seconds"], 0)] for c in chosen])]
         if figures.get("probe") is not None:
             lines += ["", f"![the probes' learning curves]({figures['probe'].name})"]
     lines += ["", "### Members left out of a target by content", "",
