@@ -493,8 +493,11 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
     quality = _quality(5, {("D1_a", "topology"): 0.6, ("D2_b", "topology"): -0.1, ("D1_a", "ccfv"): 0.7,
                            ("D2_b", "ccfv"): -0.3, ("D1_a", "logme"): 0.1, ("D2_b", "logme"): 0.1,
                            ("D1_a", "grtd"): 0.9, ("D2_b", "grtd"): 0.9})  # grtd is a component, not a baseline
-    noise = [{"dataset": "D1_a", "k": 5, "noise_floor": 1.0, "spread": 4.0},
-             {"dataset": "D2_b", "k": 5, "noise_floor": 3.0, "spread": 5.0}]
+    def spread_row(dataset, noise_floor, spread):
+        return {"dataset": dataset, "k": 5, "noise_floor": noise_floor, "spread": spread,
+                "judges": spread >= 2 * noise_floor}
+
+    noise = [spread_row("D1_a", 1.0, 4.0), spread_row("D2_b", 3.0, 6.0)]
     pairs = [{"dataset": "D1_a", "k": 5, "trainer": "risk", "difference": d} for d in (3.0, 2.0)] + \
             [{"dataset": "D2_b", "k": 5, "trainer": "risk", "difference": d} for d in (-4.0, -3.0)]
     rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs, {})}
@@ -508,17 +511,19 @@ def test_goals_judge_ranking_and_risk_from_the_tables():
     # a tie names the same baseline whatever the process's string hashing (LEEP and NCE often tie)
     tied = goals(quality + _quality(5, {("D2_b", "nce"): 0.0, ("D2_b", "leep"): 0.0}), noise, pairs, {})[0]
     assert tied["measured"] == "topology -0.100 vs best baseline leep 0.000 (1 target(s))"
-    positive = rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]
+    positive = rows["topology weighted tau > 0 on every target that can judge a ranking"]
     assert positive["met"] is False and positive["measured"] == "1 of 2 such target(s) positive; not positive: b"
     gain = rows["risk weighting >= +2 Dice points on average"]
     assert gain["met"] is False and gain["measured"] == "-0.50 points over 4 pairs"
     floor = rows["risk weighting never worse than minus the noise floor on any target"]
     assert floor["met"] is False and floor["measured"] == "1 of 2 target(s) within; b -3.50"
 
-    # a target whose spread is inside its noise floor does not count; nothing measured: not judged
-    noise[1]["spread"] = 2.0
+    # a target whose spread is below twice its noise floor cannot judge a ranking; nothing measured: not judged
+    noise[1] = spread_row("D2_b", 3.0, 5.9)
     rows = {g["goal"].split(": ", 1)[1]: g for g in goals(quality, noise, pairs[:2], {})}
-    assert rows["topology weighted tau > 0 on every target whose spread exceeds the noise floor"]["met"] is True
+    assert rows["topology weighted tau > 0 on every target that can judge a ranking"]["met"] is True
+    assert rows["fused topology score ahead of every baseline on mean weighted tau"]["measured"] == (
+        "topology 0.600 vs best baseline ccfv 0.700 (1 target(s))")  # D2_b left out
     assert rows["risk weighting >= +2 Dice points on average"]["met"] is True
     assert all(g["met"] is None for g in goals([], [], [], {}))
 
@@ -609,6 +614,23 @@ def test_regret_of_the_picks_a_user_would_make_instead():
     (mri,) = pick_regrets([], {("D508_h", 5, 0): {"random_s0": 0.5, "sup_isbi_membranes": 0.7}},
                           {"D508_h": "msd_hippocampus"})
     assert np.isnan(mri["closest source task"]) and np.isnan(mri["ranking (topology)"])  # no MRI member
+
+
+def test_a_target_judges_a_ranking_when_members_spread_twice_the_seed_noise():
+    from benchmarks.finetune_grid.tables import judging, noise_floor
+
+    def row(dataset, member, seed, dice):
+        return {"dataset": dataset, "member": member, "k": 5, "seed": seed, "trainer": "plain", "dice": dice}
+
+    # members 10 points apart, seeds 2 points apart: spread std(0.49, 0.59) = 5 points, noise 2
+    rows = [row("D1_a", "m", 0, 0.48), row("D1_a", "m", 1, 0.50), row("D1_a", "n", 0, 0.58), row("D1_a", "n", 1, 0.60)]
+    # the same members with seeds 6 points apart: noise 6, spread 5
+    rows += [row("D2_b", "m", 0, 0.46), row("D2_b", "m", 1, 0.52), row("D2_b", "n", 0, 0.56), row("D2_b", "n", 1, 0.62)]
+    a, b = noise_floor(rows)
+    assert (a["noise_floor"], a["spread"], a["ratio"], a["judges"]) == pytest.approx((2.0, 5.0, 2.5, True))
+    assert (b["noise_floor"], b["spread"], b["judges"]) == pytest.approx((6.0, 5.0, False))
+    quality = [{"dataset": d, "k": 5, "metric": "topology"} for d in ("D1_a", "D2_b")]
+    assert judging(quality, [a, b]) == quality[:1]
 
 
 def test_results_csv_with_other_columns_is_refused(tmp_path):

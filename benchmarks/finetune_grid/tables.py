@@ -134,10 +134,15 @@ def pick_regrets(quality: list[dict], truth: dict[tuple, dict[str, float]], sour
                 for name in PICKS}} for d, k in sorted(picks)]
 
 
+#: A target can judge a ranking when the spread between members is at least this many noise floors.
+JUDGING_RATIO = 2.0
+
+
 def noise_floor(rows: list[dict]) -> list[dict]:
     """Per (dataset, k): noise = mean over members of the mean absolute difference between the
     seeds' Dice (seed-to-seed spread, Dice points); spread = standard deviation of the members'
-    seed-averaged Dice (Dice points)."""
+    seed-averaged Dice (Dice points); ``ratio`` = spread / noise, ``judges`` = ratio >=
+    :data:`JUDGING_RATIO`."""
     by: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["trainer"] == "plain":
@@ -147,11 +152,20 @@ def noise_floor(rows: list[dict]) -> list[dict]:
         diffs = [np.mean(np.abs(np.subtract.outer(v, v))[np.triu_indices(len(v), 1)])
                  for v in (np.array(list(s.values())) for s in members.values()) if len(v) >= 2]
         means = [np.mean(list(s.values())) for s in members.values()]
-        out.append({"dataset": dataset, "k": k, "n_members": len(members),
-                    "noise_floor": 100 * float(np.mean(diffs)) if diffs else float("nan"),
-                    "spread": 100 * float(np.std(means)) if len(means) >= 2 else float("nan"),
+        floor = 100 * float(np.mean(diffs)) if diffs else float("nan")
+        spread = 100 * float(np.std(means)) if len(means) >= 2 else float("nan")
+        out.append({"dataset": dataset, "k": k, "n_members": len(members), "noise_floor": floor, "spread": spread,
+                    "ratio": spread / floor if floor > 0 else float("nan"),
+                    "judges": bool(spread >= JUDGING_RATIO * floor) if np.isfinite(spread + floor) else False,
                     "best": max(members, key=lambda m: np.mean(list(members[m].values())))})
     return out
+
+
+def judging(quality: list[dict], noise: list[dict]) -> list[dict]:
+    """The ranking-quality rows of the (target, k) whose spread between members is at least
+    :data:`JUDGING_RATIO` times the noise floor: the only ones a ranking claim may rest on."""
+    judges = {(n["dataset"], n["k"]) for n in noise if n["judges"]}
+    return [q for q in quality if (q["dataset"], q["k"]) in judges]
 
 
 def unlearned_classes(rows: list[dict]) -> dict[tuple, list[str]]:
@@ -216,14 +230,15 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict], controls: d
     """The benchmark's goals as rows (goal, measured, met), computed from the tables; ``met`` is
     None while a goal cannot be judged yet (too few targets, members or pairs).
 
-    Ranking, per k: the fused ``topology`` score's mean weighted tau above every baseline's
-    (means over the targets where both were measured); its weighted tau positive on every target
-    whose spread between members exceeds the noise floor. Risk weighting at ``RISK_GOAL_K``: mean
+    Ranking, per k, on the targets that can judge a ranking only (:func:`judging`): the fused
+    ``topology`` score's mean weighted tau above every baseline's (means over the targets where
+    both were measured); its weighted tau positive on every such target. Risk weighting at ``RISK_GOAL_K``: mean
     gain >= ``RISK_GOAL_POINTS`` Dice points over all pairs; no target's mean gain below minus
     that target's noise floor. ``controls``: :func:`risk_vs_controls`; risk weighting must beat each.
     """
     out = []
     floors = {(n["dataset"], n["k"]): n for n in noise}
+    quality = judging(quality, noise)
     for k in sorted({q["k"] for q in quality}):
         tau = {(q["dataset"], q["metric"]): q["weighted_tau"] for q in quality if q["k"] == k}
         ours = {d: v for (d, m), v in tau.items() if m == "topology" and np.isfinite(v)}
@@ -243,12 +258,10 @@ def goals(quality: list[dict], noise: list[dict], pairs: list[dict], controls: d
                         "measured": f"topology {own:.3f} vs best baseline {best} {theirs:.3f} ({n} target(s))"})
         else:
             out.append({"goal": goal, "met": None, "measured": "no ranking-quality rows yet"})
-        separated = [d for d in ours if (d, k) in floors
-                     and floors[(d, k)]["spread"] > floors[(d, k)]["noise_floor"]]
-        negative = sorted(_short(d) for d in separated if ours[d] <= 0)
-        out.append({"goal": f"k = {k}: topology weighted tau > 0 on every target whose spread exceeds the noise floor",
-                    "met": not negative if separated else None,
-                    "measured": f"{len(separated) - len(negative)} of {len(separated)} such target(s) positive"
+        negative = sorted(_short(d) for d in ours if ours[d] <= 0)
+        out.append({"goal": f"k = {k}: topology weighted tau > 0 on every target that can judge a ranking",
+                    "met": not negative if ours else None,
+                    "measured": f"{len(ours) - len(negative)} of {len(ours)} such target(s) positive"
                                 + (f"; not positive: {', '.join(negative)}" if negative else "")})
     weighted = {p["trainer"] for p in pairs} - set(controls)
     for kind in sorted(weighted, key=lambda t: t != "risk") or ["risk"]:
@@ -616,21 +629,29 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
     lines += ["", "### Goals (measured, not tests)", "",
               _markdown(["goal", "measured", "verdict"], [[g["goal"], g["measured"], verdict[g["met"]]] for g in goal_rows])]
     cd_png = None
+    judges = {(q["dataset"], q["k"]) for q in judging(quality, noise)}
     for k in sorted({q["k"] for q in quality}):
         table = [q for q in quality if q["k"] == k]
         metrics = sorted({q["metric"] for q in table}, key=lambda m: (m != "topology", m))
-        datasets = sorted({q["dataset"] for q in table})
+        every = sorted({q["dataset"] for q in table})
+        datasets = [d for d in every if (d, k) in judges]  # the averages and tests rest on these only
         cell = {(q["dataset"], q["metric"]): q for q in table}
         for measure, title in MEASURES.items():
             header = ["target (members, seeds)"] + metrics
             body = []
-            for d in datasets:
+            for d in every:
                 any_q = next(q for q in table if q["dataset"] == d)
-                body.append([f"{_short(d)} ({any_q['n_members']}, {any_q['n_seeds']})"] +
+                mark = "" if d in datasets else " (cannot judge)"
+                body.append([f"{_short(d)} ({any_q['n_members']}, {any_q['n_seeds']}){mark}"] +
                             [_fmt(cell[(d, m)][measure]) if (d, m) in cell else "n/a" for m in metrics])
-            body.append(["**average**"] + [_fmt(np.nanmean([cell[(d, m)][measure] for d in datasets if (d, m) in cell]))
-                                           for m in metrics])
+            body.append([f"**average over the {len(datasets)} target(s) that can judge**"] +
+                        [_fmt(np.nanmean([cell[(d, m)][measure] for d in datasets if (d, m) in cell]))
+                         if datasets else "n/a" for m in metrics])
             lines += ["", f"### Ranking quality, k = {k}: {title}", "", _markdown(header, body)]
+        if len(datasets) < len(every):
+            lines += ["", f"Targets that cannot judge a ranking at k = {k} (spread between members below "
+                          f"{JUDGING_RATIO:g} x the noise floor): "
+                          f"{', '.join(_short(d) for d in every if d not in datasets)}."]
         tau = np.array([[cell[(d, m)]["weighted_tau"] if (d, m) in cell else np.nan for m in metrics]
                         for d in datasets])
         if len(datasets) >= 2 and len(metrics) >= 3:
@@ -668,9 +689,10 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
     lines += ["", "(n) = number of seeds. Members trained on a target's own task are not fine-tuned on it (`-`).", "",
               "### Noise floor", "",
               _markdown(["target", "k", "schedule", "members", "noise floor (Dice pts)",
-                         "spread between members (Dice pts)", "best member"],
+                         "spread between members (Dice pts)", "spread / noise", "can judge a ranking", "best member"],
                         [[_short(n["dataset"]), str(n["k"]), schedules.of(n["dataset"]).label, str(n["n_members"]),
-                          _fmt(n["noise_floor"], 2), _fmt(n["spread"], 2), n["best"]] for n in noise]),
+                          _fmt(n["noise_floor"], 2), _fmt(n["spread"], 2), _fmt(n["ratio"], 2),
+                          "yes" if n["judges"] else "no", n["best"]] for n in noise]),
               "", "Noise floor: mean over members of the absolute difference between two seeds' Dice (the seed "
                   "changes the k training cases and the training randomness). Spread: standard deviation of the "
                   "members' seed-averaged Dice."]
