@@ -212,7 +212,7 @@ def risk_vs_controls(rows: list[dict]) -> dict[str, dict]:
     """:func:`paired` of the shipped risk weighting against each control that ran: does the map's
     spatial pattern add anything to the loss scale it brings?"""
     tests = {}
-    for control in (k for k in TRAINERS if k.startswith("risk_") and TRAINERS[k][0] in CONTROL_TRAINERS.values()):
+    for control in (f"risk_{name}" for name in CONTROL_TRAINERS):
         _, test = paired(rows, "risk", control)
         if test["n_pairs"]:
             tests[control] = test
