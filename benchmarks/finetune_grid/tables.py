@@ -576,11 +576,11 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     _write_csv(out / "schedules.csv", chosen)
     _write_csv(out / "exclusions.csv", excluded)
     hours = grid_hours(work, rows)
-    md, cd_png = _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs,
+    md, cd_plots = _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs,
                                   scaling, chosen, excluded,
                                   out, figures,
                                   schedules=schedules, other_schedules=len(every_row) - len(rows), hours=hours)
-    figures["cd"] = cd_png
+    figures.update({f"cd_k{k}": png for k, png in cd_plots.items()})  # every k's plot reaches the docs
     (out / "benchmark.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"schedule": schedules.describe(), "risk_tests": risk_tests,
                                                   "control_tests": control_tests,
@@ -628,7 +628,7 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
     verdict = {True: "met", False: "**not met**", None: "not yet measurable"}
     lines += ["", "### Goals (measured, not tests)", "",
               _markdown(["goal", "measured", "verdict"], [[g["goal"], g["measured"], verdict[g["met"]]] for g in goal_rows])]
-    cd_png = None
+    cd_plots = {}
     judges = {(q["dataset"], q["k"]) for q in judging(quality, noise)}
     for k in sorted({q["k"] for q in quality}):
         table = [q for q in quality if q["k"] == k]
@@ -659,7 +659,7 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
             ranks = dict(zip(metrics, rank_methods(tau).mean(axis=0)))
             cd = nemenyi_cd(len(metrics), len(datasets))
             png = critical_difference_plot(ranks, cd, out / f"bench_cd_k{k}.png")
-            cd_png = cd_png or png
+            cd_plots[k] = png
             lines += ["", f"Friedman test on the weighted tau ranks (k = {k}): chi2 = {statistic:.2f}, "
                           f"p = {p:.3g}; Nemenyi CD = {cd:.2f} over {len(datasets)} targets.", "",
                       f"![critical difference, k = {k}](bench_cd_k{k}.png)"]
@@ -745,4 +745,4 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
                        ("zoo", "the zoo's pre-training losses")):
         if figures.get(key) is not None:
             lines += ["", f"![{title}]({figures[key].name})"]
-    return "\n".join(lines) + "\n", cd_png
+    return "\n".join(lines) + "\n", cd_plots
