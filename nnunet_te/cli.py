@@ -129,15 +129,28 @@ def _riskmap(args: argparse.Namespace) -> int:
 
 
 def _convert_weights(args: argparse.Namespace) -> int:
-    from nnunet_te.networks.weights import convert_for_pretrained_weights
+    import shlex
 
-    target = _preprocessed_target(args, regions=True)  # plain nnU-Net trains region-based datasets too
+    from nnunet_te.data.target import PreprocessedTarget
+    from nnunet_te.networks.weights import convert_for_pretrained_weights
+    from nnunet_te.training.handoff import training_command, upstream_pretrained_alternative
+    from nnunet_te.training.nnssl_plans import plans_for_checkpoint
+
+    _preprocessed_target(args, regions=True)  # the user's plans exist: checked before any work
+    # an nnssl network gets plans of its own architecture and pre-training geometry, beside the user's
+    plans = plans_for_checkpoint(args.checkpoint, args.d, args.c, plans=args.p, patch_size=args.patch_size,
+                                 trust_pickle=args.trust_pickle)
+    if plans != args.p:
+        print(f"plans {plans} (the checkpoint's architecture and pre-training geometry) and its preprocessed "
+              "data are beside yours")
+    target = PreprocessedTarget.open(args.d, args.c, plans, regions=True)  # plain nnU-Net trains regions too
     report = convert_for_pretrained_weights(args.checkpoint, target.plans, target.configuration,
                                             target.dataset_json, args.output, seed=args.seed,
                                             trust_pickle=args.trust_pickle)
     print(report)
-    print(f"wrote {args.output}\nuse: nnUNetv2_train {args.d} {args.c} FOLD -tr RiskWeightedTrainer "
-          f"-pretrained_weights {args.output}")
+    print(f"wrote {args.output}\nuse: {shlex.join(training_command(args.d, args.c, 'FOLD', args.output, plans=plans))}")
+    if plans != args.p and (alternative := upstream_pretrained_alternative(args.d, args.c, "FOLD", args.checkpoint)):
+        print(f"or upstream nnU-Net's own fine-tuning (no risk weighting):\n  {alternative}")
     return 0
 
 
@@ -181,9 +194,11 @@ def _rank(args: argparse.Namespace) -> int:
         return 0
     plan = prepare_training(result, args.d, args.c, args.train, plans=args.p, trainer=args.tr, seed=args.seed,
                             device=args.device, overwrite_maps=args.overwrite_maps,
-                            overwrite_training=args.overwrite_training)
+                            overwrite_training=args.overwrite_training, patch_size=args.patch_size)
     print(f"chosen: {plan.candidate}\nweights: {plan.weights}\nrisk maps: {plan.risk_maps}\n"
           f"ranking copied to {plan.ranking_copy}\ntrain with:\n  {plan.command_line}")
+    if plan.alternative:
+        print(f"or upstream nnU-Net's own fine-tuning (no risk weighting):\n  {plan.alternative}")
     return run_training(plan) if args.run else 0
 
 
@@ -210,6 +225,12 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", required=True, help="dataset id or name (as nnUNetv2_train)")
     parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres or 2d")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
+
+
+def _add_patch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--patch-size", nargs=3, type=positive_int, metavar=("X", "Y", "Z"),
+                        help="nnssl checkpoints: the patch of the plans written for them (default: the "
+                             "checkpoint's recommended patch, cut to the target's median image; docs/nnunet.md)")
 
 
 def _add_allow_module(parser: argparse.ArgumentParser) -> None:
@@ -274,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_arguments(convert)
     convert.add_argument("-o", "--output", required=True, help="converted checkpoint to write (never overwritten)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised decoder")
+    _add_patch_size(convert)
     _add_allow_module(convert)
     convert.add_argument("--trust-pickle", action="store_true",
                          help="read CHECKPOINT with full unpickling, which can run code from the file: only for a "
@@ -311,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --train: RiskWeightedTrainer or a variant, e.g. RiskWeightedTrainer_k5s0_cpu "
                            "(default: %(default)s)")
     rank.add_argument("--run", action="store_true", help="with --train: start nnUNetv2_train")
+    _add_patch_size(rank)
     rank.add_argument("--overwrite-maps", action="store_true",
                       help="with --train: replace risk maps computed from another checkpoint")
     rank.add_argument("--overwrite-training", action="store_true",

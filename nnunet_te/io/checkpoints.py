@@ -45,7 +45,7 @@ ACCEPTED = ("nnU-Net trainer checkpoint (dict with 'network_weights'), nnssl/Ope
             "state dict (optionally under 'state_dict' or 'model')")
 #: The file nnssl publishes beside a checkpoint with its adaptation plan.
 ADAPTATION_PLAN = "adaptation_plan.json"
-NNSSL_PLAN_FIELDS = ("pretrain_num_input_channels", "key_to_encoder", "key_to_stem",
+NNSSL_PLAN_FIELDS = ("pretrain_num_input_channels", "pretrain_plan", "key_to_encoder", "key_to_stem",
                      "keys_to_in_proj", "recommended_downstream_patchsize")
 # The only non-tensor globals nnU-Net checkpoints hold: numpy scalars (and arrays) in the training
 # log. They rebuild values from bytes and run nothing. Files written under numpy 1.x name them

@@ -1,0 +1,219 @@
+"""nnU-Net plans and preprocessed data at an nnssl / OpenMind candidate's own architecture and geometry.
+
+An nnssl checkpoint fixes its network by a registry name (:mod:`nnunet_te.networks.nnssl`), and
+was pre-trained at one spacing and normalisation (its ``pretrain_plan``: 1 mm isotropic, z-score
+for the OpenMind release). nnU-Net 2.8.1 trains what a plans file says, so fine-tuning the
+candidate needs a plans file of its own. :func:`prepare_nnssl_plans` writes it beside the user's
+plans (``<nnUNet_preprocessed>/<Dataset>/nnsslResEncLPlans.json``) and runs nnU-Net's own
+preprocessing (``DefaultPreprocessor``) into its own data folder; the user's plans, preprocessed
+data and ``gt_segmentations`` are never written to.
+
+The new configuration keeps the name and everything target-specific of the user's configuration
+(resampling functions, batch Dice, ``use_mask_for_norm``, the intensity properties) and takes
+from the candidate:
+
+- the architecture: ``ResidualEncoderUNet`` with :data:`~nnunet_te.networks.nnssl.RESENC_L`, in
+  nnU-Net's plans form (class paths as strings);
+- the spacing of the pre-training plan and its normalisation scheme for every channel;
+- the patch: the checkpoint's ``recommended_downstream_patchsize`` (160^3 for OpenMind), but no
+  larger on an axis than the target's median image at the new spacing, rounded up to a multiple
+  of the architecture's divisor (32 for ResEnc-L's five stride-2 stages): a patch larger than the
+  images is padding, costs memory and time and teaches nothing. ``patch_size`` overrides it (each
+  axis a multiple of the divisor). Batch size 2, as nnU-Net's ResEnc presets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_te.data.paths import dataset_name, nnunet_raw
+from nnunet_te.data.target import PreprocessedTarget, configuration_manager
+from nnunet_te.errors import UserError
+from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
+from nnunet_te.networks.nnssl import RESENC_L, nnssl_architecture
+
+#: nnU-Net's class path keys of U-Net arch_kwargs (imported by ``get_network_from_plans``).
+_REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+#: What the OpenMind release was pre-trained with; used when a file carries no ``pretrain_plan``
+#: (nnssl's SparK training files).
+OPENMIND_SPACING = [1.0, 1.0, 1.0]
+OPENMIND_NORMALISATION = "ZScoreNormalization"
+OPENMIND_PATCH = [160, 160, 160]
+BATCH_SIZE = 2
+
+
+@dataclass(frozen=True)
+class NnsslPlans:
+    """What :func:`prepare_nnssl_plans` made: the plans identifier (``-p``), its file, the data
+    folder nnU-Net's preprocessing wrote, and whether this call wrote them (False: reused)."""
+
+    plans_name: str
+    plans_file: Path
+    data_folder: Path
+    created: bool
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def resenc_l_architecture() -> dict:
+    """:data:`RESENC_L` as nnU-Net writes an architecture in a plans file (JSON types, class paths)."""
+    kwargs = {key: _class_path(value) if isinstance(value, type) else value for key, value in RESENC_L.items()}
+    kwargs = json.loads(json.dumps({**kwargs, "dropout_op": None, "dropout_op_kwargs": None}))  # tuples -> lists
+    return {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+            "arch_kwargs": kwargs, "_kw_requires_import": list(_REQUIRES_IMPORT)}
+
+
+def architecture_divisor(architecture: dict) -> list[int]:
+    """Per axis, the product of the strides: every patch axis must be a multiple of it."""
+    strides = architecture["arch_kwargs"]["strides"]
+    return [math.prod(stride[axis] for stride in strides) for axis in range(len(strides[0]))]
+
+
+def pretrain_geometry(checkpoint: Checkpoint) -> tuple[list[float], str]:
+    """(spacing, normalisation scheme) of the checkpoint's pre-training plan (its single
+    configuration), else the OpenMind release's (1 mm isotropic, z-score)."""
+    configurations = (checkpoint.metadata.get("pretrain_plan") or {}).get("configurations") or {}
+    if len(configurations) != 1:
+        return list(OPENMIND_SPACING), OPENMIND_NORMALISATION
+    configuration = next(iter(configurations.values()))
+    schemes = set(configuration.get("normalization_schemes") or [OPENMIND_NORMALISATION])
+    if len(schemes) != 1:
+        raise UserError(f"{checkpoint.source}: the pre-training plan normalises its channels differently "
+                        f"({sorted(schemes)}); this cannot be carried over to the target's channels")
+    return [float(s) for s in configuration.get("spacing") or OPENMIND_SPACING], schemes.pop()
+
+
+def default_patch_size(checkpoint: Checkpoint, median_shape: list[float], divisor: list[int]) -> list[int]:
+    """The recommended downstream patch, cut to the target's median shape rounded up to ``divisor``."""
+    recommended = checkpoint.metadata.get("recommended_downstream_patchsize") or OPENMIND_PATCH
+    patch = [max(d, min(int(r), math.ceil(m / d) * d)) for r, m, d in zip(recommended, median_shape, divisor)]
+    if math.prod(p // d for p, d in zip(patch, divisor)) < 2:  # tiny images: two bottleneck voxels on the longest axis
+        longest = max(range(len(patch)), key=lambda axis: median_shape[axis])
+        patch[longest] = 2 * divisor[longest]
+    return check_patch_size(patch, divisor)
+
+
+def check_patch_size(patch_size, divisor: list[int]) -> list[int]:
+    """``patch_size`` as a list after checking one positive multiple of ``divisor`` per axis and a
+    bottleneck of more than one voxel (instance normalisation needs two values to normalise)."""
+    patch = [int(p) for p in patch_size]
+    if len(patch) != len(divisor) or any(p <= 0 or p % d for p, d in zip(patch, divisor)):
+        raise UserError(f"patch size {patch}: the architecture needs {len(divisor)} axes, each a positive "
+                        f"multiple of {divisor}")
+    if math.prod(p // d for p, d in zip(patch, divisor)) < 2:
+        raise UserError(f"patch size {patch}: the architecture's bottleneck would be one voxel, which instance "
+                        f"normalisation cannot normalise; make one axis at least {2 * max(divisor)}")
+    return patch
+
+
+def plans_name_for(architecture_name: str, patch_size: list[int] | None = None) -> str:
+    """``nnssl<Name>Plans``, with ``_p<X>x<Y>x<Z>`` when the patch is not the default."""
+    suffix = f"_p{'x'.join(map(str, patch_size))}" if patch_size else ""
+    return f"nnssl{architecture_name}Plans{suffix}"
+
+
+def nnssl_plans(user_plans: dict, configuration: str, checkpoint: Checkpoint, *,
+                patch_size: list[int] | None = None) -> dict:
+    """The plans dict :func:`prepare_nnssl_plans` writes: the user's plans with a single
+    configuration ``configuration`` at the candidate's architecture and geometry (module docstring)."""
+    name = nnssl_architecture(checkpoint)
+    if name != "ResEncL":
+        raise UserError(f"{checkpoint.source}: nnU-Net plans for an nnssl {name} network are not supported "
+                        "(ResEncL is)")
+    user = _resolved_configuration(user_plans, configuration)
+    if len(user["spacing"]) != 3:
+        raise UserError(f"an nnssl {name} network is 3D; configuration {configuration!r} is "
+                        f"{len(user['spacing'])}D: use a 3D configuration (e.g. -c 3d_fullres)")
+    architecture = resenc_l_architecture()
+    divisor = architecture_divisor(architecture)
+    spacing, scheme = pretrain_geometry(checkpoint)
+    median = [m * old / new for m, old, new in zip(user["median_image_size_in_voxels"], user["spacing"], spacing)]
+    patch = check_patch_size(patch_size, divisor) if patch_size else default_patch_size(checkpoint, median, divisor)
+    plans_name = plans_name_for(name, patch_size)
+    planned = dict(user)
+    planned.update(data_identifier=f"{plans_name}_{configuration}", batch_size=BATCH_SIZE, patch_size=patch,
+                   median_image_size_in_voxels=median, spacing=spacing,
+                   normalization_schemes=[scheme] * len(user["normalization_schemes"]), architecture=architecture)
+    return {**user_plans, "plans_name": plans_name, "configurations": {configuration: planned},
+            "nnunet_te_nnssl": {"architecture": name, "from_plans": user_plans.get("plans_name"),
+                                "pretrain_spacing": spacing, "normalization": scheme}}
+
+
+def _resolved_configuration(plans: dict, configuration: str) -> dict:
+    """The configuration's entries with ``inherits_from`` resolved (nnU-Net's ConfigurationManager)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return json.loads(json.dumps(configuration_manager(PlansManager(plans), configuration).configuration))
+
+
+def plans_fit_checkpoint(plans: dict, configuration: str, checkpoint: Checkpoint) -> bool:
+    """Whether ``configuration`` of ``plans`` already builds the checkpoint's nnssl network."""
+    architecture = _resolved_configuration(plans, configuration).get("architecture")
+    return nnssl_architecture(checkpoint) == "ResEncL" and architecture == resenc_l_architecture()
+
+
+def plans_for_checkpoint(checkpoint: Checkpoint | str | Path, dataset: int | str, configuration: str, *,
+                         plans: str = "nnUNetPlans", patch_size: list[int] | None = None,
+                         trust_pickle: bool = False, num_processes: int = 1) -> str:
+    """The plans identifier to fine-tune ``checkpoint`` with: ``plans`` itself unless the
+    checkpoint is an nnssl network those plans do not build; then the identifier of
+    :func:`prepare_nnssl_plans` (written and preprocessed beside ``plans`` on first use)."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    if not nnssl_architecture(checkpoint):
+        return plans
+    user = PreprocessedTarget.open(dataset, configuration, plans, regions=True)
+    if plans_fit_checkpoint(user.plans, configuration, checkpoint) and not patch_size:
+        return plans
+    return prepare_nnssl_plans(dataset, configuration, checkpoint, plans=plans, patch_size=patch_size,
+                               num_processes=num_processes).plans_name
+
+
+def _preprocessed_cases(folder: Path) -> set[str]:
+    return {p.name[:-len(".b2nd")] for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")}
+
+
+def prepare_nnssl_plans(dataset: int | str, configuration: str, checkpoint: Checkpoint, *,
+                        plans: str = "nnUNetPlans", patch_size: list[int] | None = None,
+                        num_processes: int = 1) -> NnsslPlans:
+    """Write :func:`nnssl_plans` beside the user's ``plans`` and preprocess the dataset for it with
+    nnU-Net's own preprocessor; return where. A plans file of that name with the same content
+    and a complete data folder are reused; one with other content, or a data folder without its
+    plans file, raises UserError (nothing is replaced). Needs the raw dataset in ``nnUNet_raw``.
+    """
+    target = PreprocessedTarget.open(dataset, configuration, plans, regions=True)  # plain nnU-Net trains regions
+    planned = nnssl_plans(target.plans, configuration, checkpoint, patch_size=patch_size)
+    plans_file = target.folder / f"{planned['plans_name']}.json"
+    data_folder = target.folder / planned["configurations"][configuration]["data_identifier"]
+    if plans_file.exists() and json.loads(plans_file.read_text()) != planned:
+        raise UserError(f"{plans_file} exists with other content (another patch size, or plans of another "
+                        "dataset version); it is not replaced: move it away, or pass another --patch-size")
+    if data_folder.exists() and not plans_file.exists():
+        raise UserError(f"{data_folder} exists without {plans_file.name}: it is not ours to replace; move it away")
+    raw = nnunet_raw() / dataset_name(dataset)
+    if not raw.is_dir():
+        raise UserError(f"the raw dataset {raw} is needed to preprocess it at the candidate's geometry "
+                        "(nnU-Net preprocesses from raw images); set nnUNet_raw to where it is")
+    expected = set(target.case_ids)
+    if plans_file.exists() and data_folder.is_dir() and _preprocessed_cases(data_folder) >= expected:
+        return NnsslPlans(planned["plans_name"], plans_file, data_folder, created=False)
+    plans_file.write_text(json.dumps(planned, indent=2))
+    _preprocess(dataset, configuration, planned["plans_name"], num_processes)
+    missing = expected - _preprocessed_cases(data_folder)
+    if missing:
+        raise RuntimeError(f"nnU-Net's preprocessing left {len(missing)} case(s) out of {data_folder}, "
+                           f"e.g. {sorted(missing)[:3]}")
+    return NnsslPlans(planned["plans_name"], plans_file, data_folder, created=True)
+
+
+def _preprocess(dataset: int | str, configuration: str, plans_name: str, num_processes: int) -> None:
+    """nnU-Net's ``DefaultPreprocessor.run`` for this plans identifier (what ``nnUNetv2_preprocess
+    -plans_name`` runs), without the gt_segmentations copy that command makes into the user's folder."""
+    target = PreprocessedTarget.open(dataset, configuration, plans_name, regions=True)
+    preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
+    preprocessor.run(dataset_name(dataset), configuration, plans_name, num_processes=num_processes)
