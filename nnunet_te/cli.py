@@ -169,7 +169,7 @@ def _rank(args: argparse.Namespace) -> int:
             check_training_target(args.d, args.c, args.train, plans=args.p, trainer=args.tr)
     sampling = SamplingConfig(**({"max_points_per_stage": args.points} if args.points is not None else {}))
     options = dict(plans=args.p, seed=args.seed, device=args.device, sampling=sampling, cache_dir=args.cache_dir,
-                   max_cases=args.cases,
+                   max_cases=args.cases, trust_pickle=args.trust_pickle,
                    **({} if args.consistency_rates is None else {"consistency_rates": args.consistency_rates}))
     if args.shard:
         if args.output is None:
@@ -225,6 +225,12 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", required=True, help="dataset id or name (as nnUNetv2_train)")
     parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres or 2d")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
+
+
+def _add_trust_pickle(parser: argparse.ArgumentParser, what: str, note: str) -> None:
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help=f"read {what} with full unpickling where weights_only=True refuses a file; it can run "
+                             f"code from the file: only for files from a trusted source{note}")
 
 
 def _add_patch_size(parser: argparse.ArgumentParser) -> None:
@@ -297,10 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised decoder")
     _add_patch_size(convert)
     _add_allow_module(convert)
-    convert.add_argument("--trust-pickle", action="store_true",
-                         help="read CHECKPOINT with full unpickling, which can run code from the file: only for a "
-                              "file from a trusted source that weights_only=True refuses; the output holds "
-                              "tensors only and loads everywhere without this flag")
+    _add_trust_pickle(convert, "CHECKPOINT", "; the output holds tensors only and loads everywhere without this flag")
     convert.set_defaults(func=_convert_weights)
 
     rank = verbs.add_parser("rank", help="rank a zoo of pre-trained checkpoints on a preprocessed dataset")
@@ -340,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --train: replace the trainer folder's nnunet_te_ranking.json and prepare a fold "
                            "that holds a finished run")
     _add_allow_module(rank)
+    _add_trust_pickle(rank, "the zoo's checkpoints (those marked 'trust_pickle: true' in the zoo file, or all)", "")
     rank.set_defaults(func=_rank)
 
     rank_cls = verbs.add_parser("rank-cls", help="rank a zoo of 2D backbones for a labelled image set "

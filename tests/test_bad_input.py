@@ -216,6 +216,44 @@ def test_convert_weights_reads_numpy1_files_and_trusted_pickles_only_when_asked(
     assert set(torch.load(out, weights_only=True)["network_weights"]) == set(weights)
 
 
+def test_rank_reads_numpy1_files_and_unpickles_only_the_entries_the_user_trusts(inputs, dataset):
+    """A zoo of a numpy-1.x nnU-Net file, a trusted pickle (argparse.Namespace) marked
+    'trust_pickle: true' and the payload file: without --trust-pickle the mark is refused before
+    anything is read; with it the marked file is unpickled, the payload (not marked) is still
+    refused by weights_only and its code never runs (``_run`` checks)."""
+    import argparse
+
+    from test_nnunet_weights import numpy1_checkpoint
+
+    from nnunet_te.networks.weights import network_for_configuration
+
+    plans, dataset_json = (json.loads((dataset.tree.preprocessed / name).read_text())
+                           for name in ("nnUNetPlans.json", "dataset.json"))
+    weights = network_for_configuration(plans, "3d_fullres", dataset_json, seed=4)[0].state_dict()
+    folder = inputs.root / "trusted_zoo"
+    folder.mkdir()
+    numpy1_checkpoint(folder / "numpy1.pth", weights)
+    torch.save({"network_weights": weights, "args": argparse.Namespace(fold=0)}, folder / "namespace.pth")
+    zoo = folder / "zoo.yaml"
+    zoo.write_text("candidates:\n  - {name: numpy1, checkpoint: numpy1.pth}\n"
+                   "  - {name: lab, checkpoint: namespace.pth, trust_pickle: true}\n"
+                   f"  - {{name: payload, checkpoint: {inputs.files / 'evil.pth'}}}\n")
+    rank = ["nnunet-te", "rank", "-d", "991", "-c", "3d_fullres", "--zoo", str(zoo), "--cases", "2",
+            "--points", "256", "--consistency-rates", "-device", "cpu"]
+    watched = [*dataset.watched, folder]
+    refused = _run([*rank, "-o", str(dataset.results / "untrusted")], dataset.env, inputs.work, watched)
+    _expect_error(refused, "candidate 'lab'", "--trust-pickle", verb="rank")
+    assert not (dataset.results / "untrusted").exists()
+    done = _run([*rank, "-o", str(dataset.results / "trusted"), "--trust-pickle"], dataset.env, inputs.work,
+                watched)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranking = json.loads((dataset.results / "trusted" / "ranking.json").read_text())
+    status = {entry["name"]: entry for entry in ranking["zoo"]}
+    assert {name for name, entry in status.items() if entry["status"] == "scored"} == {"numpy1", "lab"}
+    assert "weights_only=True" in status["payload"]["error"] and "GLOBAL" in status["payload"]["error"]
+    assert [status[name]["trust_pickle"] for name in ("numpy1", "lab", "payload")] == [False, True, False]
+
+
 @pytest.mark.parametrize("kind", ["empty", "evil_torch"])
 def test_riskmap_refuses_bad_checkpoints(inputs, dataset, kind):
     checkpoint = inputs.files / _FILE.get(kind, f"{kind}.pth")

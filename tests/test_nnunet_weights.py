@@ -250,3 +250,57 @@ def test_build_unet_checkpoint_loads_into_same_build():
     target = build_unet("PlainConvUNet", dim=2, features_per_stage=(4, 8), num_classes=2, seed=2)
     report = load_pretrained(target, parse_checkpoint(source.state_dict()), report=False)
     assert not report.missing and all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+
+
+# ---- an OpenMind ResEnc-L file (full-size layout, random values) against the user's own plans ----
+@pytest.fixture(scope="module")
+def openmind_mae(tmp_path_factory):
+    """nnssl's MAE training file: the whole ResEnc-L U-Net, its reconstruction decoder included."""
+    from conftest import _require
+    from layouts import LAYOUTS, checkpoint_from_layout
+
+    _require(LAYOUTS)
+    return read_checkpoint(checkpoint_from_layout("trainer_MAE.json", tmp_path_factory.mktemp("mae") / "mae.pth"))
+
+
+def _resenc(n_stages: int = 6, first_kernel=(3, 3, 3)):
+    """A ResidualEncoderUNet of ResEnc-L's widths with ``n_stages`` and its first kernel."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from nnunet_te.networks.nnssl import RESENC_L
+
+    kwargs = {**RESENC_L, "n_stages": n_stages, "features_per_stage": RESENC_L["features_per_stage"][:n_stages],
+              "kernel_sizes": [list(first_kernel)] + [[3, 3, 3]] * (n_stages - 1),
+              "strides": RESENC_L["strides"][:n_stages], "n_blocks_per_stage": RESENC_L["n_blocks_per_stage"][:n_stages],
+              "n_conv_per_stage_decoder": RESENC_L["n_conv_per_stage_decoder"][:n_stages - 1]}
+    return ResidualEncoderUNet(input_channels=1, num_classes=3, **kwargs)
+
+
+def test_nnssl_file_into_resenc_plans_transfers_encoder_and_stem_not_the_pretext_decoder(openmind_mae):
+    network = _resenc()
+    report = load_pretrained(network, openmind_mae, report=False)
+    decoder = [k for k in network.state_dict() if k.startswith("decoder.") and not k.startswith("decoder.encoder.")]
+    assert decoder and set(decoder) <= set(report.missing)
+    assert all(k in report.loaded for k in network.state_dict() if k.startswith("encoder."))
+    assert {report.skipped[k] for k in report.skipped if k.startswith("decoder.stages.")} == \
+        {"encoder_only: decoder tensor not loaded"}
+    # the user may still ask for the decoder (same architecture: all but the 1-class head fits)
+    asked = load_pretrained(_resenc(), openmind_mae, encoder_only=False, report=False)
+    assert {k for k in decoder if ".seg_layers." not in k} <= set(asked.loaded)
+
+
+def test_plans_with_fewer_stages_than_the_checkpoint_are_refused_not_truncated(openmind_mae):
+    network = _resenc(n_stages=4)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    with pytest.raises(ValueError, match="the checkpoint.s encoder has 6 stages, the ResidualEncoderUNet network 4 \\(its stages 4-5"):
+        load_pretrained(network, openmind_mae, report=False)
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+    partial = load_pretrained(network, openmind_mae, require_full_encoder=False, report=False)
+    assert any(k.startswith("encoder.stages.5.") for k in partial.skipped)
+
+
+def test_another_first_kernel_is_named_a_kernel_mismatch(openmind_mae):
+    with pytest.raises(ValueError, match=r"kernel mismatch: checkpoint kernel 3x3x3 vs network 1x3x3 at "
+                                         r"encoder\.stem\.") as err:
+        load_pretrained(_resenc(first_kernel=(1, 3, 3)), openmind_mae, report=False)
+    assert "input channel" not in str(err.value)

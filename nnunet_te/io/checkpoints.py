@@ -213,12 +213,27 @@ def _refusal(err: Exception) -> str:
     return (useful or lines[-1:] or [type(err).__name__])[0][:300]
 
 
+def _load_tensors_only(path: Path, map_location):
+    with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _load_trusted(path: Path, map_location):
+    """Full unpickling, reached only after ``weights_only`` refused the file and the user opted in."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # a trusted pickle can still be damaged or need a module not installed
+        raise UserError(f"{path}: full unpickling (--trust-pickle) failed too: {type(err).__name__}: "
+                        f"{str(err)[:200]}") from err
+
+
 def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
                     trust_pickle: bool = False) -> Checkpoint:
     """Read a weights file in any of ``FORMATS``.
 
-    Uses ``torch.load(weights_only=True)`` (plus numpy scalars); ``trust_pickle=True`` allows full
-    unpickling, which can execute code from the file: only for files from a trusted source.
+    Uses ``torch.load(weights_only=True)`` (plus numpy scalars); ``trust_pickle=True`` falls back
+    to full unpickling when that refuses the file, which can execute code from it: the user's
+    opt-in for files from a trusted source, never an input file's.
     Raises ``FileNotFoundError`` for a missing file and :class:`~nnunet_te.errors.UserError` (a
     ValueError) naming the file and the problem: empty, truncated, not a torch file (text, a plain
     pickle, NumPy, another archive), refused by ``weights_only`` (Python objects other than
@@ -231,17 +246,16 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     if problem:
         raise UserError(f"{path}: {problem}; accepted: {ACCEPTED}")
     try:
-        if trust_pickle:
-            obj = torch.load(path, map_location=map_location, weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
-                obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = _load_tensors_only(path, map_location)
     except pickle.UnpicklingError as err:
-        raise UserError(f"{path}: refused by torch.load(weights_only=True), nothing in it was run: it holds "
-                        f"Python objects other than tensors ({_refusal(err)}). If the file comes from a trusted "
-                        "source, convert it once with `nnunet-te convert-weights FILE -d DATASET -c CONFIGURATION -o OUT "
-                        "--trust-pickle` (full unpickling, which can run code from the file) and use OUT: it "
-                        "loads everywhere with weights_only=True") from err
+        if not trust_pickle:
+            raise UserError(f"{path}: refused by torch.load(weights_only=True), nothing in it was run: it holds "
+                            f"Python objects other than tensors ({_refusal(err)}). If the file comes from a trusted "
+                            "source, allow full unpickling (which can run code from the file) for this run: "
+                            "`nnunet-te rank ... --trust-pickle` (with `trust_pickle: true` on its zoo entry to "
+                            "limit it to this file) or `nnunet-te convert-weights FILE -d DATASET -c CONFIGURATION "
+                            "-o OUT --trust-pickle` once, whose OUT loads everywhere without the flag") from err
+        obj = _load_trusted(path, map_location)
     except (EOFError, IndexError) as err:  # torch's unpickler stops anywhere in a cut-off file
         raise UserError(f"{path}: truncated or damaged torch file ({type(err).__name__}: {err}); "
                         "copy it again") from err

@@ -9,7 +9,12 @@ Loading rules (``load_pretrained``):
   is repeated over the network's N input channels and divided by N, so an image replicated N times
   gives the pre-trained first-layer activation exactly; any other channel difference is an error;
 - ``seg_layers`` are loaded only when the class count matches;
-- if no encoder tensor loads, the architectures differ: ``ValueError("architecture mismatch")``.
+- nnssl checkpoints give their encoder and stem only (the pretext decoder of MAE, Models Genesis,
+  VolumeFusion and SparK files is not a segmentation decoder; upstream nnU-Net's
+  ``PretrainedTrainer`` transfers the same parts), unless ``encoder_only=False`` is asked for;
+- if no encoder tensor loads, the architectures differ: ``ValueError("architecture mismatch")``;
+  a kernel that differs is named a kernel mismatch, and a checkpoint encoder with more stages
+  than the network is an error, not a silent drop of its deepest stages.
 """
 
 from __future__ import annotations
@@ -113,7 +118,10 @@ def _in_proj_weights(network: nn.Module, checkpoint: Checkpoint, target: dict) -
 def _repeat_input_channels(key: str, value: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, str]:
     """(C_out, 1, *k) stem weight -> (C_out, N, *k) divided by N; other channel counts are an error."""
     c_ckpt, c_net = value.shape[1], shape[1]
-    if value.shape[:1] + value.shape[2:] != shape[:1] + shape[2:] or c_ckpt != 1:
+    if value.shape[2:] != shape[2:]:
+        raise ValueError(f"{_mismatch(value.shape, shape)} at {key}: the first layer was pre-trained with "
+                         "another kernel, so the plans' first stage differs from the checkpoint's")
+    if value.shape[0] != shape[0] or c_ckpt != 1:
         raise ValueError(f"input channel mismatch at {key}: checkpoint {tuple(value.shape)} "
                          f"({c_ckpt} input channels), network {tuple(shape)} ({c_net}); only a "
                          "1-channel checkpoint can be repeated over N input channels")
@@ -121,15 +129,46 @@ def _repeat_input_channels(key: str, value: torch.Tensor, shape: torch.Size) -> 
     return repeated, f"input channels repeated 1 -> {c_net}, scaled 1/{c_net}"
 
 
+def _mismatch(checkpoint_shape: torch.Size, network_shape: torch.Size) -> str:
+    """'kernel mismatch: ...' when only a convolution's kernel differs, else 'shape mismatch: ...'."""
+    a, b = tuple(checkpoint_shape), tuple(network_shape)
+    if len(a) == len(b) >= 3 and a[:2] == b[:2]:
+        return f"kernel mismatch: checkpoint kernel {'x'.join(map(str, a[2:]))} vs network {'x'.join(map(str, b[2:]))}"
+    return f"shape mismatch: checkpoint {a} vs network {b}"
+
+
+def _stage_count(keys, prefix: str) -> int:
+    """Number of ``<prefix><i>.`` stages among ``keys`` (highest index + 1; 0 when none)."""
+    indices = [int(k[len(prefix):].split(".")[0]) for k in keys
+               if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()]
+    return max(indices) + 1 if indices else 0
+
+
+def _check_no_encoder_dropped(source: dict, target: dict, encoder_root: str, name: str, network: str) -> None:
+    """ValueError when encoder tensors of the checkpoint have no place in the network (a plan with
+    fewer stages would otherwise drop the checkpoint's deepest stages silently)."""
+    dropped = [k for k in source if k.startswith(f"{encoder_root}.") and k not in target]
+    if not dropped:
+        return
+    prefix = f"{encoder_root}.stages."
+    stages = _stage_count(source, prefix), _stage_count(target, prefix)
+    what = (f"the checkpoint's encoder has {stages[0]} stages, the {network} network {stages[1]} (its stages "
+            f"{stages[1]}-{stages[0] - 1} would be dropped)" if stages[0] > stages[1] > 0
+            else f"{len(dropped)} encoder tensors have no place in the {network} network, e.g. {dropped[:3]}")
+    raise ValueError(f"{name}: {what}; use plans with the checkpoint's encoder, or pass "
+                     "require_full_encoder=False to load the part that fits")
+
+
 def load_pretrained(network: nn.Module, checkpoint: Checkpoint | str | Path, *,
                     encoder_only: bool | None = None, require_full_encoder: bool = True,
                     report: bool = True) -> LoadReport:
     """Load what fits of ``checkpoint`` into ``network`` in place; return the ``LoadReport``.
 
-    ``encoder_only``: load only encoder tensors (both copies); default: the checkpoint's
-    ``encoder_only`` flag (an encoder-only file loads nothing else anyway).
+    ``encoder_only``: load only encoder tensors (both copies); default: True for nnssl checkpoints
+    and encoder-only files, else False.
     ``require_full_encoder``: for dynamic_network_architectures U-Nets, every encoder tensor must
-    load, else ``ValueError`` (a half-loaded encoder is almost always a wrong checkpoint).
+    load and every encoder tensor of the checkpoint must find its place, else ``ValueError`` (a
+    half-loaded or truncated encoder is almost always a wrong checkpoint or plan).
     ``report``: print the report summary. Raises ``ValueError`` on an input-channel mismatch or
     when no encoder tensor loads ("architecture mismatch"); the network is unchanged then.
     """
@@ -142,7 +181,8 @@ def load_pretrained(network: nn.Module, checkpoint: Checkpoint | str | Path, *,
     encoder_root = getattr(module, "key_to_encoder", "").split(".")[0]
     is_encoder = (lambda k: k.startswith((f"{encoder_root}.", f"decoder.{encoder_root}."))) if encoder_root \
         else (lambda k: True)
-    only_encoder = checkpoint.encoder_only if encoder_only is None else encoder_only
+    only_encoder = ((checkpoint.encoder_only or checkpoint.format == "nnssl") if encoder_only is None
+                    else encoder_only)
     result = LoadReport(checkpoint.source, checkpoint.format)
     new_values = {}
     for key, value in source.items():
@@ -157,8 +197,7 @@ def load_pretrained(network: nn.Module, checkpoint: Checkpoint | str | Path, *,
         elif ".seg_layers." in key:
             result.skipped[key] = f"seg_layers: class count differs ({value.shape[0]} vs {target[key].shape[0]})"
         else:
-            result.skipped[key] = (f"shape mismatch: checkpoint {tuple(value.shape)} "
-                                   f"vs network {tuple(target[key].shape)}")
+            result.skipped[key] = _mismatch(value.shape, target[key].shape)
     encoder_keys = [k for k in target if is_encoder(k)]
     loaded_encoder = [k for k in encoder_keys if k in new_values]
     if not loaded_encoder:
@@ -167,10 +206,16 @@ def load_pretrained(network: nn.Module, checkpoint: Checkpoint | str | Path, *,
                          f"{encoder_keys[:3]}, found {list(checkpoint.state_dict)[:3]}")
     if encoder_root and require_full_encoder and len(loaded_encoder) < len(encoder_keys):
         absent = [k for k in encoder_keys if k not in new_values]
+        kernels = [k for k in absent if result.skipped.get(k, "").startswith("kernel mismatch")]
+        shown = kernels or absent  # a kernel mismatch explains the rest; name it first
         raise ValueError(f"checkpoint {checkpoint.source} misses or mismatches {len(absent)} of "
-                         f"{len(encoder_keys)} encoder tensors, e.g. "
-                         f"{[(k, result.skipped.get(k, 'missing')) for k in absent[:3]]}; "
+                         f"{len(encoder_keys)} encoder tensors"
+                         f"{f' ({len(kernels)} of them kernel mismatches: the plans use other kernels)' if kernels else ''}"
+                         f", e.g. {[(k, result.skipped.get(k, 'missing')) for k in shown[:3]]}; "
                          "pass require_full_encoder=False to load it partially")
+    if encoder_root and require_full_encoder:
+        _check_no_encoder_dropped(source, target, encoder_root, f"checkpoint {checkpoint.source}",
+                                  type(module).__name__)
     module.load_state_dict({**target, **new_values})
     result.loaded = sorted(new_values)
     result.missing = sorted(set(target) - set(new_values))

@@ -46,7 +46,7 @@ from nnunet_te.ranking.scoring import ZooScores, score_zoo
 from nnunet_te.ranking.extraction import (CandidateOutcome, ExtractionSettings, extract_locally, extract_on_ray,
                                           merged_outcomes, ranking_fingerprint, shard_candidates,
                                           shard_record_path, write_shard_record)
-from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network, read_zoo
+from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network, read_zoo, with_trusted_pickles
 
 #: PreprocessedCases and check_classes_present live in nnunet_te.data.target; importable here too.
 __all__ = ["RankingResult", "rank_zoo", "extract_shard", "default_ranking_root", "PreprocessedCases",
@@ -132,12 +132,13 @@ def _samples_fingerprint(features) -> dict:
     return {"n": int(y.size), "sha256": digest.hexdigest()}
 
 
-def _zoo_candidates(zoo: str | Path | Sequence[Candidate]) -> list[Candidate]:
-    """The zoo's candidates (a zoo file is read and validated); ValueError when it is empty."""
+def _zoo_candidates(zoo: str | Path | Sequence[Candidate], trust_pickle: bool) -> list[Candidate]:
+    """The zoo's candidates (a zoo file is read and validated), with the user's ``trust_pickle``
+    applied (:func:`~nnunet_te.ranking.zoo.with_trusted_pickles`); ValueError when it is empty."""
     candidates = list(read_zoo(zoo) if isinstance(zoo, (str, Path)) else zoo)
     if not candidates:
         raise ValueError("the zoo is empty: nothing to rank")
-    return candidates
+    return with_trusted_pickles(candidates, trust_pickle)
 
 
 def _ranked_cases(target: PreprocessedTarget, case_ids: Sequence[str] | None, max_cases: int | None,
@@ -158,7 +159,9 @@ def _load_reports(candidates: list[Candidate], target: PreprocessedTarget, seed:
     reports: dict[str, dict] = {}
     for candidate in candidates:
         try:  # the network is dropped at once: one network in memory at a time
-            reports[candidate.name] = candidate_network(candidate, target, seed=seed).load_report.to_dict()
+            report = candidate_network(candidate, target, seed=seed).load_report
+            print(f"{candidate.name}: {report}")
+            reports[candidate.name] = report.to_dict()
         except CandidateError as err:
             errors[candidate.name] = err.reason
     if all(c.name in errors for c in candidates):
@@ -207,8 +210,8 @@ class _RankingInputs(NamedTuple):
 
 
 def _ranking_inputs(dataset, configuration, zoo, *, plans, seed, device, sampling, cache_dir, case_ids,
-                    max_cases, consistency_rates, preprocessed_root) -> _RankingInputs:
-    candidates = _zoo_candidates(zoo)
+                    max_cases, consistency_rates, preprocessed_root, trust_pickle) -> _RankingInputs:
+    candidates = _zoo_candidates(zoo, trust_pickle)
     target = PreprocessedTarget.open(dataset, configuration, plans, preprocessed_root=preprocessed_root)
     cases = _ranked_cases(target, case_ids, max_cases, seed)
     root = default_ranking_root(target.dataset_name, plans, configuration)
@@ -226,7 +229,7 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
              case_ids: Sequence[str] | None = None, max_cases: int | None = None,
              consistency_rates: Sequence[float] = CONSISTENCY_RATES,
              preprocessed_root: str | Path | None = None, ray: bool | str = False, merge: bool = False,
-             progress: bool = True) -> RankingResult:
+             trust_pickle: bool = False, progress: bool = True) -> RankingResult:
     """Rank the candidates of ``zoo`` for ``dataset`` / ``configuration``; write the ranking.
 
     Arguments: ``dataset`` id or name (preprocessed with ``nnUNetv2_plan_and_preprocess``);
@@ -242,7 +245,9 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     ``$nnUNet_preprocessed``). ``ray``: extract each candidate in a Ray task (True: a local Ray
     instance; a string: the cluster's address); ``merge``: extract nothing, take every
     candidate's features from the shards :func:`extract_shard` wrote to ``out_dir``
-    (:mod:`nnunet_te.ranking.extraction`).
+    (:mod:`nnunet_te.ranking.extraction`). ``trust_pickle``: checkpoints that
+    ``weights_only=True`` refuses may be fully unpickled (all, or the entries marked
+    ``trust_pickle: true``; :mod:`nnunet_te.ranking.zoo`), the user's opt-in for trusted files.
 
     Raises ValueError for an empty zoo, unknown metrics, a foreground class absent from every
     sampled case, and RuntimeError when no candidate loads (the message lists each candidate's
@@ -254,7 +259,8 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
         raise UserError("--merge needs -o: the folder the shards wrote their records to")
     inputs = _ranking_inputs(dataset, configuration, zoo, plans=plans, seed=seed, device=device, sampling=sampling,
                              cache_dir=cache_dir, case_ids=case_ids, max_cases=max_cases,
-                             consistency_rates=consistency_rates, preprocessed_root=preprocessed_root)
+                             consistency_rates=consistency_rates, preprocessed_root=preprocessed_root,
+                             trust_pickle=trust_pickle)
     candidates, target, cases, settings, cache, root = inputs
     requested = metrics_for(SEGMENTATION, list(metrics) if metrics else None)
     out_folder = _output_folder(Path(out_dir).resolve() if out_dir is not None else None, root)
@@ -305,7 +311,8 @@ def extract_shard(dataset: int | str, configuration: str, zoo: str | Path | Sequ
                   device: str = "cpu", sampling: SamplingConfig | None = None, cache_dir: str | Path | None = None,
                   case_ids: Sequence[str] | None = None, max_cases: int | None = None,
                   consistency_rates: Sequence[float] = CONSISTENCY_RATES,
-                  preprocessed_root: str | Path | None = None, progress: bool = True) -> Path:
+                  preprocessed_root: str | Path | None = None, trust_pickle: bool = False,
+                  progress: bool = True) -> Path:
     """Shard ``I`` of ``N`` of a ranking (``shard=(I, N)``): extract the features of candidates
     ``I, I+N, ...`` into the feature cache and write ``out_dir/shard-I-of-N.json``; then
     ``rank_zoo(..., merge=True, out_dir=out_dir)`` with the same arguments ranks the whole zoo.
@@ -318,7 +325,7 @@ def extract_shard(dataset: int | str, configuration: str, zoo: str | Path | Sequ
     candidates, target, cases, settings, cache, _ = _ranking_inputs(
         dataset, configuration, zoo, plans=plans, seed=seed, device=device, sampling=sampling, cache_dir=cache_dir,
         case_ids=case_ids, max_cases=max_cases, consistency_rates=consistency_rates,
-        preprocessed_root=preprocessed_root)
+        preprocessed_root=preprocessed_root, trust_pickle=trust_pickle)
     outcomes = extract_locally(shard_candidates(candidates, index, count), target, cases, settings, cache,
                                progress=progress)
     return write_shard_record(record, ranking_fingerprint(candidates, cases, settings, plans, cache), outcomes)

@@ -7,6 +7,9 @@ Zoo file (YAML or JSON, one top-level key)::
         checkpoint: weights/mae.pth   # relative paths are relative to the zoo file
         format: nnssl                 # optional: nnunet | nnssl | monai | state_dict (auto-detected)
         notes: ResEnc-L, MAE on OpenMind
+      - name: old_lab_model
+        checkpoint: weights/old.pth
+        trust_pickle: true            # optional: see "Trusted pickles" below
       - name: monai_basicunet
         checkpoint: weights/basicunet.pt
         architecture:                 # required for MONAI checkpoints
@@ -23,6 +26,13 @@ Networks (:func:`candidate_network`):
   ``in_channels``, ``out_channels`` (and ``spatial_dims`` where the class takes it) default to the
   target's input channels, class count and configuration dimension.
 
+Trusted pickles: a checkpoint that ``torch.load(weights_only=True)`` refuses (it holds Python
+objects other than tensors) is fully unpickled only when the user passes ``--trust-pickle``
+(``trust_pickle=True`` in Python), since full unpickling can run code from the file; a zoo file
+alone never turns it on. ``trust_pickle: true`` on entries limits the flag to those entries;
+without such entries the flag covers every candidate. Files that ``weights_only`` reads are never
+unpickled in full.
+
 Stages hooked: :mod:`nnunet_te.networks.stages`.
 """
 
@@ -32,7 +42,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,7 +59,7 @@ from nnunet_te.io.files import file_sha256
 from nnunet_te.networks.stages import STAGES, stage_modules
 
 ZOO_KEYS = {"candidates"}
-CANDIDATE_KEYS = {"name", "checkpoint", "format", "architecture", "notes"}
+CANDIDATE_KEYS = {"name", "checkpoint", "format", "architecture", "notes", "trust_pickle"}
 ARCHITECTURE_KEYS = {"class", "kwargs"}
 
 
@@ -64,13 +74,15 @@ class CandidateError(UserError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One zoo entry. ``checkpoint`` is absolute; ``format`` None means auto-detect."""
+    """One zoo entry. ``checkpoint`` is absolute; ``format`` None means auto-detect;
+    ``trust_pickle``: full unpickling allowed (:func:`with_trusted_pickles`, the user's opt-in)."""
 
     name: str
     checkpoint: Path
     format: str | None = None
     architecture: dict | None = None
     notes: str = ""
+    trust_pickle: bool = False
 
     def content_hash(self) -> str:
         """sha256 over the checkpoint's bytes and the architecture spec: the identity of the
@@ -81,7 +93,7 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "checkpoint": str(self.checkpoint), "format": self.format,
-                "architecture": self.architecture, "notes": self.notes}
+                "architecture": self.architecture, "notes": self.notes, "trust_pickle": self.trust_pickle}
 
 
 def _load_zoo_file(path: Path) -> object:
@@ -133,7 +145,26 @@ def _candidate(entry: object, index: int, base: Path) -> Candidate:
     elif fmt == "monai":
         raise CandidateError(name, "MONAI checkpoints need 'architecture: {class: monai.networks.nets.<Net>, "
                                    "kwargs: {...}}' (a state dict does not say how to build its network)")
-    return Candidate(name.strip(), checkpoint.resolve(), fmt, architecture, str(entry.get("notes") or ""))
+    trust = entry.get("trust_pickle", False)
+    if not isinstance(trust, bool):
+        raise CandidateError(name, f"'trust_pickle' must be true or false, got {trust!r}")
+    return Candidate(name.strip(), checkpoint.resolve(), fmt, architecture, str(entry.get("notes") or ""), trust)
+
+
+def with_trusted_pickles(candidates: list[Candidate], trust_pickle: bool) -> list[Candidate]:
+    """The candidates whose checkpoints may be fully unpickled, by the user's ``trust_pickle``
+    flag: the entries marked ``trust_pickle: true``, or every entry when none is marked.
+
+    Raises :class:`CandidateError` for a marked entry without the flag: a zoo file cannot allow
+    code execution by itself."""
+    marked = [c for c in candidates if c.trust_pickle]
+    if not trust_pickle:
+        if marked:
+            raise CandidateError(marked[0].name, "'trust_pickle: true' takes effect only with the user's own "
+                                                 "opt-in: add --trust-pickle to the command (trust_pickle=True in "
+                                                 "Python); full unpickling can run code from the file")
+        return candidates
+    return [c if marked else replace(c, trust_pickle=True) for c in candidates]
 
 
 def read_zoo(path: str | Path) -> list[Candidate]:
@@ -236,7 +267,7 @@ def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
     network is built, otherwise by the loader's shape check), or weights that do not fit.
     """
     try:
-        checkpoint = read_checkpoint(candidate.checkpoint)
+        checkpoint = read_checkpoint(candidate.checkpoint, trust_pickle=candidate.trust_pickle)
     except Exception as err:  # torch's unpickler raises anything (IndexError, ...) on a corrupt file
         raise CandidateError(candidate.name, f"checkpoint does not load: {type(err).__name__}: {err}") from err
     if candidate.format is not None and checkpoint.format != candidate.format:
