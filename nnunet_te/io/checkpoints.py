@@ -9,9 +9,13 @@ Formats (``Checkpoint.format``):
   ``key_to_stem``, ``keys_to_in_proj``, ``recommended_downstream_patchsize``); also nnssl's SparK
   training file, which has ``spark_weights`` and no plan (its ResEnc-L is recognised by its keys).
   A checkpoint with an ``adaptation_plan.json`` beside it (nnssl's published pair) takes that plan.
-- ``monai``: a state dict of a MONAI network, bare or under ``state_dict`` / ``model``. Recognised
-  by MONAI's block naming: ``.adn.`` (the activation-dropout-norm blocks of ``Convolution`` and
-  ``ResidualUnit``, used by ``UNet`` and ``BasicUNet``) or the ``swinViT.`` prefix (``SwinUNETR``).
+- ``monai``: a state dict of a MONAI network, bare or under ``state_dict`` / ``model``, recognised
+  by its top-level module names (:data:`MONAI_SIGNATURES`: UNet, AttentionUnet, BasicUNet,
+  SegResNet, DynUNet, UNETR, SwinUNETR, VNet; ``metadata['monai_network']``, which the zoo checks
+  against the architecture it is loaded into), or MONAI's ``.adn.`` blocks for another MONAI
+  network. Also the self-supervised Swin ViT weights ``SwinUNETR.load_from`` reads (a
+  ``state_dict`` of ``module.patch_embed.*`` and ``module.layers<i>.0.*``): renamed to
+  SwinUNETR's ``swinViT.*``, ``metadata['layout']`` says so.
 - ``state_dict``: any other mapping of names to tensors, bare or under ``state_dict`` / ``model``.
 
 Files are read with ``torch.load(weights_only=True)``, which cannot run code from the file; the
@@ -67,7 +71,7 @@ class Checkpoint:
     ``state_dict``: {name: tensor} without ``module.`` / ``_orig_mod.`` prefixes.
     ``metadata``: ``trainer_name``, ``plans``, ``configuration``, ``dataset_json``, ``fold``,
     ``current_epoch`` (nnunet); ``arch_class_name`` and ``NNSSL_PLAN_FIELDS`` (nnssl);
-    ``monai_network`` when recognisable (monai).
+    ``monai_network`` when recognisable and ``layout`` for the load_from layout (monai).
     ``encoder_only``: every tensor belongs to a U-Net encoder (``encoder.*`` / ``decoder.encoder.*``).
     """
 
@@ -100,17 +104,37 @@ def _is_state_dict(obj) -> bool:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
 
 
+#: MONAI networks recognised by their module names: the top-level modules a state dict of each
+#: must have, and a key fragment where two networks share top-level names (UNet, AttentionUnet).
+MONAI_SIGNATURES = {
+    "SwinUNETR": ({"swinViT", "encoder10"}, ""), "UNETR": ({"vit", "encoder1", "decoder5"}, ""),
+    "BasicUNet": ({"conv_0", "down_1"}, ""), "SegResNet": ({"convInit", "down_layers"}, ""),
+    "DynUNet": ({"input_block", "downsamples", "bottleneck"}, ""), "VNet": ({"in_tr", "down_tr32"}, ""),
+    "AttentionUnet": ({"model"}, ".attention.W_g."), "UNet": ({"model"}, ".adn."),
+}
+MONAI_NETWORKS = tuple(MONAI_SIGNATURES)
+#: Key prefixes of the self-supervised Swin ViT weights ``SwinUNETR.load_from`` reads (MONAI's
+#: ``model_swinvit.pt``: ``state_dict`` of ``module.patch_embed.*``, ``module.layers<i>.0.*``).
+_SWIN_SSL_PARTS = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")
+
+
 def _monai_network(keys: list[str]) -> str | None:
-    """The MONAI network a state dict comes from, judged by MONAI's module names, else None."""
-    if any(k.startswith("swinViT.") for k in keys):
-        return "SwinUNETR"
-    if not any(".adn." in k for k in keys):
+    """The MONAI network a state dict comes from, judged by MONAI's module names, else None.
+    AttentionUnet is told from UNet by its attention gates (both nest ``model.*``)."""
+    tops = {k.split(".")[0] for k in keys}
+    for name, (modules, fragment) in MONAI_SIGNATURES.items():
+        if modules <= tops and (not fragment or any(fragment in k for k in keys)):
+            return name
+    return "unknown MONAI network" if any(".adn." in k for k in keys) else None
+
+
+def _swin_ssl_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The Swin ViT of MONAI's self-supervised layout under SwinUNETR's names (``swinViT.*``;
+    the pre-training heads keep their names and are not loaded), or None for any other file."""
+    if "patch_embed.proj.weight" not in state_dict or not any(
+            k.startswith("layers1.0.blocks.") and k.endswith("attn.relative_position_bias_table") for k in state_dict):
         return None
-    if any(k.startswith("model.") for k in keys):
-        return "UNet"
-    if any(k.startswith("conv_0.") for k in keys):
-        return "BasicUNet"
-    return "unknown MONAI network"
+    return {f"swinViT.{k}" if k.startswith(_SWIN_SSL_PARTS) else k: v for k, v in state_dict.items()}
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "<memory>") -> None:
@@ -167,7 +191,10 @@ def parse_checkpoint(obj, source: str = "<memory>") -> Checkpoint:
     if any(marker in obj for marker in _LIGHTNING_MARKERS):
         state_dict = _without_lightning_prefix(state_dict)
     check_finite(state_dict, source)
-    if fmt == "state_dict" and (monai := _monai_network(list(state_dict))):
+    if fmt == "state_dict" and (swin := _swin_ssl_layout(state_dict)) is not None:
+        fmt, state_dict = "monai", swin
+        metadata = {"monai_network": "SwinUNETR", "layout": "SwinUNETR.load_from self-supervised Swin ViT"}
+    elif fmt == "state_dict" and (monai := _monai_network(list(state_dict))):
         fmt, metadata = "monai", {"monai_network": monai}
     encoder_only = all(k.startswith(("encoder.", "decoder.encoder.")) for k in state_dict)
     return Checkpoint(state_dict, fmt, metadata, encoder_only, source)

@@ -15,7 +15,7 @@ anything is imported:
   package; the caller checks that the factory returned an ``nn.Module``.
 - Keyword arguments that make a constructor read a file or a remote model (``checkpoint_path``,
   ``pretrained_cfg``, ``*path*``, ``*file*``, ``*url*``, a timm ``hf-hub:`` / ``local-dir:`` model
-  name) are refused: a zoo entry's ``checkpoint`` is the only file it reads, and that one is read
+  name, timm's ``pretrained=True``, torchvision's ``weights=...``) are refused: a zoo entry's ``checkpoint`` is the only file it reads, and that one is read
   with ``weights_only=True``.
 """
 
@@ -40,6 +40,9 @@ FACTORY_MODULES = ("torchvision.models", "timm.models", "monai.networks.nets",
 ENVIRONMENT = "NNUNET_TE_ALLOW_MODULES"
 #: Keyword-argument names (substrings) that would make a constructor read a file or a download.
 FILE_KWARGS = ("path", "file", "url", "checkpoint", "pretrained_cfg")
+#: Keyword arguments that download pre-trained weights when set (timm ``pretrained``, torchvision
+#: ``weights`` / ``weights_backbone``).
+DOWNLOAD_KWARGS = ("pretrained", "weights", "weights_backbone")
 _REMOTE_MODEL_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http:", "https:")
 
 
@@ -116,6 +119,9 @@ def check_kwargs(kwargs: Mapping, what: str) -> None:
             raise UserError(f"{what}: keyword argument {key!r} refused: it would make the constructor read a "
                             "file or a download; give the weights as the entry's 'checkpoint' (read with "
                             "weights_only=True)")
+        if key in DOWNLOAD_KWARGS and value not in (None, False):
+            raise UserError(f"{what}: {key}={value!r} refused: it would make the constructor download weights "
+                            "(timm pretrained, torchvision weights); give them as the entry's 'checkpoint'")
         if key == "model_name" and isinstance(value, str) and value.lower().startswith(_REMOTE_MODEL_PREFIXES):
             raise UserError(f"{what}: model_name {value!r} refused: it names a remote or local model whose files "
                             "the constructor would read; give the weights as the entry's 'checkpoint'")

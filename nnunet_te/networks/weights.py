@@ -7,7 +7,9 @@ Loading rules (``load_pretrained``):
   ``decoder.encoder.*``, the same modules): a checkpoint holding one copy fills both;
 - the input projection (``keys_to_in_proj``, or the first convolution) of a 1-channel checkpoint
   is repeated over the network's N input channels and divided by N, so an image replicated N times
-  gives the pre-trained first-layer activation exactly; any other channel difference is an error;
+  gives the pre-trained first-layer activation exactly; a 3-channel one (RGB backbones) is summed into
+  a 1-channel network, exactly the activation of the grey image repeated 3 times; any other channel
+  difference is an error;
 - ``seg_layers`` are loaded only when the class count matches;
 - nnssl checkpoints give their encoder and stem only (the pretext decoder of MAE, Models Genesis,
   VolumeFusion and SparK files is not a segmentation decoder; upstream nnU-Net's
@@ -121,10 +123,15 @@ def _repeat_input_channels(key: str, value: torch.Tensor, shape: torch.Size) -> 
     if value.shape[2:] != shape[2:]:
         raise ValueError(f"{_mismatch(value.shape, shape)} at {key}: the first layer was pre-trained with "
                          "another kernel, so the plans' first stage differs from the checkpoint's")
+    if value.shape[0] == shape[0] and c_net == 1 and c_ckpt == 3:
+        # an RGB backbone: a grey image seen as 3 identical channels gives exactly this activation
+        # (other channel counts are modalities, which a sum would mix)
+        return value.sum(dim=1, keepdim=True), "input channels summed 3 (RGB) -> 1"
     if value.shape[0] != shape[0] or c_ckpt != 1:
         raise ValueError(f"input channel mismatch at {key}: checkpoint {tuple(value.shape)} "
                          f"({c_ckpt} input channels), network {tuple(shape)} ({c_net}); only a "
-                         "1-channel checkpoint can be repeated over N input channels")
+                         "1-channel checkpoint can be repeated over N input channels, or an RGB one "
+                         "summed into 1")
     repeated = value.repeat(1, c_net, *([1] * (value.ndim - 2))) / c_net
     return repeated, f"input channels repeated 1 -> {c_net}, scaled 1/{c_net}"
 

@@ -50,13 +50,14 @@ import torch
 from torch import nn
 
 from nnunet_te.errors import UserError
-from nnunet_te.io.checkpoints import FORMATS, Checkpoint, read_checkpoint
+from nnunet_te.io.checkpoints import FORMATS, MONAI_NETWORKS, Checkpoint, read_checkpoint
 from nnunet_te.networks import classpaths
 from nnunet_te.networks.nnssl import nnssl_architecture, nnssl_network
 from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.networks.weights import LoadReport, load_pretrained, network_for_target
 from nnunet_te.io.files import file_sha256
-from nnunet_te.networks.stages import STAGES, stage_modules
+from nnunet_te.networks.backbones import for_segmentation
+from nnunet_te.networks.stages import first_convolution, stage_modules
 
 ZOO_KEYS = {"candidates"}
 CANDIDATE_KEYS = {"name", "checkpoint", "format", "architecture", "notes", "trust_pickle"}
@@ -224,22 +225,20 @@ def _checkpoint_input_channels(checkpoint: Checkpoint) -> int | None:
 
 def _architecture_network(candidate: Candidate, target: PlannedConfiguration, seed: int) -> nn.Module:
     module_name, _, class_name = candidate.architecture["class"].rpartition(".")
-    try:  # an allowed package's nn.Module subclass only (nnunet_te.networks.classpaths)
-        cls = classpaths.resolve(candidate.architecture["class"], "architecture class")
+    try:  # an allowed package's nn.Module subclass or factory only (nnunet_te.networks.classpaths)
+        cls = classpaths.resolve(candidate.architecture["class"], "architecture class", factories=True)
     except UserError as err:
         raise CandidateError(candidate.name, str(err)) from None
     except (ImportError, AttributeError, ValueError) as err:
         raise CandidateError(candidate.name, f"architecture class {candidate.architecture['class']!r} "
                                              f"cannot be imported ({err})") from err
-    if class_name not in STAGES:
-        raise CandidateError(candidate.name, f"no stage hooks defined for {class_name}; "
-                                             f"supported: {sorted(STAGES)}")
     kwargs = dict(candidate.architecture["kwargs"])
     accepted = inspect.signature(cls).parameters
+    timm_factory = getattr(cls, "__module__", "").startswith("timm.") and not inspect.isclass(cls)
     defaults = {"in_channels": target.n_inputs, "out_channels": target.n_classes,
-                "spatial_dims": target.ndim}
+                "spatial_dims": target.ndim, "in_chans": target.n_inputs}
     for key, value in defaults.items():
-        if key in accepted:
+        if key in accepted or (timm_factory and key == "in_chans"):  # timm.create_model passes it on
             kwargs.setdefault(key, value)
     if kwargs.get("in_channels", target.n_inputs) != target.n_inputs:
         raise CandidateError(candidate.name, f"input channels differ: the architecture takes "
@@ -250,9 +249,41 @@ def _architecture_network(candidate: Candidate, target: PlannedConfiguration, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the parts the checkpoint does not cover are reproducible
         try:
-            return cls(**kwargs)
+            network = cls(**kwargs)
         except Exception as err:  # any constructor complaint is a property of this zoo entry
             raise CandidateError(candidate.name, f"{class_name}(**{kwargs}) failed: {err}") from err
+    if not isinstance(network, nn.Module):
+        raise CandidateError(candidate.name, f"{class_name}(**{kwargs}) returned a {type(network).__name__}, "
+                                             "not a torch.nn.Module")
+    return _with_input_channels(network, target.n_inputs, candidate.name)
+
+
+def _check_monai_network(candidate: Candidate, checkpoint: Checkpoint) -> None:
+    """A MONAI state dict whose keys name another network than the architecture is refused (it
+    would load a few tensors by coincidence and leave the rest random)."""
+    found = checkpoint.metadata.get("monai_network")
+    named = candidate.architecture["class"].rpartition(".")[2]
+    if checkpoint.format == "monai" and found in MONAI_NETWORKS and found != named:
+        raise CandidateError(candidate.name, f"the checkpoint's keys are those of a MONAI {found}, the architecture "
+                                             f"is {named}: give 'class: monai.networks.nets.{found}' or the "
+                                             f"checkpoint of a {named}")
+
+
+def _with_input_channels(network: nn.Module, n_inputs: int, name: str) -> nn.Module:
+    """``network`` with a first convolution of ``n_inputs`` channels: a backbone with a fixed RGB
+    stem (torchvision) gets a 1-channel copy of it for grey images, into which the loader sums
+    the pre-trained RGB kernel (exactly the activation of the grey image repeated 3 times)."""
+    conv = first_convolution(network)
+    if conv.in_channels == n_inputs:
+        return network
+    if n_inputs != 1 or conv.groups != 1:
+        raise CandidateError(name, f"input channels differ: the architecture takes {conv.in_channels}, "
+                                   f"the dataset has {n_inputs}")
+    parent_name, _, attribute = next(n for n, m in network.named_modules() if m is conv).rpartition(".")
+    grey = type(conv)(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    setattr(network.get_submodule(parent_name), attribute, grey)
+    return network
 
 
 def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
@@ -289,12 +320,14 @@ def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
         elif candidate.architecture is None:
             network, report = network_for_target(target, checkpoint=checkpoint, seed=seed)
         else:
+            _check_monai_network(candidate, checkpoint)
             network = _architecture_network(candidate, target, seed)
             report = load_pretrained(network, checkpoint, report=False)
+            network = for_segmentation(network.eval(), target.n_classes, seed)  # encoder-only: a head
+        network.to(device).eval()
+        global_modules, local_modules, bottleneck = stage_modules(network)
     except CandidateError:
         raise
     except (ValueError, RuntimeError, TypeError) as err:  # UserError included
         raise CandidateError(candidate.name, str(err)) from err
-    network.to(device).eval()
-    global_modules, local_modules, bottleneck = stage_modules(network)
     return CandidateNetwork(network, global_modules, local_modules, report, bottleneck)
