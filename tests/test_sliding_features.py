@@ -244,7 +244,9 @@ def test_consistency_case_budget_picks_the_same_cases_for_every_network(cases):
         replace(CONFIG, consistency_cases=0)
 
 
-def test_memory_is_bounded_by_the_samples_not_the_case(cases):
+def test_memory_is_bounded_by_the_samples_not_the_case(cases, monkeypatch):
+    # chunks smaller than both cases, so what is left is what does not depend on the case's size
+    monkeypatch.setattr("nnunet_te.features.sampling.CHUNK_CELLS", 2**14)
     net = build_unet("PlainConvUNet", dim=3, features_per_stage=(32, 32, 32, 32), num_classes=3)
     case_id, image, labels = cases[0]
     big = (case_id, np.tile(image, (1, 2, 2, 2)), np.tile(labels, (2, 2, 2)))  # 8x the voxels
@@ -260,8 +262,27 @@ def test_memory_is_bounded_by_the_samples_not_the_case(cases):
         assert all(F.shape[0] <= CONFIG.max_anchors_per_stage
                    for F, _ in features.local_stages.values())
     assert stored[0] == stored[1] == [(240, 32), (240,)]
-    # One full-resolution 32-channel stage map of the big case would be 92 MB; the peak of what
-    # numpy holds stays at label-grid size (labels, boundary masks): measured 22 MB (4 MB for
-    # the original case).
+    # One full-resolution 32-channel stage map of the big case would be 92 MB. What numpy holds
+    # beyond the case is one window's input, one chunk of a label grid and the samples: measured
+    # 2.9 MB and 3.9 MB for 8x the voxels (the coarsest grid of the small case has fewer voxels
+    # than its class budget). Before chunking and virtual padding it was 4 and 22 MB.
     full_map = 32 * 4 * big[2].size
-    assert peaks[1] < 0.5 * full_map, (peaks, full_map)
+    assert peaks[1] < 1.5 * peaks[0] and peaks[1] < 0.05 * full_map, (peaks, full_map)
+
+
+def test_virtual_padding_equals_an_explicitly_padded_case():
+    # a raw case (35x51x35), a multiple neither of the hooked stages' strides (1, 2, 4: the
+    # bottleneck is not hooked) nor of the patch; padded virtually to 36x52x36, or beyond the
+    # case to a whole-case window of 48x56x40
+    net = unet()
+    case_id, image, labels = load_sample_cases(1)[0]
+    image = zscore(image)
+    assert labels.shape == (35, 51, 35)
+    for patch, case_shape in [(PATCH, (36, 52, 36)), ((48, 56, 40), (48, 56, 40))]:
+        pad = [(0, c - n) for n, c in zip(labels.shape, case_shape)]
+        padded = (case_id, np.pad(image, [(0, 0), *pad]), np.pad(labels, pad, constant_values=-1))
+        virtual = extract(net, [(case_id, image, labels)], patch=patch, source_head=True)
+        explicit = extract(net, [padded], patch=patch, source_head=True)
+        assert_same(virtual, explicit)
+        assert np.array_equal(virtual.source_probabilities, explicit.source_probabilities)
+        assert all(s[0].shape[0] > 0 for s in virtual.global_stages.values())

@@ -19,51 +19,156 @@ from nnunet_te.errors import UserError
 IGNORE = -1
 
 
-def labels_on_grid(label_map: np.ndarray, grid_shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour resampling of an integer label map to ``grid_shape``.
+#: Grid cells per chunk of the chunked passes over a label grid: what sampling holds at a time
+#: (a few MB), whatever the size of the case.
+CHUNK_CELLS = 2**20
+
+
+class GridLabels:
+    """A case's labels on a stage grid by nearest-neighbour lookup, computed a chunk of rows at a time.
 
     Each grid cell takes the label at its centre, so a stride-2 grid picks the voxel nearest to
-    the centre of each 2x2(x2) block.
+    the centre of each 2x2(x2) block. ``label_map`` is the start of a case of ``case_shape``
+    (default its own shape) zero-padded at the end of every axis: cells whose centre lies in the
+    padding are ``IGNORE``. Neither the padded case nor the whole grid is ever held; where the
+    grid is the unpadded label map itself, rows are views of it. Labels keep their dtype (a
+    signed one, for ``IGNORE``).
     """
-    if label_map.ndim != len(grid_shape):
-        raise ValueError(f"label map has {label_map.ndim} dims but the grid has {len(grid_shape)}")
-    index = [np.minimum(((np.arange(g) + 0.5) * (s / g)).astype(np.int64), s - 1)
-             for s, g in zip(label_map.shape, grid_shape)]
-    return label_map[np.ix_(*index)]
+
+    def __init__(self, label_map: np.ndarray, grid_shape: tuple[int, ...],
+                 case_shape: tuple[int, ...] | None = None):
+        case_shape = label_map.shape if case_shape is None else tuple(case_shape)
+        if not label_map.ndim == len(grid_shape) == len(case_shape):
+            raise ValueError(f"label map has {label_map.ndim} dims but the grid has {len(grid_shape)} "
+                             f"and the case {len(case_shape)}")
+        if any(n > c for n, c in zip(label_map.shape, case_shape)):
+            raise ValueError(f"label map {label_map.shape} is larger than its case {case_shape}")
+        self.label_map = label_map
+        self.shape = tuple(int(g) for g in grid_shape)
+        self.dtype = np.promote_types(label_map.dtype, np.int8)
+        # per axis, the voxel of label_map each cell reads; cells from ``self.real[axis]`` on read padding
+        self.sources = [np.minimum(((np.arange(g) + 0.5) * (c / g)).astype(np.int64), c - 1)
+                        for c, g in zip(case_shape, self.shape)]
+        self.real = [int(np.searchsorted(src, n)) for src, n in zip(self.sources, label_map.shape)]
+        self.identity = self.shape == label_map.shape == case_shape
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Grid rows ``start:stop`` (first axis), shape (stop - start, *shape[1:])."""
+        if self.identity:
+            return self.label_map[start:stop]
+        out = np.full((stop - start, *self.shape[1:]), IGNORE, dtype=self.dtype)
+        inside = [np.arange(start, min(stop, self.real[0])), *(np.arange(r) for r in self.real[1:])]
+        if all(i.size for i in inside):
+            source = np.ix_(*(src[i] for src, i in zip(self.sources, inside)))
+            out[tuple(slice(0, i.size) for i in inside)] = self.label_map[source]
+        return out
+
+    def chunks(self, halo: int = 0):
+        """(first row, rows with ``halo`` rows either side where the grid has them, offset of the
+        first row in the extended rows), about ``CHUNK_CELLS`` cells per chunk, covering the grid
+        in order."""
+        step = max(1, CHUNK_CELLS // max(1, int(np.prod(self.shape[1:]))))
+        for start in range(0, self.shape[0], step):
+            low, high = max(0, start - halo), min(self.shape[0], start + step + halo)
+            yield start, min(step, self.shape[0] - start), self.rows(low, high), start - low
+
+    def at(self, flat_indices: np.ndarray) -> np.ndarray:
+        """Labels of the cells at ``flat_indices`` (same shape)."""
+        coords = np.unravel_index(flat_indices, self.shape)
+        out = np.full(np.shape(flat_indices), IGNORE, dtype=self.dtype)
+        inside = np.all([c < r for c, r in zip(coords, self.real)], axis=0)
+        out[inside] = self.label_map[tuple(src[c[inside]] for src, c in zip(self.sources, coords))]
+        return out
 
 
-def class_balanced_indices(label_grid: np.ndarray, per_class: int,
+def labels_on_grid(label_map: np.ndarray, grid_shape: tuple[int, ...],
+                   case_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The whole grid of :class:`GridLabels` as one array (a view of ``label_map`` where the grid
+    is the label map itself): for small grids; sampling works chunk by chunk."""
+    return GridLabels(label_map, grid_shape, case_shape).rows(0, int(grid_shape[0]))
+
+
+def _as_grid(label_grid: np.ndarray | GridLabels) -> GridLabels:
+    return label_grid if isinstance(label_grid, GridLabels) else GridLabels(label_grid, label_grid.shape)
+
+
+def _draw_by_rank(chunk_keys, take, rng: np.random.Generator, exclude=()) -> list[np.ndarray]:
+    """For every value of a flat key array given in chunks, ascending, ``exclude`` left out: the
+    sorted flat indices of ``take(count)`` of its positions drawn without replacement.
+
+    ``chunk_keys()`` yields (flat offset, key chunk) in order and is called twice: to count the
+    values, then to map the drawn ranks (0 = a value's first position) to flat indices, so only
+    one chunk is held at a time. The draws are ``np.sort(rng.choice(count, take, replace=False))``
+    per value in ascending order, which are the ranks of ``rng.choice(np.flatnonzero(keys == v),
+    take, replace=False)`` (numpy draws an array's elements by drawing their positions): the same
+    indices, and the same generator state, as that whole-array draw.
+    """
+    per_chunk = []
+    for _, keys in chunk_keys():
+        values, counts = np.unique(keys, return_counts=True)
+        per_chunk.append(dict(zip(values.tolist(), counts.tolist())))
+    values = sorted(set().union(*per_chunk) - set(exclude))
+    ranks = {}
+    for v in values:
+        total = sum(c.get(v, 0) for c in per_chunk)
+        ranks[v] = np.sort(rng.choice(total, size=take(total), replace=False))
+    chosen = {v: [] for v in values}
+    seen = dict.fromkeys(values, 0)
+    for counts, (offset, keys) in zip(per_chunk, chunk_keys()):
+        for v in values:
+            n = counts.get(v, 0)
+            low, high = np.searchsorted(ranks[v], [seen[v], seen[v] + n])
+            if high > low:
+                chosen[v].append(np.flatnonzero(keys == v)[ranks[v][low:high] - seen[v]] + offset)
+            seen[v] += n
+    return [np.concatenate(chosen[v]) if chosen[v] else np.zeros(0, dtype=np.int64) for v in values]
+
+
+def class_balanced_indices(label_grid: np.ndarray | GridLabels, per_class: int,
                            rng: np.random.Generator) -> np.ndarray:
     """Flat indices of up to ``per_class`` voxels of every class present (ignore label excluded).
 
-    Sampling is without replacement; a class with fewer voxels contributes all of them.
+    Sampling is without replacement; a class with fewer voxels contributes all of them. Classes
+    come in ascending order, each one's indices sorted. Works chunk by chunk (memory: one chunk
+    and the samples, whatever the grid's size).
     """
-    flat = label_grid.ravel()
-    chosen = []
-    for c in np.unique(flat[flat != IGNORE]):
-        members = np.flatnonzero(flat == c)
-        take = min(per_class, members.size)
-        chosen.append(np.sort(rng.choice(members, size=take, replace=False)))
+    grid = _as_grid(label_grid)
+    width = int(np.prod(grid.shape[1:]))
+
+    def chunk_keys():
+        for start, _, rows, _ in grid.chunks():
+            yield start * width, rows.ravel()
+
+    chosen = _draw_by_rank(chunk_keys, lambda n: min(per_class, n), rng, exclude=(IGNORE,))
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def boundary_anchor_indices(label_grid: np.ndarray, n_anchors: int, patch_size: int,
+def boundary_anchor_indices(label_grid: np.ndarray | GridLabels, n_anchors: int, patch_size: int,
                             rng: np.random.Generator) -> np.ndarray:
     """Flat indices of up to ``n_anchors`` boundary voxels whose patch lies on valid voxels.
 
     A boundary voxel is one where the morphological gradient of the labels is non-zero
     (``dilation(y) != erosion(y)`` with a full 3x3(x3) footprint), as in the Geometry of Transfer
-    paper (Tang et al. 2026, https://arxiv.org/abs/2602.23916).
+    paper (Tang et al. 2026, https://arxiv.org/abs/2602.23916). Computed chunk by chunk of rows,
+    each with the rows its footprints reach on either side, so a chunk's result is the whole
+    grid's there.
     """
-    footprint = np.ones((3,) * label_grid.ndim, dtype=bool)
-    boundary = (ndimage.grey_dilation(label_grid, footprint=footprint)
-                != ndimage.grey_erosion(label_grid, footprint=footprint))
-    # The patch of an anchor must fit in the grid and contain no ignored voxel.
-    valid = ndimage.binary_erosion(label_grid != IGNORE, structure=np.ones((patch_size,) * label_grid.ndim),
-                                   border_value=0)
-    candidates = np.flatnonzero(boundary & valid)
-    take = min(n_anchors, candidates.size)
-    return np.sort(rng.choice(candidates, size=take, replace=False))
+    grid = _as_grid(label_grid)
+    width = int(np.prod(grid.shape[1:]))
+    half = patch_size // 2
+    footprint = np.ones((3,) * len(grid.shape), dtype=bool)
+    window = np.ones((patch_size,) * len(grid.shape), dtype=bool)
+
+    def chunk_keys():
+        for start, count, rows, first in grid.chunks(halo=max(1, half)):
+            boundary = (ndimage.grey_dilation(rows, footprint=footprint)
+                        != ndimage.grey_erosion(rows, footprint=footprint))
+            # The patch of an anchor must fit in the grid and contain no ignored voxel.
+            valid = ndimage.binary_erosion(rows != IGNORE, structure=window, border_value=0)
+            yield start * width, (boundary & valid)[first:first + count].ravel()
+
+    chosen = _draw_by_rank(chunk_keys, lambda n: min(n_anchors, n), rng, exclude=(False,))
+    return chosen[0] if chosen else np.zeros(0, dtype=np.int64)
 
 
 def patch_indices(anchors: np.ndarray, grid_shape: tuple[int, ...], patch_size: int) -> np.ndarray:
@@ -206,25 +311,27 @@ class StageSampler:
         stage_index = (self.global_names + self.local_names).index(stage)
         return np.random.default_rng([self.config.seed, case_index, stage_index])
 
-    def select(self, case_index: int, label_map: np.ndarray,
-               grid_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def select(self, case_index: int, label_map: np.ndarray, grid_shapes: dict[str, tuple[int, ...]],
+               case_shape: tuple[int, ...] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Sampled voxels of one case at every stage.
 
         Shape:
-            label_map: (*spatial) full resolution; grid_shapes[name]: the stage's grid.
+            label_map: (*spatial) full resolution, the start of a case of ``case_shape`` padded
+            with ``IGNORE`` (default: the label map's shape, no padding); grid_shapes[name]: the
+            stage's grid over the (padded) case.
             returns {name: (flat grid indices, labels)}: global stages (n,), (n,);
             local stages (M, P), (M, P) (boundary patches, P = patch_size ** ndim).
         """
         out = {}
         for name in self.global_names:
-            grid = labels_on_grid(label_map, grid_shapes[name])
+            grid = GridLabels(label_map, grid_shapes[name], case_shape)
             idx = class_balanced_indices(grid, self.per_class, self._rng(case_index, name))
-            out[name] = (idx, grid.ravel()[idx])
+            out[name] = (idx, grid.at(idx))
         for name in self.local_names:
-            grid = labels_on_grid(label_map, grid_shapes[name])
-            size = self.config.patch_size(grid.ndim)
+            grid = GridLabels(label_map, grid_shapes[name], case_shape)
+            size = self.config.patch_size(len(grid.shape))
             anchors = boundary_anchor_indices(grid, self.anchors_per_case, size,
                                               self._rng(case_index, name))
             idx = patch_indices(anchors, grid.shape, size)
-            out[name] = (idx, grid.ravel()[idx])
+            out[name] = (idx, grid.at(idx))
         return out

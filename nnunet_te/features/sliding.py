@@ -3,7 +3,9 @@
 For every case:
 
 1. The case is zero-padded at the end of every axis (labels with ``IGNORE``, never sampled) to
-   at least the patch size and to a multiple of the network's total stride ``m``.
+   at least the patch size and to a multiple of the network's total stride ``m``; virtually:
+   each window is read from the unpadded image and padded alone, the labels are padded cell by
+   cell as they are read onto the stage grids, so no padded copy of the case is made.
 2. Every hooked stage has stride ``s`` (per axis, ``m`` a multiple of it): its grid over the
    padded case is ``padded / s`` exactly, the grid of one window is ``patch / s``, and a
    window starting at voxel ``o`` covers stage cells ``o / s ...``. For that to be exact, window
@@ -15,7 +17,9 @@ For every case:
 4. Each window runs once with forward hooks; only the features at sampled voxels inside it
    are accumulated, weighted by nnU-Net's Gaussian (sigma = patch / 8) sampled at each stage
    cell's centre, and divided by the summed weights at the end. Memory is one window's
-   activations plus the samples, never a full-size stage map.
+   activations plus the samples, never a full-size stage map; choosing the voxels works on
+   chunks of the label grids. Beyond the case itself nothing grows with its size but the
+   list of windows (docs/performance.md, "Extraction memory against volume size").
 
 With a patch that covers the padded case there is one window and the result equals a
 whole-image forward pass. With smaller windows a feature differs from the whole-image one by
@@ -45,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nnunet_te.features.hooks import captured_outputs, check_captured, unet_stage_modules
-from nnunet_te.features.sampling import (IGNORE, CandidateFeatures, SamplingConfig, StageSampler,
+from nnunet_te.features.sampling import (CandidateFeatures, SamplingConfig, StageSampler,
                                          labels_on_grid)
 
 OUTPUT = "output"
@@ -182,10 +186,18 @@ class _Geometry:
                               for a in range(len(patch)))
 
 
-def _pad_case(image: np.ndarray, labels: np.ndarray, patch, multiple):
-    target = [max(p, -(-s // m) * m) for s, p, m in zip(labels.shape, patch, multiple)]
-    pad = [(0, t - s) for s, t in zip(labels.shape, target)]
-    return np.pad(image, [(0, 0)] + pad), np.pad(labels, pad, constant_values=IGNORE)
+def padded_shape(shape: Sequence[int], patch: Sequence[int], multiple: Sequence[int]) -> tuple[int, ...]:
+    """The case's shape once zero-padded at the end to at least the patch and to a multiple of ``multiple``."""
+    return tuple(max(p, -(-s // m) * m) for s, p, m in zip(shape, patch, multiple))
+
+
+def _window_input(image: np.ndarray, window: tuple) -> np.ndarray:
+    """The window (slices into the padded case) of the image, read from the unpadded image:
+    only the window is zero-padded (no padded copy of the case is made)."""
+    x = np.zeros((image.shape[0], *(s.stop - s.start for s in window)), dtype=image.dtype)
+    inside = [slice(s.start, min(s.stop, n)) for s, n in zip(window, image.shape[1:])]
+    x[(slice(None), *(slice(0, max(0, i.stop - i.start)) for i in inside))] = image[(slice(None), *inside)]
+    return x
 
 
 def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn.Module],
@@ -298,10 +310,10 @@ def _case_features(network, modules, sampler: StageSampler, geometry: _Geometry,
                    config: SamplingConfig, step_size, device) -> CandidateFeatures:
     """One case: choose voxels from the labels, run its windows, blend at the chosen voxels."""
     real_shape = labels.shape
-    image, labels = _pad_case(image, labels, patch, geometry.multiple)
-    grids = {k: tuple(n // s for n, s in zip(labels.shape, stride))
+    case_shape = padded_shape(real_shape, patch, geometry.multiple)
+    grids = {k: tuple(n // s for n, s in zip(case_shape, stride))
              for k, stride in geometry.strides.items()}
-    selection = sampler.select(case_index, labels, grids)
+    selection = sampler.select(case_index, labels, grids, case_shape)
     if source_head:
         if grids[OUTPUT] != grids[last_global]:
             raise ValueError(f"the network output grid {grids[OUTPUT]} differs from its last "
@@ -312,7 +324,7 @@ def _case_features(network, modules, sampler: StageSampler, geometry: _Geometry,
     weights = {k: labels_on_grid(gaussian, tuple(p // s for p, s in zip(patch, geometry.strides[k])))
                for k in blends}
 
-    windows = sliding_windows(labels.shape, patch, step_size=step_size, multiple=geometry.multiple)
+    windows = sliding_windows(case_shape, patch, step_size=step_size, multiple=geometry.multiple)
     rng = np.random.default_rng([seed, case_index, _CONSISTENCY_STREAM])
     checked = set()
     if rates:
@@ -327,8 +339,7 @@ def _case_features(network, modules, sampler: StageSampler, geometry: _Geometry,
 
     for w, window in enumerate(windows):
         start = np.array([s.start for s in window])
-        x = torch.as_tensor(np.ascontiguousarray(image[(slice(None), *window)]),
-                            device=device)[None]
+        x = torch.as_tensor(_window_input(image, window), device=device)[None]
         with captured_outputs(modules) as captured:
             network(x)
         check_captured(captured, modules)
