@@ -14,8 +14,9 @@ Formats (``Checkpoint.format``):
   SegResNet, DynUNet, UNETR, SwinUNETR, VNet; ``metadata['monai_network']``, which the zoo checks
   against the architecture it is loaded into), or MONAI's ``.adn.`` blocks for another MONAI
   network. Also the self-supervised Swin ViT weights ``SwinUNETR.load_from`` reads (a
-  ``state_dict`` of ``module.patch_embed.*`` and ``module.layers<i>.0.*``): renamed to
-  SwinUNETR's ``swinViT.*``, ``metadata['layout']`` says so.
+  ``state_dict`` of ``module.patch_embed.*`` and ``module.layers<i>.0.*``, MLPs as ``fc1`` /
+  ``fc2``): renamed to SwinUNETR's ``swinViT.*`` (``linear1`` / ``linear2``), the pre-training
+  heads left under their names (not loaded); ``metadata['layout']`` says so.
 - ``state_dict``: any other mapping of names to tensors, bare or under ``state_dict`` / ``model``.
 
 Files are read with ``torch.load(weights_only=True)``, which cannot run code from the file; the
@@ -114,7 +115,8 @@ MONAI_SIGNATURES = {
 }
 MONAI_NETWORKS = tuple(MONAI_SIGNATURES)
 #: Key prefixes of the self-supervised Swin ViT weights ``SwinUNETR.load_from`` reads (MONAI's
-#: ``model_swinvit.pt``: ``state_dict`` of ``module.patch_embed.*``, ``module.layers<i>.0.*``).
+#: ``model_swinvit.pt``: ``state_dict`` of ``module.patch_embed.*``, ``module.layers<i>.0.*``, the
+#: MLPs named ``fc1`` / ``fc2`` where SwinUNETR says ``linear1`` / ``linear2``).
 _SWIN_SSL_PARTS = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")
 
 
@@ -134,7 +136,12 @@ def _swin_ssl_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if "patch_embed.proj.weight" not in state_dict or not any(
             k.startswith("layers1.0.blocks.") and k.endswith("attn.relative_position_bias_table") for k in state_dict):
         return None
-    return {f"swinViT.{k}" if k.startswith(_SWIN_SSL_PARTS) else k: v for k, v in state_dict.items()}
+    def renamed(key: str) -> str:  # the file keeps the MLP's original names fc1 / fc2
+        if not key.startswith(_SWIN_SSL_PARTS):
+            return key
+        return "swinViT." + key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+    return {renamed(k): v for k, v in state_dict.items()}
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "<memory>") -> None:

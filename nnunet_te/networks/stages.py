@@ -23,10 +23,9 @@ How stages are found (:func:`network_stages`), in this order:
    submodules') lie on one grid; a module called twice in one pass (a shared activation) is never
    a stage. In execution order their strides go down to the bottleneck and up to the output:
 
-   - the decoder is the last run of candidates whose stride never grows again; the bottleneck is
-     the last candidate at that run's coarsest stride, decoder stage ``s`` the last candidate at
-     each finer stride after it, except the module whose output is the network's output (the
-     segmentation head, whose logits are not features);
+   - the bottleneck is the last candidate at the coarsest stride of the pass; decoder stage ``s``
+     the last candidate at each finer stride after it (coarse to fine), except the module whose
+     output is the network's output (the segmentation head, whose logits are not features);
    - the encoder stages are, up to the bottleneck, the first candidate at each new coarser stride
      (the first candidate of all included, e.g. a full-resolution stem), then the bottleneck.
      Where a network has two encoder branches (SwinUNETR: the Swin transformer and the
@@ -232,16 +231,12 @@ def _stages_from_trace(calls: list[_Call], output, window: tuple[int, ...], netw
                         "token maps need an entry in nnunet_te.networks.stages.KNOWN_LAYOUTS")
     stride = {id(c): tuple(w // g for w, g in zip(window, c.grid)) for c in timeline}
     scale = [math.prod(stride[id(c)]) for c in timeline]
-    start = len(timeline) - 1
-    while start > 0 and scale[start - 1] >= scale[start]:
-        start -= 1
-    bottleneck = start
-    while bottleneck + 1 < len(timeline) and scale[bottleneck + 1] == scale[start]:
-        bottleneck += 1
-    decoder: dict[int, _Call] = {}
+    bottleneck = max(range(len(timeline)), key=lambda i: (scale[i], i))  # the last at the coarsest stride
+    last: dict[int, _Call] = {}
     for call, s in zip(timeline[bottleneck + 1:], scale[bottleneck + 1:]):
         if not _is_network_output(call, output):
-            decoder[s] = call  # the last candidate at each stride
+            last[s] = call
+    decoder = {s: last[s] for s in sorted(last, reverse=True)}  # coarse to fine
     if decoder:
         encoder, deepest = [], 0
         for call, s in zip(timeline[:bottleneck + 1], scale[:bottleneck + 1]):
