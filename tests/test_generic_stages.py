@@ -176,3 +176,24 @@ def test_zoo_of_monai_and_video_resnet_candidates_ranks(nnunet_env, tmp_path):
     reports = {c["name"]: c["load_report"] for c in record["zoo"] if c["load_report"]}
     assert reports["video_resnet"]["adapted"] == {"stem.0.weight": "input channels summed 3 (RGB) -> 1"}
     assert reports["swin_ssl"]["n_loaded"] > 0 and all(k.startswith("swinViT.") for k in reports["swin_ssl"]["loaded"])
+
+
+def test_timm_classifier_weights_load_into_a_grey_features_only_network():
+    import timm
+
+    from nnunet_te.networks import classpaths
+
+    create = classpaths.resolve("timm.create_model", "architecture class", factories=True)
+    torch.manual_seed(2)
+    rgb = timm.create_model("resnet18")
+    grey = for_segmentation(create(model_name="resnet18", features_only=True, in_chans=1), n_classes=2, seed=0)
+    report = load_pretrained(grey.backbone, parse_checkpoint(rgb.state_dict()), report=False)
+    assert report.adapted == {"conv1.weight": "input channels summed 3 (RGB) -> 1"} and not report.missing
+    assert sorted(report.skipped) == ["fc.bias", "fc.weight"]
+    image = torch.randn(1, 1, 64, 96)
+    with torch.no_grad():  # the grey network sees what the RGB one sees of the image repeated 3 times
+        assert torch.allclose(grey.eval().backbone(image)[-1], rgb.eval().forward_features(image.repeat(1, 3, 1, 1)),
+                              atol=1e-4)
+    for kwargs in ({"pretrained": True}, {"weights": "DEFAULT"}):
+        with pytest.raises(UserError, match="download weights"):
+            classpaths.check_kwargs(kwargs, "architecture kwargs")
