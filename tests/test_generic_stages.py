@@ -58,7 +58,11 @@ def _grid_size(output: np.ndarray) -> int:
 def test_stages_go_down_then_up_and_windows_fit(name):
     torch.manual_seed(0)
     build, n_decoder, multiple = NETWORKS[name]
-    network = for_segmentation(build().eval(), n_classes=3, seed=0)
+    built = build()
+    before = {k: v.clone() for k, v in built.state_dict().items()}
+    network = for_segmentation(built, n_classes=3, seed=0)
+    assert built.training and all(torch.equal(v, before[k]) for k, v in built.state_dict().items())  # probe: no trace
+    network.eval()
     stages = network_stages(network)
     global_modules, local_modules, bottleneck = stage_modules(network)
     assert len(stages.decoder) == n_decoder

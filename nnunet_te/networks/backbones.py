@@ -52,10 +52,13 @@ def _output_channels(backbone: nn.Module, module: nn.Module) -> int:
     seen = []
     handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1]))
     device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    training = backbone.training
+    backbone.eval()  # a probe must not move batch-norm statistics
     try:
         with torch.no_grad():
             backbone(torch.zeros((1, first_convolution(backbone).in_channels, *window), device=device))
     finally:
+        backbone.train(training)
         handle.remove()
     return int(seen[-1])
 

@@ -162,8 +162,9 @@ def _grid(output, window: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 def trace(network: nn.Module, window: tuple[int, ...], channels: int) -> tuple[list[_Call], object]:
-    """Every module call of one forward pass of a zero ``(1, channels, *window)`` input, with
-    its parent call, the order in which it returned and its stage grid; and the network output."""
+    """Every module call of one forward pass (eval mode, no gradients) of a zero
+    ``(1, channels, *window)`` input, with its parent call, the order in which it returned and its
+    stage grid; and the network output. The network is left as it was."""
     calls: list[_Call] = []
     stack: list[int] = []
     ended = [0]
@@ -184,10 +185,13 @@ def trace(network: nn.Module, window: tuple[int, ...], channels: int) -> tuple[l
     for name, module in network.named_modules():
         handles += [module.register_forward_pre_hook(before(name)), module.register_forward_hook(after)]
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    training = network.training
+    network.eval()  # a probe must not move batch-norm statistics
     try:
         with torch.no_grad():
             output = network(torch.zeros((1, channels, *window), device=device))
     finally:
+        network.train(training)
         for handle in handles:
             handle.remove()
     return calls, output
