@@ -15,8 +15,8 @@ anything is imported:
   package; the caller checks that the factory returned an ``nn.Module``.
 - Keyword arguments that make a constructor read a file or a remote model (``checkpoint_path``,
   ``pretrained_cfg``, ``*path*``, ``*file*``, ``*url*``, a timm ``hf-hub:`` / ``local-dir:`` model
-  name, timm's ``pretrained=True``, torchvision's ``weights=...``) are refused: a zoo entry's ``checkpoint`` is the only file it reads, and that one is read
-  with ``weights_only=True``.
+  name, timm's ``pretrained=True``, torchvision's ``weights=...``) are refused: a zoo entry's
+  ``checkpoint`` is the only file it reads, and that one is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
