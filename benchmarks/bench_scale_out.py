@@ -18,13 +18,15 @@ after loading the volume, and the peak during the extraction (``VmHWM`` reset af
 the 1x volume the extraction is compared with the unchunked computation, full-size stage maps
 blended over the same windows and read at the same voxels (what nnU-Net's predictor holds for
 its logits), and the one-window extraction with a single whole-volume forward pass; both
-unchunked runs report their peak memory too.
+unchunked runs report their peak memory too. Choosing the sampled voxels is also measured alone
+at every size (its own process, peak over the loaded labels).
 
 Run: ``python benchmarks/bench_scale_out.py --work /tmp/bench_scale_out`` (about 13 minutes on 2
 CPU cores with nothing else running). Writes the ``scale_out`` section of docs/performance.md and
 docs/images/scale_out.png (``--output``); the raw numbers go to ``--work`` (``ray.json``,
-``memory.json``, ``ray.csv``, ``memory.csv``, ``scale_out.json``). A part whose JSON is in ``--work`` is not
-measured again (``--fresh`` measures everything).
+``memory.json``, ``sampling.json``, ``ray.csv``, ``memory.csv``, ``scale_out.json``). A part whose JSON is in ``--work`` is not
+measured again (``--fresh`` measures everything). ``--before`` names the ``memory.json`` of a run
+of earlier code, whose increments the table shows beside the new ones.
 """
 
 from __future__ import annotations
@@ -311,9 +313,8 @@ def sampled(run: dict) -> dict[str, np.ndarray]:
         return dict(arrays)
 
 
-def hooked_multiple(network, modules: dict) -> tuple[int, ...]:
-    """Per axis, the least common multiple of the hooked modules' strides (from a small zero
-    window): window starts are multiples of it, so every window's stage cells are whole."""
+def hooked_strides(network, modules: dict) -> dict[str, tuple[int, ...]]:
+    """The stride of every hooked module per axis, from a small zero window."""
     import torch
 
     from nnunet_te.features.hooks import captured_outputs
@@ -321,8 +322,40 @@ def hooked_multiple(network, modules: dict) -> tuple[int, ...]:
     patch = (2 * STRIDE,) * 3
     with torch.no_grad(), captured_outputs(modules) as captured:
         network(torch.zeros((1, 1, *patch)))
-    strides = [[p // g for p, g in zip(patch, out.shape[2:])] for out in captured.values()]
-    return tuple(math.lcm(*axis) for axis in zip(*strides))
+    return {name: tuple(p // g for p, g in zip(patch, out.shape[2:])) for name, out in captured.items()}
+
+
+def hooked_multiple(network, modules: dict) -> tuple[int, ...]:
+    """Per axis, the least common multiple of the hooked modules' strides: window starts are
+    multiples of it, so every window's stage cells are whole."""
+    return tuple(math.lcm(*axis) for axis in zip(*hooked_strides(network, modules).values()))
+
+
+def sampling_memory(labels_path: Path, patch: tuple[int, ...], seed: int) -> dict:
+    """Peak memory over the loaded labels of choosing the sampled voxels alone, as the extraction
+    chooses them (the stage grids of the memory benchmark's network over the virtually padded case)."""
+    from nnunet_te.features.extract import split_stages
+    from nnunet_te.features.sampling import SamplingConfig, StageSampler
+    from nnunet_te.features.sliding import padded_shape
+
+    network = small_network(seed)
+    global_modules, local_modules = split_stages(network)
+    strides = hooked_strides(network, {**global_modules, **local_modules})
+    labels = np.load(labels_path)
+    case = padded_shape(labels.shape, patch, hooked_multiple(network, {**global_modules, **local_modules}))
+    grids = {name: tuple(c // s for c, s in zip(case, stride)) for name, stride in strides.items()}
+    after_load = rss_mb()
+    reset_peak_rss()
+    start = time.perf_counter()
+    StageSampler(1, 3, global_modules, local_modules, SamplingConfig(seed=seed)).select(0, labels, grids, case)
+    return {"voxels": int(labels.size), "seconds": time.perf_counter() - start,
+            "increment_mb": rss_mb("VmHWM") - after_load}
+
+
+def sampling_runs(work: Path, factors: list[int], patch: int, seed: int) -> list[dict]:
+    """:func:`sampling_memory` on the MNI152 tiled by each of ``factors``, each in its own process."""
+    return [{"factor": factor, **in_fresh_process(sampling_memory, labels, (patch,) * 3, seed)}
+            for factor, (_, labels) in mni_volumes(work, factors).items()]
 
 
 def largest_difference(a: dict, b: dict) -> float:
@@ -394,14 +427,19 @@ def ray_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def memory_rows(memory: dict) -> list[dict]:
-    """Table rows of the memory runs: every size, then the unchunked runs on the 1x volume."""
+def memory_rows(memory: dict, before: dict | None = None) -> list[dict]:
+    """Table rows of the memory runs: every size, then the unchunked runs on the 1x volume; with
+    ``before`` (an earlier run's memory.json) its increment per size beside the new one."""
+    earlier = {s["factor"]: s["increment_mb"] for s in before["sizes"]} if before else {}
+
     def row(label, run, shape, volume_mb, samples_mb):
         return {"run": label, "shape": "x".join(map(str, shape)), "volume_mb": round(volume_mb, 1),
                 "forward_passes": run["forward_passes"], "seconds": round(run["seconds"], 1),
                 "rss_after_imports_mb": round(run["rss_after_imports_mb"]),
                 "rss_after_load_mb": round(run["rss_after_load_mb"]), "peak_rss_mb": round(run["peak_rss_mb"]),
-                "increment_mb": round(run["peak_rss_mb"] - run["rss_after_load_mb"]), "samples_mb": samples_mb}
+                "increment_mb": round(run["peak_rss_mb"] - run["rss_after_load_mb"]),
+                "increment_before_mb": round(earlier[run["factor"]]) if run.get("factor") in earlier else "",
+                "samples_mb": samples_mb}
 
     sizes, first = memory["sizes"], memory["sizes"][0]
     rows = [row(f"sliding windows, x{s['factor']}", s, s["shape"], s["volume_mb"], round(s["samples_mb"], 2))
@@ -420,10 +458,10 @@ def markdown_table(rows: list[dict], columns: dict[str, str]) -> list[str]:
             *("| " + " | ".join(str(r[k]) for k in columns) + " |" for r in rows)]
 
 
-def draw_figure(runs: list[dict], memory: dict, path: Path) -> None:
+def draw_figure(runs: list[dict], memory: dict, path: Path, before: dict | None = None) -> None:
     """Wall time against Ray workers (medians with and without the driver's metrics, each repeat a
-    dot; the no-Ray run as a line, ideal scaling dashed); memory against the volume's size (after
-    loading and peak; the unchunked runs at 1x)."""
+    dot; the no-Ray run as a line, ideal scaling dashed); the extraction's peak over the loaded volume
+    against the volume's size (with ``before``, an earlier run's too; the unchunked runs at 1x)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4))
@@ -445,21 +483,25 @@ def draw_figure(runs: list[dict], memory: dict, path: Path) -> None:
     left.legend(fontsize=8)
     sizes = memory["sizes"]
     volume = [s["volume_mb"] for s in sizes]
-    right.plot(volume, [s["peak_rss_mb"] for s in sizes], "o-", label="peak (sliding windows)")
-    right.plot(volume, [s["rss_after_load_mb"] for s in sizes], "s--", label="after loading the volume")
-    right.plot(volume, [s["rss_after_imports_mb"] for s in sizes], ":", color="gray", label="after imports")
+    # increments over the loaded volume: the resident memory after the imports differs between code versions
+    right.plot(volume, [s["increment_mb"] for s in sizes], "o-", label="sliding windows")
+    if before:
+        right.plot([s["volume_mb"] for s in before["sizes"]], [s["increment_mb"] for s in before["sizes"]], "o:",
+                   color="C3", alpha=0.6, label="sliding windows, code before chunking")
     for key, marker, label in (("full_maps", "x", "unchunked: full-size maps"),
                                ("whole_forward", "^", "unchunked: whole-volume forward")):
-        right.plot([sizes[0]["volume_mb"]], [memory[key]["peak_rss_mb"]], marker, ms=9, label=label)
-    right.set(xlabel="volume in memory, image + labels (MB)", ylabel="resident memory (MB)", ylim=(0, None),
-              title=f"extraction, MNI152 tiled, window {sizes[0]['patch'][0]}^3")
+        run = memory[key]
+        right.plot([sizes[0]["volume_mb"]], [run["peak_rss_mb"] - run["rss_after_load_mb"]], marker, ms=9,
+                   label=label)
+    right.set(xlabel="volume in memory, image + labels (MB)", ylabel="peak - resident after loading (MB)",
+              ylim=(0, None), title=f"extraction, MNI152 tiled, window {sizes[0]['patch'][0]}^3")
     right.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
-def section(args, runs: list[dict], memory: dict) -> str:
+def section(args, runs: list[dict], memory: dict, sampling: list[dict], before: dict | None = None) -> str:
     """The docs section: both tables, the equality checks and the memory bound."""
     medians = median_runs(runs)
     sizes, first = memory["sizes"], memory["sizes"][0]
@@ -470,13 +512,20 @@ def section(args, runs: list[dict], memory: dict) -> str:
     scale = max(float(np.max(np.abs(x))) for x in sampled(memory["one_window"]).values())
     bound = intercept + excess
     maps_per_voxel = memory["full_maps"]["full_maps_mb"] * 2**20 / first["voxels"]
+    if before:
+        _, before_slope, _ = linear_fit(before["sizes"])
+        before_text = (f"{before_slope:.1f} bytes per voxel before chunking and virtual padding, whose padded "
+                       "copies and whole-grid sampling temporaries grew with the volume")
+    else:
+        before_text = "no earlier run given"
     lines = [
         "## Scale out: Ray workers and memory against volume size",
         "",
         f"`benchmarks/bench_scale_out.py --cases {args.cases} --points {args.points} "
         f"--workers {' '.join(map(str, args.workers))} --repeats {args.repeats} "
         f"--sizes {' '.join(map(str, args.sizes))} "
-        f"--patch {args.patch} --seed {args.seed}`; raw numbers in `--work` (`ray.csv`, `memory.csv`, "
+        f"--patch {args.patch} --seed {args.seed}" + (" --before OLD/memory.json" if before else "")
+        + "`; raw numbers in `--work` (`ray.csv`, `memory.csv`, "
         "`scale_out.json`).",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs; 1-minute load average before each run "
@@ -532,16 +581,24 @@ def section(args, runs: list[dict], memory: dict) -> str:
         "parent's resident memory); increment = peak - after loading. Forward passes = windows + 1 (the "
         "strides, on a zero window) + 4 (consistency).",
         "",
-        *markdown_table(memory_rows(memory), {
+        *markdown_table(memory_rows(memory, before), {
             "run": "run", "shape": "shape", "volume_mb": "volume (MB)", "forward_passes": "forward passes",
             "seconds": "s", "rss_after_imports_mb": "after imports (MB)", "rss_after_load_mb": "after load (MB)",
-            "peak_rss_mb": "peak (MB)", "increment_mb": "increment (MB)", "samples_mb": "samples kept (MB)"}),
+            "peak_rss_mb": "peak (MB)", "increment_mb": "increment (MB)",
+            **({"increment_before_mb": "increment, code before chunking (MB)"} if before else {}),
+            "samples_mb": "samples kept (MB)"}),
         "",
         f"- samples are the same size at every volume size (per-case budgets: "
         f"{', '.join(f'{k} {v}' for k, v in first['samples'].items())}); the window count grows with the "
         "volume, the window's activations do not",
         f"- increment over the loaded volume, least squares over the {len(sizes)} sizes: {intercept:.0f} MB + "
         f"{per_voxel:.1f} bytes per voxel (largest excess over the line {excess:.0f} MB)",
+        *([f"- increment before chunking: the same measurement on the code before chunked sampling and "
+           f"virtual padding (the run given as `--before`, {before['sizes'][0]['threads']} torch threads)"]
+          if before else []),
+        "- choosing the voxels alone (`StageSampler.select` on the virtually padded case, its own process per "
+        "size, peak over the loaded labels): " + ", ".join(
+            f"x{r['factor']} {r['increment_mb']:.1f} MB ({r['seconds']:.1f} s)" for r in sampling),
         "",
         "Equality with the unchunked computation (1x volume; features of every hooked stage at the sampled "
         "voxels and the source softmax):",
@@ -553,19 +610,25 @@ def section(args, runs: list[dict], memory: dict) -> str:
         f"(values up to {scale:.2g}): windows see less context (zero padding at their borders, instance "
         "norm over the window), the approximation nnU-Net's predictor makes too",
         "",
-        "**Memory bound.** Extraction holds no full-size stage map. While a window runs it holds that "
-        "window's activations (the same at every volume size) and the case's samples (fixed budgets, "
-        f"{first['samples_mb']:.1f} MB here). What grows with the volume is the case itself: the loaded image "
-        "(float32, 4 bytes per voxel) and labels (int16, 2 bytes), counted in 'after load'; during the "
-        "extraction their zero-padded copies (`_pad_case`, 6 bytes per voxel, kept while the windows run) "
-        "and, while the voxels are chosen (before the first window), the sampler's temporaries on each "
-        "full-resolution label grid: the labels on the grid (2 bytes), masks (1 byte), `np.unique`'s sorted "
-        "copy (2 bytes) and the int64 indices of every voxel of the class being drawn (8 bytes x its "
-        f"share; background {100 * first['background_fraction']:.0f}% of the MNI152 volume). Stated bound, "
-        f"from the {len(sizes)} sizes measured: **peak <= RSS after loading + {bound:.0f} MB + {per_voxel:.0f} "
-        f"bytes per voxel** ({per_voxel / 6:.1f} x the volume's own bytes; the fit's intercept plus its largest "
-        f"excess) for this network, window and sampling; the constant is the window's, the slope the "
-        "padded copy and the sampler. The unchunked computation needs the full-size maps on top: "
+        "**Memory bound.** Extraction holds no full-size stage map and no copy of the case. While a window "
+        "runs it holds that window's input (zero-padded alone where it reaches past the case) and "
+        "activations, the same at every volume size, and the case's samples (fixed budgets, "
+        f"{first['samples_mb']:.1f} MB here). The padding to the window and to the strides is virtual: labels "
+        "are read onto each stage grid a chunk of 2^20 cells at a time (`GridLabels`), cells past the case "
+        "taking the ignore label, and the class-balanced and boundary draws count each class per chunk, draw "
+        "ranks (the same generator calls as drawing from the whole array, so the same voxels) and map them to "
+        "voxels in a second pass over the chunks; boundary masks are computed per chunk with the rows their "
+        "footprints reach. What grows with the volume is the loaded case itself (image float32 4 bytes and "
+        "labels int16 2 bytes per voxel, counted in 'after load', not in the increment) and the list of "
+        f"windows. Choosing the voxels, measured alone, stays at {min(r['increment_mb'] for r in sampling):.0f}-"
+        f"{max(r['increment_mb'] for r in sampling):.0f} MB at every size. What is left of the slope is in the window loop and follows the "
+        f"number of windows ({(sizes[-1]['increment_mb'] - first['increment_mb']) / (sizes[-1]['forward_passes'] - first['forward_passes']):.2f} "
+        "MB per window from x1 to the largest size); no array the code keeps grows per window, so it is "
+        f"probably the allocator's fragmentation over the windows' buffers (not identified). Stated bound, from the {len(sizes)} sizes measured: **peak <= RSS after loading + "
+        f"{bound:.0f} MB + {max(per_voxel, 0):.2f} bytes per voxel** (the fit's intercept plus its largest excess; "
+        f"slope {per_voxel:.2f} bytes per voxel, {before_text}) for this network, window and sampling; the "
+        "constant is the window's (the network's activations and torch's buffers). The unchunked "
+        "computation needs the full-size maps on top: "
         f"{memory['full_maps']['full_maps_mb']:.0f} MB at 1x ({maps_per_voxel:.0f} bytes per voxel, float64, for "
         "a network of 4-32 channels), growing with the volume and with the channels.",
     ]
@@ -584,6 +647,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=128, help="window edge of the memory benchmark")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="measure again what --work already holds")
+    parser.add_argument("--before", type=Path, help="memory.json of a run of earlier code, shown beside")
     parser.add_argument("--output", type=Path, default=DOCS, help="docs page (the figure goes to images/ beside it)")
     args = parser.parse_args()
     args.workers = sorted({1, *args.workers})  # speedups are against 1 worker
@@ -593,19 +657,22 @@ def main() -> None:
                "sampling": SamplingConfig(max_points_per_stage=args.points)}
     memory = measured(args.work / "memory.json", args.fresh,
                       lambda: memory_runs(args.work, sorted({1, *args.sizes}), args.patch, args.seed))
+    sampling = measured(args.work / "sampling.json", args.fresh,
+                        lambda: sampling_runs(args.work, sorted({1, *args.sizes}), args.patch, args.seed))
     runs = measured(args.work / "ray.json", args.fresh,
                     lambda: ray_runs(args.work, args.workers, args.repeats, options))
 
     write_csv(args.work / "ray.csv", ray_rows(median_runs(runs)))
-    write_csv(args.work / "memory.csv", memory_rows(memory))
+    before = json.loads(args.before.read_text()) if args.before else None
+    write_csv(args.work / "memory.csv", memory_rows(memory, before))
     (args.work / "scale_out.json").write_text(json.dumps(
         {"arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
          "seeds": {"ranking_and_sampling": args.seed, "network": args.seed},
          "ray": [{k: v for k, v in r.items() if k != "scores"} for r in runs],
-         "memory": memory}, indent=1))
+         "memory": memory, "sampling": sampling}, indent=1))
     figure = args.output.parent / "images" / "scale_out.png"
-    draw_figure(median_runs(runs), memory, figure)
-    body = section(args, runs, memory) + f"\n\n![scale out](images/{figure.name})"
+    draw_figure(median_runs(runs), memory, figure, before)
+    body = section(args, runs, memory, sampling, before) + f"\n\n![scale out](images/{figure.name})"
     print(body)
     write_section(args.output, "scale_out", body)
 
