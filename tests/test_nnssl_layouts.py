@@ -1,7 +1,8 @@
 """Real nnssl / OpenMind checkpoint layouts (``../shared/checkpoint_layouts``, full size, random
 values): every layout is read, every ResEnc-L one builds its own network from its plan and loads
-its encoder and stem only, and ``nnunet-te rank`` ranks a zoo of them beside an nnU-Net checkpoint
-on the hippocampus data with its default (PlainConvUNet) plans."""
+its encoder and stem only (Primus-M: tests/test_primus.py), and ``nnunet-te rank`` ranks a zoo of
+them, Primus-M included, beside an nnU-Net checkpoint on the hippocampus data with its default
+(PlainConvUNet) plans."""
 
 import json
 import subprocess
@@ -16,8 +17,9 @@ from layouts import LAYOUTS, checkpoint_from_layout, layout_files, read_layout
 
 from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.io.checkpoints import read_checkpoint
-from nnunet_te.networks.nnssl import NOT_YET, nnssl_architecture
-from nnunet_te.ranking.zoo import Candidate, CandidateError, candidate_network
+from nnunet_te.networks.nnssl import nnssl_architecture
+from nnunet_te.networks.primus import primus_window
+from nnunet_te.ranking.zoo import Candidate, candidate_network
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +38,14 @@ def target(hippocampus_nnunet):
                                 hippocampus_nnunet.preprocessed / "dataset.json")
 
 
-@pytest.mark.parametrize("name", [p.name for p in layout_files()] or [None])
-def test_every_layout_reads_as_nnssl_and_resenc_l_loads_its_encoder_and_stem_only(name, target, tmp_path):
+@pytest.mark.parametrize("name", [p.name for p in layout_files() if not _architecture(p.name).startswith("Primus")]
+                         or [None])
+def test_every_resenc_l_layout_reads_as_nnssl_and_loads_its_encoder_and_stem_only(name, target, tmp_path):
     _require(LAYOUTS / (name or "published1_MAE.json"))
     path = checkpoint_from_layout(name, tmp_path / "checkpoint.pth")
     checkpoint = read_checkpoint(path)
     assert checkpoint.format == "nnssl" and nnssl_architecture(checkpoint) == _architecture(name)
     candidate = Candidate(Path(name).stem, path, None, None, "")
-    if _architecture(name) in NOT_YET:
-        with pytest.raises(CandidateError, match="cannot be ranked yet"):
-            candidate_network(candidate, target)
-        path.unlink()
-        return
     loaded = candidate_network(candidate, target, seed=3)
     path.unlink()  # full size (about 0.4 GB each): pytest keeps tmp_path
     network_keys = loaded.network.state_dict()
@@ -82,7 +80,8 @@ def test_a_training_file_takes_the_adaptation_plan_published_beside_it(tmp_path)
 def test_rank_a_zoo_of_openmind_layouts_with_the_default_plans(hippocampus_nnunet, tmp_path):
     _require(LAYOUTS)
     tree = copy_nnunet_tree(hippocampus_nnunet, tmp_path / "tree")
-    names = ["trainer_MAE.json", "published2_MAE.json", "trainer_SparK.json", "trainer_VoCo.json"]
+    names = ["trainer_MAE.json", "published2_MAE.json", "trainer_SparK.json", "trainer_VoCo.json",
+             "trainer_PrimusM_MAE.json"]
     entries = [{"name": Path(n).stem, "checkpoint": str(checkpoint_from_layout(n, tmp_path / f"{Path(n).stem}.pth",
                                                                               seed=i))}
                for i, n in enumerate(names)]
@@ -101,3 +100,5 @@ def test_rank_a_zoo_of_openmind_layouts_with_the_default_plans(hippocampus_nnune
     assert sorted(ranking["ranking"]) == sorted(e["name"] for e in entries)
     windows = {z["name"]: z["window"] for z in ranking["zoo"]}
     assert all(w % 32 == 0 for w in windows["trainer_MAE"])  # ResEnc-L's own total stride, not the plans'
+    patch = json.loads((tree.preprocessed / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]
+    assert tuple(windows["trainer_PrimusM_MAE"]) == primus_window(patch)  # the plans' patch, not 160^3

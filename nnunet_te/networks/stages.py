@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from nnunet_te.errors import UserError
+from nnunet_te.networks.primus import PATCH_EMBED, Primus, primus_stages
 
 #: Probe window per axis: 32 (the deepest total stride of common networks) times these. The
 #: second axis has a factor 3 the first lacks, so a channels-last tensor (1, *grid, C) of any
@@ -127,6 +128,15 @@ KNOWN_LAYOUTS: list[KnownLayout] = [
     KnownLayout("encoder-only backbone with a head", lambda n: getattr(n, "encoder_only_wrapper", False),
                 _wrapped_backbone_stages),
 ]
+
+
+# ---- Primus (nnunet_te/networks/primus.py): token maps reshaped to grids, one fixed input shape ----
+def _primus_stages(network: Primus, ndim: int) -> NetworkStages:
+    encoder, decoder, bottleneck = primus_stages(network)
+    return NetworkStages(encoder, decoder, bottleneck, PATCH_EMBED, network.input_shape)
+
+
+KNOWN_LAYOUTS.append(KnownLayout("Primus", lambda n: isinstance(n, Primus), _primus_stages))
 
 
 # ---- one forward pass with every module hooked ---------------------------------------------------
