@@ -19,12 +19,13 @@ the 1x volume the extraction is compared with the unchunked computation, full-si
 blended over the same windows and read at the same voxels (what nnU-Net's predictor holds for
 its logits), and the one-window extraction with a single whole-volume forward pass; both
 unchunked runs report their peak memory too. Choosing the sampled voxels is also measured alone
-at every size (its own process, peak over the loaded labels).
+at every size (its own process, peak over the loaded labels), and every size's extraction again
+with glibc's mmap threshold fixed (``FIXED_MMAP``), to tell the allocator's heap from the code.
 
 Run: ``python benchmarks/bench_scale_out.py --work /tmp/bench_scale_out`` (about 13 minutes on 2
 CPU cores with nothing else running). Writes the ``scale_out`` section of docs/performance.md and
 docs/images/scale_out.png (``--output``); the raw numbers go to ``--work`` (``ray.json``,
-``memory.json``, ``sampling.json``, ``ray.csv``, ``memory.csv``, ``scale_out.json``). A part whose JSON is in ``--work`` is not
+``memory.json``, ``sampling.json``, ``fixed_mmap.json``, ``ray.csv``, ``memory.csv``, ``scale_out.json``). A part whose JSON is in ``--work`` is not
 measured again (``--fresh`` measures everything). ``--before`` names the ``memory.json`` of a run
 of earlier code, whose increments the table shows beside the new ones.
 """
@@ -59,13 +60,26 @@ TILINGS = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2)}
 #: must be a multiple of it.
 STRIDE = 8
 CONSISTENCY_RATES = (0.2,)
+#: glibc's mmap threshold fixed (by default it rises to the largest buffer freed): freed large
+#: buffers go back to the system instead of staying in the heap.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # ---- fresh processes -------------------------------------------------------------------------
-def in_fresh_process(function, *args):
-    """``function(*args)`` in a new interpreter: its own peak memory, Ray instance and threads."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
+def in_fresh_process(function, *args, env: dict | None = None):
+    """``function(*args)`` in a new interpreter: its own peak memory, Ray instance and threads;
+    ``env`` is added to its environment (read by the C library at its start)."""
+    previous = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(function, *args).result()
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -352,6 +366,17 @@ def sampling_memory(labels_path: Path, patch: tuple[int, ...], seed: int) -> dic
             "increment_mb": rss_mb("VmHWM") - after_load}
 
 
+def fixed_mmap_runs(work: Path, factors: list[int], patch: int, seed: int) -> list[dict]:
+    """:func:`extraction_memory` of every size again, with ``FIXED_MMAP``."""
+    runs = []
+    for factor, (image, labels) in mni_volumes(work, factors).items():
+        print(f"extraction, MNI152 x{factor}, {FIXED_MMAP} ...", flush=True)
+        runs.append({"factor": factor, **in_fresh_process(
+            extraction_memory, image, labels, (patch,) * 3, CONSISTENCY_RATES, seed,
+            work / f"features_x{factor}_fixed_mmap.npz", env=FIXED_MMAP)})
+    return runs
+
+
 def sampling_runs(work: Path, factors: list[int], patch: int, seed: int) -> list[dict]:
     """:func:`sampling_memory` on the MNI152 tiled by each of ``factors``, each in its own process."""
     return [{"factor": factor, **in_fresh_process(sampling_memory, labels, (patch,) * 3, seed)}
@@ -501,11 +526,14 @@ def draw_figure(runs: list[dict], memory: dict, path: Path, before: dict | None 
     fig.savefig(path, dpi=110)
 
 
-def section(args, runs: list[dict], memory: dict, sampling: list[dict], before: dict | None = None) -> str:
+def section(args, runs: list[dict], memory: dict, sampling: list[dict], fixed: list[dict],
+            before: dict | None = None) -> str:
     """The docs section: both tables, the equality checks and the memory bound."""
     medians = median_runs(runs)
     sizes, first = memory["sizes"], memory["sizes"][0]
     intercept, per_voxel, excess = linear_fit(sizes)
+    fixed_intercept, fixed_per_voxel, fixed_excess = linear_fit(fixed)
+    fixed_same = max(largest_difference(s, f) for s, f in zip(sizes, fixed))
     exact_sliding = largest_difference(first, memory["full_maps"])
     exact_whole = largest_difference(memory["one_window"], memory["whole_forward"])
     context = largest_difference(first, memory["one_window"])
@@ -596,6 +624,11 @@ def section(args, runs: list[dict], memory: dict, sampling: list[dict], before: 
         *([f"- increment before chunking: the same measurement on the code before chunked sampling and "
            f"virtual padding (the run given as `--before`, {before['sizes'][0]['threads']} torch threads)"]
           if before else []),
+        f"- the same extractions with glibc's mmap threshold fixed ({' '.join(f'`{k}={v}`' for k, v in FIXED_MMAP.items())}; by "
+        "default it rises to the largest buffer freed, and later buffers of that size stay in the heap): "
+        "increments " + ", ".join(f"x{r['factor']} {r['increment_mb']:.0f} MB" for r in fixed)
+        + f", least squares {fixed_intercept:.0f} MB + {fixed_per_voxel:.2f} bytes per voxel (largest excess "
+        f"{fixed_excess:.0f} MB); samples identical to the default runs' (largest difference {fixed_same:.2g})",
         "- choosing the voxels alone (`StageSampler.select` on the virtually padded case, its own process per "
         "size, peak over the loaded labels): " + ", ".join(
             f"x{r['factor']} {r['increment_mb']:.1f} MB ({r['seconds']:.1f} s)" for r in sampling),
@@ -623,8 +656,9 @@ def section(args, runs: list[dict], memory: dict, sampling: list[dict], before: 
         f"windows. Choosing the voxels, measured alone, stays at {min(r['increment_mb'] for r in sampling):.0f}-"
         f"{max(r['increment_mb'] for r in sampling):.0f} MB at every size. What is left of the slope is in the window loop and follows the "
         f"number of windows ({(sizes[-1]['increment_mb'] - first['increment_mb']) / (sizes[-1]['forward_passes'] - first['forward_passes']):.2f} "
-        "MB per window from x1 to the largest size); no array the code keeps grows per window, so it is "
-        f"probably the allocator's fragmentation over the windows' buffers (not identified). Stated bound, from the {len(sizes)} sizes measured: **peak <= RSS after loading + "
+        "MB per window from x1 to the largest size): no array the code keeps grows per window, and with "
+        f"glibc's mmap threshold fixed the slope is {fixed_per_voxel:.2f} bytes per voxel, so it is the C "
+        f"library's heap keeping freed window buffers, not the extraction. Stated bound, from the {len(sizes)} sizes measured: **peak <= RSS after loading + "
         f"{bound:.0f} MB + {max(per_voxel, 0):.2f} bytes per voxel** (the fit's intercept plus its largest excess; "
         f"slope {per_voxel:.2f} bytes per voxel, {before_text}) for this network, window and sampling; the "
         "constant is the window's (the network's activations and torch's buffers). The unchunked "
@@ -659,6 +693,8 @@ def main() -> None:
                       lambda: memory_runs(args.work, sorted({1, *args.sizes}), args.patch, args.seed))
     sampling = measured(args.work / "sampling.json", args.fresh,
                         lambda: sampling_runs(args.work, sorted({1, *args.sizes}), args.patch, args.seed))
+    fixed = measured(args.work / "fixed_mmap.json", args.fresh,
+                     lambda: fixed_mmap_runs(args.work, sorted({1, *args.sizes}), args.patch, args.seed))
     runs = measured(args.work / "ray.json", args.fresh,
                     lambda: ray_runs(args.work, args.workers, args.repeats, options))
 
@@ -669,10 +705,10 @@ def main() -> None:
         {"arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
          "seeds": {"ranking_and_sampling": args.seed, "network": args.seed},
          "ray": [{k: v for k, v in r.items() if k != "scores"} for r in runs],
-         "memory": memory, "sampling": sampling}, indent=1))
+         "memory": memory, "sampling": sampling, "fixed_mmap": fixed}, indent=1))
     figure = args.output.parent / "images" / "scale_out.png"
     draw_figure(median_runs(runs), memory, figure, before)
-    body = section(args, runs, memory, sampling, before) + f"\n\n![scale out](images/{figure.name})"
+    body = section(args, runs, memory, sampling, fixed, before) + f"\n\n![scale out](images/{figure.name})"
     print(body)
     write_section(args.output, "scale_out", body)
 
