@@ -41,6 +41,7 @@ from torch import nn
 
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import Checkpoint
+from nnunet_te.networks.weights import load_pretrained
 from nnunet_te.networks.primus import (PRIMUS_CLASSES, primus_network, primus_window,
                                        resized_positional_embedding, token_grid)
 
@@ -99,8 +100,6 @@ def load_nnssl(network: nn.Module, checkpoint: Checkpoint, *, report: bool = Tru
     in place and return the :class:`~nnunet_te.networks.weights.LoadReport`: loaded, adapted (the
     repeated input channels, a resampled positional embedding), skipped (the parts not
     transferred, with why) and missing (what keeps its initialisation)."""
-    from nnunet_te.networks.weights import load_pretrained  # weights.py imports this module
-
     if not isinstance(network, Primus):  # ResEnc-L: its stem is inside its encoder
         return load_pretrained(network, checkpoint, encoder_only=True, report=report)
     transferred, left_out, adapted = _primus_transfer(checkpoint, network)

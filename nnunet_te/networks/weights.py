@@ -34,7 +34,6 @@ from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
 from nnunet_te.errors import UserError
 from nnunet_te.networks.classpaths import check_plans_classes
-from nnunet_te.networks.nnssl import nnssl_architecture
 
 
 @dataclass
@@ -271,9 +270,9 @@ def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint |
     try:
         load_report = load_pretrained(network, checkpoint)
     except ValueError as err:
-        if not nnssl_architecture(checkpoint):
+        if checkpoint.format != "nnssl":  # an nnssl file names its own network (networks/nnssl.py)
             raise
-        raise UserError(f"{err}. The checkpoint is an nnssl {nnssl_architecture(checkpoint)} network, the plans "
+        raise UserError(f"{err}. The checkpoint is an nnssl {checkpoint.metadata.get('arch_class_name')} network, the plans "
                         f"build {type(network).__name__}: this needs plans of the checkpoint's architecture "
                         "(`nnunet-te rank` builds nnssl networks from their own plan and can rank it "
                         "as it is)") from err
