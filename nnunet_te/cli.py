@@ -134,7 +134,7 @@ def _convert_weights(args: argparse.Namespace) -> int:
     from nnunet_te.data.target import PreprocessedTarget
     from nnunet_te.networks.weights import convert_for_pretrained_weights
     from nnunet_te.training.handoff import training_command, upstream_pretrained_alternative
-    from nnunet_te.training.nnssl_plans import plans_for_checkpoint
+    from nnunet_te.networks.nnssl_plans import plans_for_checkpoint
 
     _preprocessed_target(args, regions=True)  # the user's plans exist: checked before any work
     # an nnssl network gets plans of its own architecture and pre-training geometry, beside the user's

@@ -18,7 +18,7 @@ from nnunet_te.io.checkpoints import read_checkpoint
 from nnunet_te.io.files import refuse_existing
 from nnunet_te.ranking.rank import RankingResult
 from nnunet_te.risk.compute import compute_dataset_risk_maps
-from nnunet_te.training.nnssl_plans import plans_for_checkpoint
+from nnunet_te.networks.nnssl_plans import plans_for_checkpoint
 from nnunet_te.training.trainers import TRAINER, check_trainer
 from nnunet_te.training.winner import RANKING_COPY, export_winner, trainable_winner
 
@@ -127,7 +127,7 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
 
     An nnssl winner (OpenMind ResEnc-L) trains with plans of its own architecture and
     pre-training geometry, written and preprocessed beside ``plans``
-    (:func:`nnunet_te.training.nnssl_plans.plans_for_checkpoint`; ``patch_size`` overrides the
+    (:func:`nnunet_te.networks.nnssl_plans.plans_for_checkpoint`; ``patch_size`` overrides the
     patch there); the command then names them with ``-p``.
     """
     check_trainer(trainer)
