@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_te.data.paths import dataset_name, nnunet_raw
-from nnunet_te.data.target import PreprocessedTarget, configuration_manager
+from nnunet_te.data.geometry import PreprocessedPlans, preprocessed_for_plans, resolved_configuration
+from nnunet_te.data.target import PreprocessedTarget
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
 from nnunet_te.networks.nnssl import RESENC_L, nnssl_architecture
@@ -43,17 +42,6 @@ OPENMIND_SPACING = [1.0, 1.0, 1.0]
 OPENMIND_NORMALISATION = "ZScoreNormalization"
 OPENMIND_PATCH = [160, 160, 160]
 BATCH_SIZE = 2
-
-
-@dataclass(frozen=True)
-class NnsslPlans:
-    """What :func:`prepare_nnssl_plans` made: the plans identifier (``-p``), its file, the data
-    folder nnU-Net's preprocessing wrote, and whether this call wrote them (False: reused)."""
-
-    plans_name: str
-    plans_file: Path
-    data_folder: Path
-    created: bool
 
 
 def _class_path(cls: type) -> str:
@@ -125,7 +113,7 @@ def nnssl_plans(user_plans: dict, configuration: str, checkpoint: Checkpoint, *,
     if name != "ResEncL":
         raise UserError(f"{checkpoint.source}: nnU-Net plans for an nnssl {name} network are not supported "
                         "(ResEncL is)")
-    user = _resolved_configuration(user_plans, configuration)
+    user = resolved_configuration(user_plans, configuration)
     if len(user["spacing"]) != 3:
         raise UserError(f"an nnssl {name} network is 3D; configuration {configuration!r} is "
                         f"{len(user['spacing'])}D: use a 3D configuration (e.g. -c 3d_fullres)")
@@ -144,16 +132,9 @@ def nnssl_plans(user_plans: dict, configuration: str, checkpoint: Checkpoint, *,
                                 "pretrain_spacing": spacing, "normalization": scheme}}
 
 
-def _resolved_configuration(plans: dict, configuration: str) -> dict:
-    """The configuration's entries with ``inherits_from`` resolved (nnU-Net's ConfigurationManager)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    return json.loads(json.dumps(configuration_manager(PlansManager(plans), configuration).configuration))
-
-
 def plans_fit_checkpoint(plans: dict, configuration: str, checkpoint: Checkpoint) -> bool:
     """Whether ``configuration`` of ``plans`` already builds the checkpoint's nnssl network."""
-    architecture = _resolved_configuration(plans, configuration).get("architecture")
+    architecture = resolved_configuration(plans, configuration).get("architecture")
     return nnssl_architecture(checkpoint) == "ResEncL" and architecture == resenc_l_architecture()
 
 
@@ -174,46 +155,12 @@ def plans_for_checkpoint(checkpoint: Checkpoint | str | Path, dataset: int | str
                                num_processes=num_processes).plans_name
 
 
-def _preprocessed_cases(folder: Path) -> set[str]:
-    return {p.name[:-len(".b2nd")] for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")}
-
-
 def prepare_nnssl_plans(dataset: int | str, configuration: str, checkpoint: Checkpoint, *,
                         plans: str = "nnUNetPlans", patch_size: list[int] | None = None,
-                        num_processes: int = 1) -> NnsslPlans:
+                        num_processes: int = 1) -> PreprocessedPlans:
     """Write :func:`nnssl_plans` beside the user's ``plans`` and preprocess the dataset for it with
-    nnU-Net's own preprocessor; return where. A plans file of that name with the same content
-    and a complete data folder are reused; one with other content, or a data folder without its
-    plans file, raises UserError (nothing is replaced). Needs the raw dataset in ``nnUNet_raw``.
-    """
+    nnU-Net's own preprocessor (:func:`~nnunet_te.data.geometry.preprocessed_for_plans`: reused
+    when complete, nothing replaced); return where."""
     target = PreprocessedTarget.open(dataset, configuration, plans, regions=True)  # plain nnU-Net trains regions
     planned = nnssl_plans(target.plans, configuration, checkpoint, patch_size=patch_size)
-    plans_file = target.folder / f"{planned['plans_name']}.json"
-    data_folder = target.folder / planned["configurations"][configuration]["data_identifier"]
-    if plans_file.exists() and json.loads(plans_file.read_text()) != planned:
-        raise UserError(f"{plans_file} exists with other content (another patch size, or plans of another "
-                        "dataset version); it is not replaced: move it away, or pass another --patch-size")
-    if data_folder.exists() and not plans_file.exists():
-        raise UserError(f"{data_folder} exists without {plans_file.name}: it is not ours to replace; move it away")
-    raw = nnunet_raw() / dataset_name(dataset)
-    if not raw.is_dir():
-        raise UserError(f"the raw dataset {raw} is needed to preprocess it at the candidate's geometry "
-                        "(nnU-Net preprocesses from raw images); set nnUNet_raw to where it is")
-    expected = set(target.case_ids)
-    if plans_file.exists() and data_folder.is_dir() and _preprocessed_cases(data_folder) >= expected:
-        return NnsslPlans(planned["plans_name"], plans_file, data_folder, created=False)
-    plans_file.write_text(json.dumps(planned, indent=2))
-    _preprocess(dataset, configuration, planned["plans_name"], num_processes)
-    missing = expected - _preprocessed_cases(data_folder)
-    if missing:
-        raise RuntimeError(f"nnU-Net's preprocessing left {len(missing)} case(s) out of {data_folder}, "
-                           f"e.g. {sorted(missing)[:3]}")
-    return NnsslPlans(planned["plans_name"], plans_file, data_folder, created=True)
-
-
-def _preprocess(dataset: int | str, configuration: str, plans_name: str, num_processes: int) -> None:
-    """nnU-Net's ``DefaultPreprocessor.run`` for this plans identifier (what ``nnUNetv2_preprocess
-    -plans_name`` runs), without the gt_segmentations copy that command makes into the user's folder."""
-    target = PreprocessedTarget.open(dataset, configuration, plans_name, regions=True)
-    preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
-    preprocessor.run(dataset_name(dataset), configuration, plans_name, num_processes=num_processes)
+    return preprocessed_for_plans(target, planned, num_processes=num_processes)

@@ -1,0 +1,79 @@
+"""A target preprocessed for other plans (another spacing, normalisation or architecture) by
+nnU-Net's own preprocessing, written beside the user's plans and never over them.
+
+Ranking a candidate at the geometry it was pre-trained at and fine-tuning it with nnU-Net both
+need the target's cases as nnU-Net's ``DefaultPreprocessor`` writes them for a plans file that is
+not the user's. :func:`preprocessed_for_plans` writes such a plans dict as
+``<nnUNet_preprocessed>/<Dataset>/<plans_name>.json`` and preprocesses the raw dataset into the
+plans' own data folder; the user's plans, data and ``gt_segmentations`` are never written to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_te.data.paths import dataset_name, nnunet_raw
+from nnunet_te.data.target import PreprocessedTarget, configuration_manager
+from nnunet_te.errors import UserError
+
+
+@dataclass(frozen=True)
+class PreprocessedPlans:
+    """What :func:`preprocessed_for_plans` made: the plans identifier (``-p``), its file, the data
+    folder nnU-Net's preprocessing wrote, and whether this call wrote them (False: reused)."""
+
+    plans_name: str
+    plans_file: Path
+    data_folder: Path
+    created: bool
+
+
+def resolved_configuration(plans: dict, configuration: str) -> dict:
+    """The configuration's entries with ``inherits_from`` resolved (nnU-Net's ConfigurationManager)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return json.loads(json.dumps(configuration_manager(PlansManager(plans), configuration).configuration))
+
+
+def _preprocessed_cases(folder: Path) -> set[str]:
+    return {p.name[:-len(".b2nd")] for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")}
+
+
+def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, num_processes: int = 1) -> PreprocessedPlans:
+    """Write ``planned`` (a plans dict with one configuration, ``target``'s) beside ``target``'s
+    plans and preprocess the dataset for it with nnU-Net's own preprocessor; return where. A plans
+    file of that name with the same content and a complete data folder are reused; one with other
+    content, or a data folder without its plans file, raises UserError (nothing is replaced).
+    Needs the raw dataset in ``nnUNet_raw``."""
+    configuration = target.configuration
+    plans_file = target.folder / f"{planned['plans_name']}.json"
+    data_folder = target.folder / planned["configurations"][configuration]["data_identifier"]
+    if plans_file.exists() and json.loads(plans_file.read_text()) != planned:
+        raise UserError(f"{plans_file} exists with other content (another patch size, or plans of another "
+                        "dataset version); it is not replaced: move it away, or pass another --patch-size")
+    if data_folder.exists() and not plans_file.exists():
+        raise UserError(f"{data_folder} exists without {plans_file.name}: it is not ours to replace; move it away")
+    raw = nnunet_raw() / target.folder.name
+    if not raw.is_dir():
+        raise UserError(f"the raw dataset {raw} is needed to preprocess it at the candidate's geometry "
+                        "(nnU-Net preprocesses from raw images); set nnUNet_raw to where it is")
+    expected = set(target.case_ids)
+    if plans_file.exists() and data_folder.is_dir() and _preprocessed_cases(data_folder) >= expected:
+        return PreprocessedPlans(planned["plans_name"], plans_file, data_folder, created=False)
+    plans_file.write_text(json.dumps(planned, indent=2))
+    _preprocess(target.folder.name, configuration, planned["plans_name"], num_processes)
+    missing = expected - _preprocessed_cases(data_folder)
+    if missing:
+        raise RuntimeError(f"nnU-Net's preprocessing left {len(missing)} case(s) out of {data_folder}, "
+                           f"e.g. {sorted(missing)[:3]}")
+    return PreprocessedPlans(planned["plans_name"], plans_file, data_folder, created=True)
+
+
+def _preprocess(dataset: str, configuration: str, plans_name: str, num_processes: int) -> None:
+    """nnU-Net's ``DefaultPreprocessor.run`` for this plans identifier (what ``nnUNetv2_preprocess
+    -plans_name`` runs), without the gt_segmentations copy that command makes into the user's folder."""
+    target = PreprocessedTarget.open(dataset, configuration, plans_name, regions=True)
+    preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
+    preprocessor.run(dataset_name(dataset), configuration, plans_name, num_processes=num_processes)
