@@ -119,8 +119,12 @@ def test_bench_miniature_end_to_end_and_resume(epfl_tree, shared_data):
     docs.write_text(text.replace("Measured so far", "STALE"))
     logs = {p: p.stat().st_size for p in (work / "logs").rglob("*.log")}
 
-    second = _run(command, env, root)
+    records = root / "records"
+    second = _run(command + ["--records", str(records)], env, root)
     assert "0 new fine-tune(s)" in second and "4 new fine-tune(s)" in first
+    # the measurements reach the records folder (kept in the repository), the zoo's records too
+    assert (records / "results.csv").read_bytes() == (work / "results.csv").read_bytes()
+    assert len(list((records / "zoo").glob("*.json"))) == len(MEMBERS)
     assert {p: p.stat().st_size for p in (work / "logs").rglob("*.log")} == logs  # nnUNetv2_train not started
     with open(work / "results.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 4
@@ -258,6 +262,24 @@ def test_a_member_that_saw_a_test_image_is_found_by_content_under_any_name(tmp_p
         tests = case_thumbnails(folder, ids)
         assert {name: matched_cases(t, tests) for name, t in seen_by.items()} == {
             "random_s0": [], "sup_isbi_membranes": [], "sup_jsrt_lungs": sorted(ids)}, folder.name
+
+
+def test_records_restore_what_a_fresh_work_folder_lacks_and_never_overwrite(tmp_path):
+    from benchmarks.finetune_grid.records import RECORD_FILES, restore_records, save_records
+
+    work, records, fresh = tmp_path / "work", tmp_path / "records", tmp_path / "fresh"
+    for i, name in enumerate(RECORD_FILES):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(f"measured {i}")
+    (work / "zoo" / "ssl_masked-abc").mkdir(parents=True)
+    (work / "zoo" / "ssl_masked-abc" / "member.json").write_text("{}")
+    assert sorted(save_records(work, records)) == sorted([*RECORD_FILES, "zoo/ssl_masked-abc.json"])
+    (fresh / "results.csv").parent.mkdir(parents=True)
+    (fresh / "results.csv").write_text("newer")
+    restored = restore_records(records, fresh)
+    assert sorted(restored) == sorted(n for n in RECORD_FILES if n != "results.csv")
+    assert (fresh / "results.csv").read_text() == "newer"  # a work folder's own file wins
+    assert all((fresh / n).read_text() == (work / n).read_text() for n in restored)
 
 
 def test_bad_shots_fail_before_any_work(tmp_path):

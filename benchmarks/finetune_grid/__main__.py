@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tunes trained side by side, on CPU each with cores/jobs torch threads (default 1)")
     bench.add_argument("--no-fine-tunes", action="store_true", help="build the zoo and rankings only")
     bench.add_argument("--report-only", action="store_true", help="only rewrite the tables from what --work holds")
+    bench.add_argument("--records", metavar="DIR",
+                       help="folder in the repository the measurements (schedules, results.csv, exclusions, zoo "
+                            "records) are restored from into a fresh --work and saved to after every piece, e.g. "
+                            "docs/benchmark_records (benchmarks/finetune_grid/records.py)")
     bench.add_argument("--docs", help="Markdown page to write the results section into, e.g. docs/benchmark.md")
     bench.add_argument("-device", "--device", default="auto", type=_device,
                        help="torch device (default: auto = cuda when available, else cpu)")
@@ -82,6 +86,10 @@ def bench(args: argparse.Namespace) -> int:
     schedules = Schedules(Schedule(*args.schedule) if args.schedule else None,
                           {d: Schedule(int(e), int(i)) for d, e, i in given_schedules})
     if args.report_only:
+        if args.records:
+            from benchmarks.finetune_grid.records import restore_records
+
+            restore_records(Path(args.records), Path(args.work))
         for name, path in write_report(Path(args.work), schedules.with_rule(ruled_schedules(Path(args.work))),
                                        docs=Path(args.docs) if args.docs else None).items():
             print(f"{name}: {path}")
@@ -95,7 +103,7 @@ def bench(args: argparse.Namespace) -> int:
                         fine_tunes=not args.no_fine_tunes, probe_only=args.probe_only,
                         probe=Probe(start=args.probe[0], longest=args.probe[1]) if args.probe else Probe(),
                         schedules=schedules, shared=Path(args.shared) if args.shared else default_shared(),
-                        docs=args.docs, **{k: tuple(v) if isinstance(v, list) else v
+                        docs=args.docs, records=args.records, **{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in given.items() if v is not None})
     if args.probe_only:
         print(f"{summary['new_probes']} new probe(s) in {summary['seconds']:.0f} s; schedules: {summary['schedules']}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from benchmarks.finetune_grid.ground_truth import (TRAINERS, Run, Schedules, don
 from benchmarks.finetune_grid.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
                                           preprocessed_view, write_cpu_plans)
 from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, thumbnails
+from benchmarks.finetune_grid.records import restore_records, save_records
 from benchmarks.finetune_grid.schedule_rule import (PROBE_MEMBER, Probe, probe_split, probe_target,
                                                    probe_validation_size, probed_schedules, ruled_schedules,
                                                    write_schedules)
@@ -181,7 +183,8 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
               schedules: Schedules = Schedules(None), probe: Probe = Probe(), probe_only: bool = False,
               zoo_iterations: int | None = None, n_test: int | None = None, split_seed: int = 0,
               device: str = "cpu", jobs: int = 1, fine_tunes: bool = True, report: bool = True,
-              docs: str | os.PathLike | None = None, shared: str | os.PathLike | None = None) -> dict:
+              docs: str | os.PathLike | None = None, shared: str | os.PathLike | None = None,
+              records: str | os.PathLike | None = None) -> dict:
     """Run (or resume) the benchmark on ``datasets`` (ids or names of nnU-Net datasets preprocessed
     with ``nnUNetv2_plan_and_preprocess -c 2d``); return a summary (counts and paths).
 
@@ -196,7 +199,9 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     ``fine_tunes=False`` builds the zoo and the rankings only; ``report`` writes the tables and
     figures from everything in ``results.csv`` (all datasets so far) to ``<work>/report`` and,
     with ``docs``, into that Markdown page. ``shared``: the folder holding the zoo's source data
-    in ``data/`` (default :func:`~benchmarks.finetune_grid.zoo.default_shared`).
+    in ``data/`` (default :func:`~benchmarks.finetune_grid.zoo.default_shared`). ``records``: a
+    folder (in the repository) the measurements are restored from and saved to after every
+    piece (:mod:`benchmarks.finetune_grid.records`).
     """
     from benchmarks.finetune_grid.tables import write_report
 
@@ -218,6 +223,17 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
 
     for variable in ENV_VARIABLES:
         env_folder(variable)  # raises naming the unset variable
+    saving = threading.Lock()
+
+    def save() -> None:
+        if records is not None:
+            with saving:
+                save_records(work, Path(records))
+
+    if records is not None:
+        restored = restore_records(Path(records), work)
+        if restored:
+            print(f"restored from {records}: {', '.join(restored)}")
     chosen = select_members(members, iterations=zoo_iterations)
     # every dataset checked (plan, split, k) before the zoo's long pre-training starts
     targets = [prepare_target(d, n_test=n_test, split_seed=split_seed) for d in datasets]
@@ -235,10 +251,12 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     new_probes = run_probes(probed, work, probe, shared=shared, zoo_iterations=zoo_iterations, split_seed=split_seed,
                             device=device, jobs=jobs, threads=threads) if probed else 0
     schedules = schedules.with_rule(ruled_schedules(work))
+    save()
     if probe_only:
         return {"work": str(work), "targets": [t.dataset for t in targets], "new_probes": new_probes,
                 "seconds": time.perf_counter() - started, "schedules": str(work / "schedules.json")}
     zoo = build_zoo(chosen, work / "zoo", shared=shared, device=device)
+    save()
     for target in targets:
         target.members = [b for b in zoo if b.member.name not in target.excluded]
     results_csv = work / "results.csv"
@@ -258,9 +276,11 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         weights = {m: converted_weights(target, by_name[m], work) for m in sorted({r.member for r in todo})}
 
         def train(run: Run) -> dict | None:
-            return fine_tune(run, dataset_id=target.dataset_id, target=target.source, weights=weights[run.member],
-                             split=target.split, fold=target.fold, schedule=schedule, work=work,
-                             results_csv=results_csv, device=device, threads=threads)
+            row = fine_tune(run, dataset_id=target.dataset_id, target=target.source, weights=weights[run.member],
+                            split=target.split, fold=target.fold, schedule=schedule, work=work,
+                            results_csv=results_csv, device=device, threads=threads)
+            save()
+            return row
 
         new_runs += _in_parallel(train, todo, jobs, desc=f"fine-tunes {target.dataset}")
     summary = {"work": str(work), "targets": [t.dataset for t in targets], "zoo": [b.member.name for b in zoo],

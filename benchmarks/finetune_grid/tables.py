@@ -427,7 +427,10 @@ def _plot_probe_curves(work: Path, path: Path) -> Path | None:
     file = work / SCHEDULES_JSON
     if not file.is_file():
         return None
-    targets = json.loads(file.read_text())["targets"]
+    targets = {d: t for d, t in json.loads(file.read_text())["targets"].items()
+               if any(r["ema_fg_dice"] for r in t["runs"])}
+    if not targets:
+        return None  # records transcribed without curves (benchmarks/finetune_grid/records.py)
     fig, axes = _panels(len(targets))
     for ax, (dataset, record) in zip(axes, sorted(targets.items())):
         for run in record["runs"]:
@@ -473,10 +476,15 @@ def schedule_rows(work: Path) -> list[dict]:
     if not file.is_file():
         return []
     return [{"dataset": d, "epochs": t["epochs"], "iterations": t["iterations"], "converged": t["converged"],
-             "reason": t["reason"], "validation_cases": len(t["validation_cases"]),
+             "reason": t["reason"], "validation_cases": _count(t["validation_cases"]),
              "probe_runs": {r["epochs"]: round(r["validation_dice"], 4) for r in t["runs"]},
-             "probe_seconds": sum(r["seconds"] for r in t["runs"])}
+             "probe_seconds": t.get("probe_seconds") or sum(r["seconds"] for r in t["runs"])}
             for d, t in sorted(json.loads(file.read_text())["targets"].items())]
+
+
+def _count(cases: list[str] | int) -> int:
+    """Number of cases: a list of names, or a count where a record was transcribed without them."""
+    return cases if isinstance(cases, int) else len(cases)
 
 
 def exclusion_rows(work: Path) -> list[dict]:
