@@ -133,6 +133,31 @@ def test_empty_zoo_is_refused(nnunet_env, tmp_path):
         rank_zoo(991, "3d_fullres", [], out_dir=tmp_path / "out")
 
 
+def test_a_zoo_of_one_is_ranked_and_its_fused_score_is_reported_as_not_defined(nnunet_env, tmp_path, capsys):
+    """The fused topology score min-max normalises over the zoo: for one model it has no value, so
+    it is NaN with a note while every single-model metric (its GRTD and LBTC components too) is scored."""
+    from nnunet_te.cli import main
+
+    zoo = write_zoo(tmp_path / "zoo.yaml", [{"name": "only", "architecture": BASIC_UNET,
+                                              "checkpoint": str(basic_unet_checkpoint(tmp_path / "b.pt", 3))}])
+    out = tmp_path / "out"
+    code = main(["rank", "-d", "991", "-c", "3d_fullres", "--zoo", str(zoo), "-o", str(out), "--cases", "1",
+                 "--points", "300", "--consistency-rates", "-device", "cpu", "--metrics", "topology", "grtd",
+                 "lbtc", "logme", "ncti"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    record = json.loads((out / "ranking.json").read_text())
+    assert record["ranking"] == ["only"] and record["candidate_errors"] == {}
+    scores = {name: metric["scores"]["only"] for name, metric in record["metrics"].items()}
+    assert scores["topology"] is None
+    assert all(math.isfinite(scores[name]) for name in ("grtd", "lbtc", "logme", "ncti")), scores
+    assert record["primary_metric"] == "grtd"  # the first metric that has a score
+    notes = [e for e in record["errors"] if e["metric"] == "topology"]
+    assert len(notes) == 1 and "not defined for a zoo of 1 scored candidate(s)" in notes[0]["reason"]
+    assert printed.out.count("note: topology not computed for only: zoo-relative score") == 1
+    assert "ranking by grtd" in printed.out
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 def _check_ranking(out: Path, scored: list[str]) -> dict:
     for ext in ("csv", "json", "md", "png"):

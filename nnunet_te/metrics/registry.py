@@ -50,7 +50,9 @@ class Metric:
     """One registry entry.
 
     ``compute`` maps a candidate's samples to a float score (or, for zoo-relative metrics, to
-    components that ``combine`` turns into one score per candidate of the zoo).
+    components that ``combine`` turns into one score per candidate of the zoo). ``min_zoo`` is the
+    fewest scored candidates ``combine`` is defined for: a smaller zoo gets NaN and a note, not an
+    error (the fused topology score min-max normalises over the zoo, so one model has no score).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Metric:
     description: str
     needs: frozenset = frozenset()
     combine: Callable[[list[Any], list[CandidateFeatures]], np.ndarray] | None = None
+    min_zoo: int = 1
 
     def applicable(self, features: CandidateFeatures) -> str | None:
         """None if the metric can be computed on ``features``, else the reason it cannot."""
@@ -128,7 +131,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("topology", _topology_components, True, frozenset({SEGMENTATION}),
            "fused topology score (Geometry of Transfer, arXiv:2602.23916): gated mix of "
            "min-max(-GRTD) and min-max(LBTC) over the zoo",
-           needs=frozenset({NEEDS_PATCHES, NEEDS_ZOO}), combine=_fuse_topology),
+           needs=frozenset({NEEDS_PATCHES, NEEDS_ZOO}), combine=_fuse_topology, min_zoo=2),
     Metric("grtd", _grtd, False, frozenset({SEGMENTATION}),
            "global representation topology divergence, mean over decoder stages"),
     Metric("lbtc", _lbtc, True, frozenset({SEGMENTATION}),

@@ -192,10 +192,10 @@ def _zoo_scores(requested: list[Metric], explicit: bool, features: dict[str, Can
 
 
 def _primary_metric(scores: ZooScores, chosen: list[Metric]) -> str:
-    """:data:`PRIMARY` when it scored any candidate, else the first metric computed."""
-    if PRIMARY in scores.scores and not np.isnan(scores.scores[PRIMARY]).all():
-        return PRIMARY
-    return chosen[0].name
+    """:data:`PRIMARY` when it scored any candidate, else the first metric computed that did (a
+    zoo of one has no fused score), else the first metric computed."""
+    scored = [m.name for m in chosen if not np.isnan(scores.scores[m.name]).all()]
+    return PRIMARY if PRIMARY in scored else (scored or [chosen[0].name])[0]
 
 
 class _RankingInputs(NamedTuple):

@@ -65,8 +65,21 @@ def score_zoo(features: dict[str, CandidateFeatures], metrics: list[Metric],
             result.errors[(metric.name, name)] = reason
             values.append(None)
         result.scores[metric.name] = _finalise(metric, values, zoo)
+        if metric.combine is not None:
+            result.errors.update(_zoo_too_small(metric, names, values))
         result.seconds[metric.name] = time.perf_counter() - start
     return result
+
+
+def _zoo_too_small(metric: Metric, names: list[str], values: list) -> dict[tuple[str, str], str]:
+    """{(metric, candidate): note} for the candidates a zoo-relative metric has components of but no
+    score, because fewer than ``metric.min_zoo`` candidates have them; empty otherwise."""
+    valid = [name for name, v in zip(names, values) if v is not None]
+    if not valid or len(valid) >= metric.min_zoo:
+        return {}
+    note = (f"zoo-relative score, not defined for a zoo of {len(valid)} scored candidate(s): it needs "
+            f"{metric.min_zoo}")
+    return {(metric.name, name): note for name in valid}
 
 
 def _finalise(metric: Metric, values: list, zoo: list[CandidateFeatures]) -> np.ndarray:
@@ -74,6 +87,6 @@ def _finalise(metric: Metric, values: list, zoo: list[CandidateFeatures]) -> np.
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     valid = [i for i, v in enumerate(values) if v is not None]
     out = np.full(len(values), np.nan)
-    if valid:
+    if valid and len(valid) >= metric.min_zoo:
         out[valid] = metric.combine([values[i] for i in valid], [zoo[i] for i in valid])
     return out
