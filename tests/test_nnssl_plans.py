@@ -1,0 +1,163 @@
+"""Plans of an nnssl / OpenMind ResEnc-L candidate's own architecture and pre-training geometry
+(:mod:`nnunet_te.networks.nnssl_plans`), written beside the user's 3d_fullres hippocampus plans
+and preprocessed by nnU-Net's own ``DefaultPreprocessor``, with a full-size random checkpoint of
+the real ``trainer_MAE`` layout: the plans build the checkpoint's encoder, every case is
+preprocessed into their own folder, and nothing of the user's is written to."""
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import _require, copy_nnunet_tree
+from layouts import LAYOUTS, checkpoint_from_layout
+
+from nnunet_te.errors import UserError
+from nnunet_te.io.checkpoints import read_checkpoint
+from nnunet_te.networks.nnssl import RESENC_L
+from nnunet_te.networks.nnssl_plans import nnssl_plans, plans_for_checkpoint, prepare_nnssl_plans
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+#: A small patch (two bottleneck voxels) keeps nnU-Net's preprocessing and the network cheap.
+PATCH = [32, 32, 64]
+
+
+@pytest.fixture(scope="module")
+def tree(hippocampus_nnunet, tmp_path_factory):
+    return copy_nnunet_tree(hippocampus_nnunet, tmp_path_factory.mktemp("nnssl_plans"))
+
+
+@pytest.fixture
+def nnunet_env(tree, monkeypatch):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, tree.env[name])
+    return tree
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    _require(LAYOUTS / "trainer_MAE.json")
+    path = checkpoint_from_layout("trainer_MAE.json", tmp_path_factory.mktemp("mae") / "checkpoint_final.pth", seed=5)
+    yield path
+    path.unlink()  # full size (about 0.4 GB): pytest keeps its folders
+
+
+def _user_files_digest(tree) -> dict[str, str]:
+    """sha256 of every file of the user's plans, data folder and gt_segmentations."""
+    folder = tree.preprocessed
+    files = [folder / "nnUNetPlans.json", *(folder / "nnUNetPlans_3d_fullres").rglob("*"),
+             *(folder / "gt_segmentations").rglob("*")]
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+def _cases(folder: Path) -> set[str]:
+    return {p.name.removesuffix(".b2nd") for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")}
+
+
+def test_plans_at_the_checkpoints_architecture_and_geometry_are_written_and_preprocessed_beside_the_users(
+        nnunet_env, checkpoint_path):
+    tree = nnunet_env
+    checkpoint = read_checkpoint(checkpoint_path)
+    before = _user_files_digest(tree)
+    assert len(before) > 3  # plans, data and ground truth were hashed
+    made = prepare_nnssl_plans(tree.dataset_id, "3d_fullres", checkpoint, patch_size=PATCH)
+    assert made.created and made.plans_name == "nnsslResEncLPlans_p32x32x64"
+    assert made.plans_file == tree.preprocessed / "nnsslResEncLPlans_p32x32x64.json"
+    plans = json.loads(made.plans_file.read_text())
+    configuration = plans["configurations"]["3d_fullres"]
+    architecture = configuration["architecture"]
+    assert architecture["network_class_name"] == "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    assert architecture["arch_kwargs"]["features_per_stage"] == list(RESENC_L["features_per_stage"])
+    assert architecture["arch_kwargs"]["n_blocks_per_stage"] == list(RESENC_L["n_blocks_per_stage"])
+    pretrain = checkpoint.metadata["pretrain_plan"]["configurations"]["onemmiso"]
+    assert configuration["spacing"] == [float(s) for s in pretrain["spacing"]]
+    assert configuration["normalization_schemes"] == pretrain["normalization_schemes"]
+    assert configuration["patch_size"] == PATCH and configuration["data_identifier"] == made.data_folder.name
+    # every case of the user's data, preprocessed by nnU-Net into the new plans' own folder
+    user_cases = _cases(tree.preprocessed / "nnUNetPlans_3d_fullres")
+    assert made.data_folder != tree.preprocessed / "nnUNetPlans_3d_fullres"
+    assert _cases(made.data_folder) == user_cases and len(user_cases) > 1
+    # a second call reuses what is there; plans_for_checkpoint names the same plans
+    again = prepare_nnssl_plans(tree.dataset_id, "3d_fullres", checkpoint, patch_size=PATCH)
+    assert not again.created and again.plans_file == made.plans_file
+    assert plans_for_checkpoint(checkpoint_path, tree.dataset_id, "3d_fullres", patch_size=PATCH) == made.plans_name
+    assert _user_files_digest(tree) == before
+
+
+def test_nnunets_network_of_the_written_plans_takes_the_checkpoints_encoder(nnunet_env, checkpoint_path):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    checkpoint = read_checkpoint(checkpoint_path)
+    made = prepare_nnssl_plans(nnunet_env.dataset_id, "3d_fullres", checkpoint, patch_size=PATCH)
+    manager = PlansManager(str(made.plans_file)).get_configuration("3d_fullres")
+    network = get_network_from_plans(manager.network_arch_class_name, manager.network_arch_init_kwargs,
+                                     manager.network_arch_init_kwargs_req_import, 1, 2, allow_init=True)
+    state = network.state_dict()
+    encoder = {k: v for k, v in checkpoint.state_dict.items() if k.startswith("encoder.")}
+    assert len(encoder) > 100 and encoder.keys() <= state.keys()
+    assert all(state[k].shape == v.shape for k, v in encoder.items())
+    with torch.no_grad():  # a patch of the plans goes through to one output per class
+        out = network(torch.zeros(1, 1, *PATCH))
+    assert out.shape == (1, 2, *PATCH)
+
+
+def test_an_existing_plans_file_of_other_content_is_refused_and_kept(nnunet_env, checkpoint_path):
+    checkpoint = read_checkpoint(checkpoint_path)
+    other = nnunet_env.preprocessed / "nnsslResEncLPlans_p64x32x32.json"
+    other.write_text('{"plans_name": "someone else\'s"}')
+    with pytest.raises(UserError, match="exists with other content"):
+        prepare_nnssl_plans(nnunet_env.dataset_id, "3d_fullres", checkpoint, patch_size=[64, 32, 32])
+    assert json.loads(other.read_text()) == {"plans_name": "someone else's"}
+    assert not (nnunet_env.preprocessed / "nnsslResEncLPlans_p64x32x32_3d_fullres").exists()
+
+
+@pytest.mark.parametrize("patch, message", [([30, 32, 64], "multiple of"), ([32, 32], "3 axes"),
+                                            ([32, 32, 32], "bottleneck would be one voxel")])
+def test_a_bad_patch_is_refused_with_the_rule(nnunet_env, checkpoint_path, patch, message):
+    with pytest.raises(UserError, match=message):
+        plans_for_checkpoint(checkpoint_path, nnunet_env.dataset_id, "3d_fullres", patch_size=patch)
+
+
+def test_the_default_patch_is_the_median_image_rounded_up_and_spacing_follows_the_pretrain_plan(
+        nnunet_env, checkpoint_path):
+    from nnunet_te.data.target import PreprocessedTarget
+
+    checkpoint = read_checkpoint(checkpoint_path)
+    user = PreprocessedTarget.open(nnunet_env.dataset_id, "3d_fullres").plans
+    median = user["configurations"]["3d_fullres"]["median_image_size_in_voxels"]
+    spacing = user["configurations"]["3d_fullres"]["spacing"]
+    planned = nnssl_plans(user, "3d_fullres", checkpoint)["configurations"]["3d_fullres"]
+    at_1mm = [m * s for m, s in zip(median, spacing)]  # the pre-training plan's spacing is 1 mm
+    assert planned["patch_size"] == [max(32, min(160, math.ceil(m / 32) * 32)) for m in at_1mm]
+    assert all(p <= 160 for p in planned["patch_size"])
+    # another pre-training spacing: the plans take it and the median shrinks with it
+    plan = json.loads(json.dumps(checkpoint.metadata["pretrain_plan"]))
+    plan["configurations"]["onemmiso"]["spacing"] = [2.0, 2.0, 2.0]
+    coarse = replace(checkpoint, metadata={**checkpoint.metadata, "pretrain_plan": plan})
+    planned = nnssl_plans(user, "3d_fullres", coarse)
+    configuration = planned["configurations"]["3d_fullres"]
+    assert configuration["spacing"] == [2.0, 2.0, 2.0]
+    assert configuration["median_image_size_in_voxels"] == pytest.approx([m * s / 2 for m, s in zip(median, spacing)])
+    assert planned["nnunet_te_nnssl"]["pretrain_spacing"] == [2.0, 2.0, 2.0]
+
+
+def test_convert_weights_prints_the_command_with_the_nnssl_plans(nnunet_env, checkpoint_path, tmp_path):
+    out = tmp_path / "weights.pth"
+    done = subprocess.run([str(BIN / "nnunet-te"), "convert-weights", str(checkpoint_path), "-d",
+                           str(nnunet_env.dataset_id), "-c", "3d_fullres", "-o", str(out),
+                           "--patch-size", *map(str, PATCH)],
+                          env=nnunet_env.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "-p nnsslResEncLPlans_p32x32x64" in done.stdout
+    weights = torch.load(out, weights_only=True)["network_weights"]
+    checkpoint = read_checkpoint(checkpoint_path)
+    key = "encoder.stages.3.blocks.0.conv1.conv.weight"
+    torch.testing.assert_close(weights[key], checkpoint.state_dict[key], rtol=0, atol=0)
