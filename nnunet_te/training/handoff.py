@@ -16,11 +16,12 @@ from nnunet_te.data.target import PreprocessedTarget
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import read_checkpoint
 from nnunet_te.io.files import refuse_existing
+from nnunet_te.networks.nnssl_plans import plans_for_checkpoint
+from nnunet_te.networks.weights import convert_for_pretrained_weights
 from nnunet_te.ranking.rank import RankingResult
 from nnunet_te.risk.compute import compute_dataset_risk_maps
-from nnunet_te.networks.nnssl_plans import plans_for_checkpoint
 from nnunet_te.training.trainers import TRAINER, check_trainer
-from nnunet_te.training.winner import RANKING_COPY, export_winner, trainable_winner
+from nnunet_te.training.winner import RANKING_COPY, trainable_winner
 
 
 @dataclass
@@ -128,18 +129,22 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
     An nnssl winner (OpenMind ResEnc-L) trains with plans of its own architecture and
     pre-training geometry, written and preprocessed beside ``plans``
     (:func:`nnunet_te.networks.nnssl_plans.plans_for_checkpoint`; ``patch_size`` overrides the
-    patch there); the command then names them with ``-p``.
+    patch there); the command then names them with ``-p``. The winner's checkpoint is read again
+    with the trust the ranking gave it (its candidate's ``trust_pickle``: the user's opt-in).
     """
     check_trainer(trainer)
     name = trainable_winner(result)
-    source = result.candidate(name).checkpoint
-    checkpoint = read_checkpoint(source)
+    candidate = result.candidate(name)
+    source = candidate.checkpoint
+    # the ranking read it with the user's opt-in (the zoo's trust_pickle entries); so do the reads here
+    checkpoint = read_checkpoint(source, trust_pickle=candidate.trust_pickle)
     plans = plans_for_checkpoint(checkpoint, dataset, configuration, plans=plans, patch_size=patch_size)
     target = PreprocessedTarget.open(dataset, configuration, plans)  # the dataset name is resolved here, once
     if not overwrite_training:
         check_training_target(target.dataset_name, configuration, fold, plans=plans, trainer=trainer)
     weights = result.out_dir / f"{name}_for_{target.dataset_name}_{configuration}.pth"
-    export_winner(result, target.plans, configuration, target.dataset_json, weights, seed=seed)
+    convert_for_pretrained_weights(source, target.plans, configuration, target.dataset_json, weights, seed=seed,
+                                   trust_pickle=candidate.trust_pickle)
     maps = compute_dataset_risk_maps(target.folder, target.plans, configuration, target.dataset_json, weights,
                                      device=device, seed=seed, overwrite=overwrite_maps, progress=progress,
                                      overwrite_flag="--overwrite-maps (overwrite_maps=True)")
