@@ -20,7 +20,11 @@ from layouts import LAYOUTS, checkpoint_from_layout
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import read_checkpoint
 from nnunet_te.networks.nnssl import RESENC_L
-from nnunet_te.networks.nnssl_plans import nnssl_plans, plans_for_checkpoint, prepare_nnssl_plans
+from nnunet_te.networks.nnssl_plans import (
+    nnssl_plans,
+    plans_for_checkpoint,
+    prepare_nnssl_plans,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -154,10 +158,64 @@ def test_convert_weights_prints_the_command_with_the_nnssl_plans(nnunet_env, che
     done = subprocess.run([str(BIN / "nnunet-te"), "convert-weights", str(checkpoint_path), "-d",
                            str(nnunet_env.dataset_id), "-c", "3d_fullres", "-o", str(out),
                            "--patch-size", *map(str, PATCH)],
-                          env=nnunet_env.env, capture_output=True, text=True, timeout=600)
+                          env=nnunet_env.env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "-p nnsslResEncLPlans_p32x32x64" in done.stdout
     weights = torch.load(out, weights_only=True)["network_weights"]
     checkpoint = read_checkpoint(checkpoint_path)
     key = "encoder.stages.3.blocks.0.conv1.conv.weight"
     torch.testing.assert_close(weights[key], checkpoint.state_dict[key], rtol=0, atol=0)
+
+
+def _registry_plans(tree, name: str) -> str:
+    """The user's plans with the 3d_fullres architecture as nnU-Net's own nnssl tooling writes it
+    (a registry name, no kwargs), saved as ``nnsslLike<name>Plans``; returns the identifier."""
+    plans = json.loads((tree.preprocessed / "nnUNetPlans.json").read_text())
+    identifier = f"nnsslLike{name}Plans"
+    plans["plans_name"] = identifier
+    plans["configurations"]["3d_fullres"]["architecture"] = {"network_class_name": name, "arch_kwargs": None,
+                                                             "_kw_requires_import": None}
+    (tree.preprocessed / f"{identifier}.json").write_text(json.dumps(plans))
+    return identifier
+
+
+def test_plans_of_nnunets_nnssl_tooling_build_the_registry_network_and_take_the_checkpoint(
+        nnunet_env, checkpoint_path, tmp_path):
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from nnunet_te.data.target import PreprocessedTarget
+    from nnunet_te.networks import nnssl, nnssl_registry
+    from nnunet_te.networks.weights import convert_for_pretrained_weights, network_for_target
+
+    assert nnssl.RESENC_L == nnssl_registry.RESENC_L  # one network under both names (report: move it)
+    identifier = _registry_plans(nnunet_env, "ResEncL")
+    target = PreprocessedTarget.open(nnunet_env.dataset_id, "3d_fullres", identifier)
+    checkpoint = read_checkpoint(checkpoint_path)
+    network, report = network_for_target(target, checkpoint=checkpoint, seed=2)  # what ranking and risk maps build
+    assert isinstance(network, ResidualEncoderUNet)
+    encoder = [k for k in network.state_dict() if k.startswith(("encoder.", "decoder.encoder."))]
+    assert sorted(report.loaded) == sorted(encoder)
+    key = "encoder.stages.5.blocks.5.conv2.conv.weight"
+    torch.testing.assert_close(network.state_dict()[key], checkpoint.state_dict[key], rtol=0, atol=0)
+    out = tmp_path / "converted.pth"
+    convert_for_pretrained_weights(checkpoint_path, target.plans, "3d_fullres", target.dataset_json, out, seed=2)
+    assert torch.load(out, weights_only=True)["network_weights"].keys() == {
+        k for k in network.state_dict() if ".seg_layers." not in k}
+    # nnU-Net 2.8.1's trainer imports class paths only: training gets plans of nnU-Net's form beside them
+    with pytest.raises(UserError, match="other plans of yours"):  # the name of those from nnUNetPlans is taken
+        plans_for_checkpoint(checkpoint, nnunet_env.dataset_id, "3d_fullres", plans=identifier, patch_size=PATCH)
+    made = plans_for_checkpoint(checkpoint, nnunet_env.dataset_id, "3d_fullres", plans=identifier,
+                                patch_size=[32, 64, 32])
+    written = json.loads((nnunet_env.preprocessed / f"{made}.json").read_text())
+    assert written["configurations"]["3d_fullres"]["architecture"] == nnssl_registry.resenc_l_architecture()
+    assert written["nnunet_te_nnssl"]["from_plans"] == identifier
+
+
+def test_an_unknown_registry_name_in_plans_is_refused_with_the_known_ones(nnunet_env):
+    from nnunet_te.data.target import PreprocessedTarget
+    from nnunet_te.networks.weights import network_for_target
+
+    target = PreprocessedTarget.open(nnunet_env.dataset_id, "3d_fullres", _registry_plans(nnunet_env, "PrimusM"))
+    with pytest.raises(UserError, match=r"'PrimusM' is neither a dotted class path nor a known nnssl registry "
+                                        r"name \(ResEncL\)"):
+        network_for_target(target)

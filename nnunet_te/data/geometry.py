@@ -51,8 +51,9 @@ def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, num_pro
     plans_file = target.folder / f"{planned['plans_name']}.json"
     data_folder = target.folder / planned["configurations"][configuration]["data_identifier"]
     if plans_file.exists() and json.loads(plans_file.read_text()) != planned:
-        raise UserError(f"{plans_file} exists with other content (another patch size, or plans of another "
-                        "dataset version); it is not replaced: move it away, or pass another --patch-size")
+        raise UserError(f"{plans_file} exists with other content (another patch size, written from other plans of "
+                        "yours (-p), or plans of another dataset version); it is not replaced: move it away, or "
+                        "pass another --patch-size")
     if data_folder.exists() and not plans_file.exists():
         raise UserError(f"{data_folder} exists without {plans_file.name}: it is not ours to replace; move it away")
     raw = nnunet_raw() / target.folder.name

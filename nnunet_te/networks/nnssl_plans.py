@@ -12,7 +12,7 @@ The new configuration keeps the name and everything target-specific of the user'
 (resampling functions, batch Dice, ``use_mask_for_norm``, the intensity properties) and takes
 from the candidate:
 
-- the architecture: ``ResidualEncoderUNet`` with :data:`~nnunet_te.networks.nnssl.RESENC_L`, in
+- the architecture: ``ResidualEncoderUNet`` with :data:`~nnunet_te.networks.nnssl_registry.RESENC_L`, in
   nnU-Net's plans form (class paths as strings);
 - the spacing of the pre-training plan and its normalisation scheme for every channel;
 - the patch: the checkpoint's ``recommended_downstream_patchsize`` (160^3 for OpenMind), but no
@@ -24,36 +24,26 @@ from the candidate:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from nnunet_te.data.geometry import PreprocessedPlans, preprocessed_for_plans, resolved_configuration
+from nnunet_te.data.geometry import (
+    PreprocessedPlans,
+    preprocessed_for_plans,
+    resolved_configuration,
+)
 from nnunet_te.data.target import PreprocessedTarget
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
-from nnunet_te.networks.nnssl import RESENC_L, nnssl_architecture
+from nnunet_te.networks.nnssl import nnssl_architecture
+from nnunet_te.networks.nnssl_registry import resenc_l_architecture
 
-#: nnU-Net's class path keys of U-Net arch_kwargs (imported by ``get_network_from_plans``).
-_REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 #: What the OpenMind release was pre-trained with; used when a file carries no ``pretrain_plan``
 #: (nnssl's SparK training files).
 OPENMIND_SPACING = [1.0, 1.0, 1.0]
 OPENMIND_NORMALISATION = "ZScoreNormalization"
 OPENMIND_PATCH = [160, 160, 160]
 BATCH_SIZE = 2
-
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def resenc_l_architecture() -> dict:
-    """:data:`RESENC_L` as nnU-Net writes an architecture in a plans file (JSON types, class paths)."""
-    kwargs = {key: _class_path(value) if isinstance(value, type) else value for key, value in RESENC_L.items()}
-    kwargs = json.loads(json.dumps({**kwargs, "dropout_op": None, "dropout_op_kwargs": None}))  # tuples -> lists
-    return {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-            "arch_kwargs": kwargs, "_kw_requires_import": list(_REQUIRES_IMPORT)}
 
 
 def architecture_divisor(architecture: dict) -> list[int]:

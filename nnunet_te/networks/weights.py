@@ -31,9 +31,10 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from nnunet_te.data.target import PlannedConfiguration
-from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
 from nnunet_te.errors import UserError
+from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
 from nnunet_te.networks.classpaths import check_plans_classes
+from nnunet_te.networks.nnssl_registry import is_registry_name, registry_architecture
 
 
 @dataclass
@@ -239,6 +240,19 @@ def network_for_configuration(plans_file_or_dict: str | Path | dict, configurati
                               checkpoint=checkpoint, deep_supervision=deep_supervision, seed=seed, device=device)
 
 
+def plans_architecture(configuration_manager) -> tuple[str, dict, list[str]]:
+    """(class path, arch_kwargs, keys to import) of an nnU-Net configuration, as
+    ``get_network_from_plans`` takes them. An nnssl registry name (plans of nnU-Net's own nnssl
+    tooling: ``"network_class_name": "ResEncL", "arch_kwargs": null``) is resolved to nnU-Net's
+    plans form (:mod:`nnunet_te.networks.nnssl_registry`); an unknown one raises UserError."""
+    class_name = configuration_manager.network_arch_class_name
+    if is_registry_name(class_name):
+        architecture = registry_architecture(class_name)
+        return architecture["network_class_name"], architecture["arch_kwargs"], architecture["_kw_requires_import"]
+    return (class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import)
+
+
 def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint | str | Path | None = None,
                        deep_supervision: bool = False, seed: int = 0,
                        device: str | torch.device = "cpu") -> tuple[nn.Module, LoadReport | None]:
@@ -253,16 +267,12 @@ def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint |
     ``target`` is a :class:`~nnunet_te.data.target.PlannedConfiguration` (or a
     :class:`~nnunet_te.data.target.PreprocessedTarget`).
     """
-    configuration_manager = target.configuration_manager
-    check_plans_classes(configuration_manager.network_arch_class_name,  # before nnU-Net imports them
-                        configuration_manager.network_arch_init_kwargs,
-                        configuration_manager.network_arch_init_kwargs_req_import, "plans architecture")
+    class_name, kwargs, requires_import = plans_architecture(target.configuration_manager)
+    check_plans_classes(class_name, kwargs, requires_import, "plans architecture")  # before nnU-Net imports them
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = get_network_from_plans(
-            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import, target.n_inputs, target.n_classes,
-            allow_init=True, deep_supervision=deep_supervision)
+        network = get_network_from_plans(class_name, kwargs, requires_import, target.n_inputs, target.n_classes,
+                                         allow_init=True, deep_supervision=deep_supervision)
     if checkpoint is None:
         return network.to(device), None
     if not isinstance(checkpoint, Checkpoint):
