@@ -1,29 +1,23 @@
 """Real nnssl / OpenMind checkpoint layouts (``../shared/checkpoint_layouts``, full size, random
 values): every layout is read, every ResEnc-L one builds its own network from its plan and loads
-its encoder and stem only (Primus-M: tests/test_primus.py), and ``nnunet-te rank`` ranks a zoo of
-them, Primus-M included, beside an nnU-Net checkpoint on the hippocampus data with its default
+its encoder and stem only (Primus-M: tests/test_primus.py); tests/test_zoo_all_kinds.py ranks a zoo of
+them, Primus-M included, beside nnU-Net and MONAI candidates on the hippocampus data with its default
 (PlainConvUNet) plans."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import nnunet_checkpoint, write_zoo
-from conftest import _require, copy_nnunet_tree
+from conftest import _require
 from layouts import LAYOUTS, checkpoint_from_layout, layout_files, read_layout
 
 from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.io.checkpoints import read_checkpoint
 from nnunet_te.networks.nnssl import nnssl_architecture
-from nnunet_te.networks.primus import primus_window
 from nnunet_te.ranking.zoo import Candidate, candidate_network
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
 
 
 def _architecture(name: str) -> str:
@@ -75,30 +69,3 @@ def test_a_training_file_takes_the_adaptation_plan_published_beside_it(tmp_path)
     with pytest.raises(ValueError, match="not an nnssl adaptation plan"):
         read_checkpoint(path)
     path.unlink()  # full size: pytest keeps tmp_path
-
-
-def test_rank_a_zoo_of_openmind_layouts_with_the_default_plans(hippocampus_nnunet, tmp_path):
-    _require(LAYOUTS)
-    tree = copy_nnunet_tree(hippocampus_nnunet, tmp_path / "tree")
-    names = ["trainer_MAE.json", "published2_MAE.json", "trainer_SparK.json", "trainer_VoCo.json",
-             "trainer_PrimusM_MAE.json"]
-    entries = [{"name": Path(n).stem, "checkpoint": str(checkpoint_from_layout(n, tmp_path / f"{Path(n).stem}.pth",
-                                                                              seed=i))}
-               for i, n in enumerate(names)]
-    entries.append({"name": "nnunet", "checkpoint": str(nnunet_checkpoint(tree.preprocessed, "3d_fullres",
-                                                                          tmp_path / "nnunet.pth"))})
-    zoo = write_zoo(tmp_path / "zoo.yaml", entries)
-    out = tmp_path / "ranking"
-    done = subprocess.run([str(BIN / "nnunet-te"), "rank", "-d", "991", "-c", "3d_fullres", "--zoo", str(zoo),
-                           "-o", str(out), "--cases", "2", "--points", "512", "--consistency-rates",
-                           "-device", "cpu"], env=tree.env, capture_output=True, text=True, timeout=1800)
-    for entry in entries:  # about 0.4 GB each
-        Path(entry["checkpoint"]).unlink()
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    ranking = json.loads((out / "ranking.json").read_text())
-    assert ranking["candidate_errors"] == {}
-    assert sorted(ranking["ranking"]) == sorted(e["name"] for e in entries)
-    windows = {z["name"]: z["window"] for z in ranking["zoo"]}
-    assert all(w % 32 == 0 for w in windows["trainer_MAE"])  # ResEnc-L's own total stride, not the plans'
-    patch = json.loads((tree.preprocessed / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]
-    assert tuple(windows["trainer_PrimusM_MAE"]) == primus_window(patch)  # the plans' patch, not 160^3
