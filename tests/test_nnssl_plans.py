@@ -219,3 +219,30 @@ def test_an_unknown_registry_name_in_plans_is_refused_with_the_known_ones(nnunet
     with pytest.raises(UserError, match=r"'PrimusM' is neither a dotted class path nor a known nnssl registry "
                                         r"name \(ResEncL\)"):
         network_for_target(target)
+
+
+def test_rank_train_reads_the_winner_again_with_the_trust_the_ranking_gave_it(nnunet_env, tmp_path):
+    """A winner that needs full unpickling (an argparse.Namespace beside its weights) was ranked
+    with the user's --trust-pickle; prepare_training reads it again with that trust, and without
+    it refuses with the flag named."""
+    import argparse
+    from dataclasses import replace as replaced
+
+    from checkpoints import nnunet_checkpoint
+
+    from nnunet_te.ranking.rank import RankingResult
+    from nnunet_te.ranking.zoo import Candidate
+    from nnunet_te.training.handoff import prepare_training
+
+    path = nnunet_checkpoint(nnunet_env.preprocessed, "3d_fullres", tmp_path / "lab.pth")
+    torch.save({**torch.load(path, weights_only=False), "args": argparse.Namespace(fold=0)}, path)
+    (tmp_path / "ranking.json").write_text("{}")
+    trusted = Candidate("lab", path, None, None, "", trust_pickle=True)
+    result = RankingResult([replaced(trusted, trust_pickle=False)], None, "score", ["lab"], {}, tmp_path,
+                           {"json": tmp_path / "ranking.json"}, {})
+    with pytest.raises(UserError, match="--trust-pickle"):
+        prepare_training(result, nnunet_env.dataset_id, "3d_fullres", 0, progress=False)
+    result.candidates = [trusted]
+    plan = prepare_training(result, nnunet_env.dataset_id, "3d_fullres", 0, progress=False)
+    assert plan.plans == "nnUNetPlans" and plan.weights.is_file()
+    assert json.loads((tmp_path / "training_choice.json").read_text())["chosen"] == "lab"
