@@ -184,13 +184,12 @@ def test_plans_of_nnunets_nnssl_tooling_build_the_registry_network_and_take_the_
     from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
     from nnunet_te.data.target import PreprocessedTarget
-    from nnunet_te.networks import nnssl, nnssl_registry
+    from nnunet_te.networks import nnssl_registry
     from nnunet_te.networks.weights import (
         convert_for_pretrained_weights,
         network_for_target,
     )
 
-    assert nnssl.RESENC_L == nnssl_registry.RESENC_L  # one network under both names (report: move it)
     identifier = _registry_plans(nnunet_env, "ResEncL")
     target = PreprocessedTarget.open(nnunet_env.dataset_id, "3d_fullres", identifier)
     checkpoint = read_checkpoint(checkpoint_path)

@@ -41,16 +41,11 @@ from torch import nn
 
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import Checkpoint
+from nnunet_te.networks.nnssl_registry import RESENC_L
 from nnunet_te.networks.weights import load_pretrained
 from nnunet_te.networks.primus import (PRIMUS_CLASSES, primus_network, primus_window,
                                        resized_positional_embedding, token_grid)
 
-#: ``ResidualEncoderUNet`` arguments of nnssl's ``ResEncL`` (input and output channels apart).
-RESENC_L = {"n_stages": 6, "features_per_stage": (32, 64, 128, 256, 320, 320), "conv_op": nn.Conv3d,
-            "kernel_sizes": [[3, 3, 3]] * 6, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
-            "n_blocks_per_stage": (1, 3, 4, 6, 6, 6), "n_conv_per_stage_decoder": (1, 1, 1, 1, 1),
-            "conv_bias": True, "norm_op": nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}}
 #: Registry names of nnssl that are known but cannot be ranked yet, with the reason.
 NOT_YET = {"NoSkipResEncL": "the skip-less ResEnc-L decoder of nnssl is not in dynamic_network_architectures"}
 _NOT_TRANSFERRED = "not transferred: outside the plan's stem and encoder (a pretext-task part)"
