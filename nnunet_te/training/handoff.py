@@ -17,11 +17,10 @@ from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import read_checkpoint
 from nnunet_te.io.files import refuse_existing
 from nnunet_te.networks.nnssl_plans import plans_for_checkpoint
-from nnunet_te.networks.weights import convert_for_pretrained_weights
 from nnunet_te.ranking.rank import RankingResult
 from nnunet_te.risk.compute import compute_dataset_risk_maps
 from nnunet_te.training.trainers import TRAINER, check_trainer
-from nnunet_te.training.winner import RANKING_COPY, trainable_winner
+from nnunet_te.training.winner import RANKING_COPY, export_winner, trainable_winner
 
 
 @dataclass
@@ -136,15 +135,14 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
     name = trainable_winner(result)
     candidate = result.candidate(name)
     source = candidate.checkpoint
-    # the ranking read it with the user's opt-in (the zoo's trust_pickle entries); so do the reads here
+    # the ranking read it with the user's opt-in (the zoo's trust_pickle entries); so does this read
     checkpoint = read_checkpoint(source, trust_pickle=candidate.trust_pickle)
     plans = plans_for_checkpoint(checkpoint, dataset, configuration, plans=plans, patch_size=patch_size)
     target = PreprocessedTarget.open(dataset, configuration, plans)  # the dataset name is resolved here, once
     if not overwrite_training:
         check_training_target(target.dataset_name, configuration, fold, plans=plans, trainer=trainer)
     weights = result.out_dir / f"{name}_for_{target.dataset_name}_{configuration}.pth"
-    convert_for_pretrained_weights(source, target.plans, configuration, target.dataset_json, weights, seed=seed,
-                                   trust_pickle=candidate.trust_pickle)
+    export_winner(result, target.plans, configuration, target.dataset_json, weights, seed=seed)
     maps = compute_dataset_risk_maps(target.folder, target.plans, configuration, target.dataset_json, weights,
                                      device=device, seed=seed, overwrite=overwrite_maps, progress=progress,
                                      overwrite_flag="--overwrite-maps (overwrite_maps=True)")

@@ -28,8 +28,10 @@ def export_winner(result: RankingResult, plans_file: str | Path | dict, configur
                   dataset_json: str | Path | dict, out_path: str | Path, *, seed: int = 0) -> str:
     """Write :func:`trainable_winner`'s weights as an nnU-Net ``-pretrained_weights`` file
     (:func:`nnunet_te.networks.weights.convert_for_pretrained_weights`, decoder seeded with
-    ``seed``) to ``out_path``; return the winner's name."""
+    ``seed``) to ``out_path``; return the winner's name. The checkpoint is read with the trust the
+    ranking gave it (its candidate's ``trust_pickle``: the user's opt-in)."""
     name = trainable_winner(result)
-    convert_for_pretrained_weights(result.candidate(name).checkpoint, plans_file, configuration,
-                                   dataset_json, out_path, seed=seed)
+    candidate = result.candidate(name)
+    convert_for_pretrained_weights(candidate.checkpoint, plans_file, configuration, dataset_json, out_path, seed=seed,
+                                   trust_pickle=candidate.trust_pickle)
     return name
