@@ -27,9 +27,9 @@ from scipy.special import softmax
 from threadpoolctl import threadpool_limits
 
 import nnunet_te.metrics.hscore as hscore_module
-from nnunet_te.metrics.logme import logme
 from nnunet_te.metrics.gbc import gbc
 from nnunet_te.metrics.leep import leep, nce, nleep
+from nnunet_te.metrics.logme import logme
 from nnunet_te.metrics.lpfu import lp_score
 from nnunet_te.metrics.ncti import ncti, ncti_components
 from nnunet_te.metrics.parc import parc
@@ -213,7 +213,7 @@ def _votes_per_unit(case: dict) -> float:
     return 5.0 * _features(case)[1].shape[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case_tolerance(case_id: str) -> dict:
     """The rule of the module docstring for one case: conditioning, measured sensitivity and
     the absolute deviation allowed per compared value."""

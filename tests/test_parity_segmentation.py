@@ -7,7 +7,8 @@ with its own ``suggested_tolerance``.
 None of these invert or factorise an ill-conditioned matrix (MST weights of distances, CCFV's
 symmetric eigen form with clipped eigenvalues and a log of a ratio, thresholded probabilities),
 so every case is well conditioned by construction under the rule of docs/metrics.md and keeps its
-``suggested_tolerance``.
+``suggested_tolerance``. BLAS runs on ``NNUNET_TE_PARITY_THREADS`` threads (default 1), as in the
+classification suite, so a plain run is the 1-thread setting of tests/test_parity_machines.py.
 """
 
 import json
@@ -16,6 +17,7 @@ import os
 import numpy as np
 import pytest
 from conftest import SHARED
+from threadpoolctl import threadpool_limits
 
 from nnunet_te.metrics.ccfv import ccfv, ccfv_stage
 from nnunet_te.metrics.consistency import effective_invariance
@@ -23,6 +25,13 @@ from nnunet_te.metrics.topology import grtd
 
 REFERENCE = SHARED / "reference"
 METRICS = ("rtd_lite", "ccfv_official", "ccfv_joshtalks", "crank_effective_invariance")
+THREADS = int(os.environ.get("NNUNET_TE_PARITY_THREADS", "1"))
+
+
+@pytest.fixture(autouse=True)
+def _blas_threads():
+    with threadpool_limits(limits=THREADS):
+        yield
 
 
 def _load_cases():
