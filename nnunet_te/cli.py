@@ -134,6 +134,7 @@ def _convert_weights(args: argparse.Namespace) -> int:
     from nnunet_te.data.target import PreprocessedTarget
     from nnunet_te.networks.weights import convert_for_pretrained_weights
     from nnunet_te.training.handoff import training_command, upstream_pretrained_alternative
+    from nnunet_te.training.trainers import TRAINER, trainer_for_architecture
     from nnunet_te.networks.nnssl_plans import plans_for_checkpoint
 
     _preprocessed_target(args, regions=True)  # the user's plans exist: checked before any work
@@ -148,7 +149,9 @@ def _convert_weights(args: argparse.Namespace) -> int:
                                             target.dataset_json, args.output, seed=args.seed,
                                             trust_pickle=args.trust_pickle)
     print(report)
-    print(f"wrote {args.output}\nuse: {shlex.join(training_command(args.d, args.c, 'FOLD', args.output, plans=plans))}")
+    trainer = trainer_for_architecture(TRAINER, target.configuration_manager.network_arch_class_name)
+    command = training_command(args.d, args.c, "FOLD", args.output, plans=plans, trainer=trainer)
+    print(f"wrote {args.output}\nuse: {shlex.join(command)}")
     if plans != args.p and (alternative := upstream_pretrained_alternative(args.d, args.c, "FOLD", args.checkpoint)):
         print(f"or upstream nnU-Net's own fine-tuning (no risk weighting):\n  {alternative}")
     return 0

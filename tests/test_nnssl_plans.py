@@ -217,9 +217,9 @@ def test_an_unknown_registry_name_in_plans_is_refused_with_the_known_ones(nnunet
     from nnunet_te.data.target import PreprocessedTarget
     from nnunet_te.networks.weights import network_for_target
 
-    target = PreprocessedTarget.open(nnunet_env.dataset_id, "3d_fullres", _registry_plans(nnunet_env, "PrimusM"))
-    with pytest.raises(UserError, match=r"'PrimusM' is neither a dotted class path nor a known nnssl registry "
-                                        r"name \(ResEncL\)"):
+    target = PreprocessedTarget.open(nnunet_env.dataset_id, "3d_fullres", _registry_plans(nnunet_env, "SwinUNETR"))
+    with pytest.raises(UserError, match=r"'SwinUNETR' is neither a dotted class path nor a known nnssl registry "
+                                        r"name \(ResEncL; PrimusS/B/M/L"):
         network_for_target(target)
 
 

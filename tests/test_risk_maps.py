@@ -107,6 +107,7 @@ class _Pointwise(nn.Module):
         conv = nn.Conv3d if dim == 3 else nn.Conv2d
         self.encoder = nn.Module()
         self.encoder.stages = nn.ModuleList([nn.Identity()])
+        self.encoder.strides = [[1] * dim]  # a dynamic_network_architectures encoder's attribute
         self.decoder = nn.Module()
         self.decoder.stages = nn.ModuleList([nn.Sequential(conv(channels, features, 1), nn.Tanh())])
         self.decoder.seg_layers = nn.ModuleList([conv(features, classes, 1)])

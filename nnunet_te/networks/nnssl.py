@@ -16,7 +16,8 @@ https://arxiv.org/abs/2412.17041) publishes ResEnc-L and Primus-M checkpoints.
   OpenMind, nnU-Net's fine-tuning patch for these files).
 - ``NoSkipResEncL`` is recognised and refused with a message.
 
-What transfers (:func:`load_nnssl`): the parts the plan names, the stem and the encoder
+What transfers (:func:`~nnunet_te.networks.weights.load_pretrained`, which treats nnssl files so):
+the parts the plan names, the stem and the encoder
 (``key_to_stem``, ``key_to_encoder``), as upstream nnU-Net's ``PretrainedTrainer`` does; the first
 convolution (``keys_to_in_proj``) of a 1-channel checkpoint is repeated over the target's input
 channels. The pre-training decoder (MAE, Models Genesis, VolumeFusion and SparK reconstruct
@@ -32,23 +33,18 @@ network is the one nnU-Net's fine-tuning at that patch starts from.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
-from dynamic_network_architectures.architectures.primus import Primus
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import Checkpoint
 from nnunet_te.networks.nnssl_registry import RESENC_L
-from nnunet_te.networks.weights import load_pretrained
-from nnunet_te.networks.primus import (PRIMUS_CLASSES, primus_network, primus_window,
-                                       resized_positional_embedding, token_grid)
+from nnunet_te.networks.primus import PRIMUS_CLASSES, primus_network, primus_window
 
 #: Registry names of nnssl that are known but cannot be ranked yet, with the reason.
 NOT_YET = {"NoSkipResEncL": "the skip-less ResEnc-L decoder of nnssl is not in dynamic_network_architectures"}
-_NOT_TRANSFERRED = "not transferred: outside the plan's stem and encoder (a pretext-task part)"
 
 
 def nnssl_architecture(checkpoint: Checkpoint) -> str | None:
@@ -62,7 +58,7 @@ def nnssl_network(checkpoint: Checkpoint, *, n_inputs: int, n_classes: int, ndim
                   window: Sequence[int] | None = None) -> nn.Module:
     """The network of ``checkpoint``'s registry name for a target with ``n_inputs`` channels and
     ``n_classes`` outputs, randomly initialised with ``seed`` (load the weights afterwards with
-    :func:`load_nnssl`). ``window``: the ranking's patch, which a Primus' fixed input shape is
+    :func:`~nnunet_te.networks.weights.load_pretrained`). ``window``: the ranking's patch, which a Primus' fixed input shape is
     built for (module docstring); a U-Net takes any window and ignores it."""
     name = nnssl_architecture(checkpoint)
     if name in NOT_YET:
@@ -88,54 +84,3 @@ def _primus_input_shape(checkpoint: Checkpoint, name: str, window: Sequence[int]
         return primus_window(window)
     except ValueError as err:
         raise UserError(f"{checkpoint.source}: {err}") from err
-
-
-def load_nnssl(network: nn.Module, checkpoint: Checkpoint, *, report: bool = True):
-    """Load what the plan of ``checkpoint`` transfers into ``network`` (from :func:`nnssl_network`)
-    in place and return the :class:`~nnunet_te.networks.weights.LoadReport`: loaded, adapted (the
-    repeated input channels, a resampled positional embedding), skipped (the parts not
-    transferred, with why) and missing (what keeps its initialisation)."""
-    if not isinstance(network, Primus):  # ResEnc-L: its stem is inside its encoder
-        return load_pretrained(network, checkpoint, encoder_only=True, report=report)
-    transferred, left_out, adapted = _primus_transfer(checkpoint, network)
-    result = load_pretrained(network, transferred, encoder_only=False, report=False)
-    result.skipped.update(left_out)
-    result.adapted.update(adapted)
-    if report:
-        print(result)
-    return result
-
-
-def _primus_transfer(checkpoint: Checkpoint, network: nn.Module) -> tuple[Checkpoint, dict, dict]:
-    """(the checkpoint reduced to the plan's stem and encoder with its positional embedding on the
-    network's token grid, {left-out key: why}, {adapted key: how})."""
-    plan = {name: checkpoint.metadata.get(name) or getattr(network, name)
-            for name in ("key_to_stem", "key_to_encoder", "key_to_lpe")}
-    parts = (plan["key_to_stem"], plan["key_to_encoder"])
-    state = {k: v for k, v in checkpoint.state_dict.items()
-             if any(k == p or k.startswith(f"{p}.") for p in parts)}
-    left_out = {k: _NOT_TRANSFERRED for k in checkpoint.state_dict if k not in state}
-    adapted = {}
-    embedding, wanted = state.get(plan["key_to_lpe"]), network.state_dict()[network.key_to_lpe]
-    if embedding is not None and embedding.shape != wanted.shape:
-        grid = _pretraining_grid(checkpoint, embedding)
-        state[plan["key_to_lpe"]] = resized_positional_embedding(embedding, grid, network.token_grid)
-        adapted[network.key_to_lpe] = (f"positional embedding resampled from the {'x'.join(map(str, grid))} to the "
-                                       f"{'x'.join(map(str, network.token_grid))} token grid (trilinear)")
-    return replace(checkpoint, state_dict=state, encoder_only=False), left_out, adapted
-
-
-def _pretraining_grid(checkpoint: Checkpoint, embedding: torch.Tensor) -> tuple[int, ...]:
-    """The token grid the positional embedding was learned on: the pre-training patch over 8 (the
-    plan's ``pretrain_plan``, else its recommended downstream patch, which is the same for
-    OpenMind), checked against the embedding's rows."""
-    configurations = (checkpoint.metadata.get("pretrain_plan") or {}).get("configurations") or {}
-    patches = [c.get("patch_size") for c in configurations.values()]
-    patches.append(checkpoint.metadata.get("recommended_downstream_patchsize"))
-    for patch in filter(None, patches):
-        grid = token_grid(patch)
-        if grid[0] * grid[1] * grid[2] == embedding.shape[1]:
-            return grid
-    raise UserError(f"{checkpoint.source}: its positional embedding has {embedding.shape[1]} rows, not one per "
-                    f"token of the plan's patch sizes {[p for p in patches if p]}: the plan does not belong "
-                    "to these weights")

@@ -13,13 +13,16 @@ The new configuration keeps the name and everything target-specific of the user'
 from the candidate:
 
 - the architecture: ``ResidualEncoderUNet`` with :data:`~nnunet_te.networks.nnssl_registry.RESENC_L`, in
-  nnU-Net's plans form (class paths as strings);
+  nnU-Net's plans form (class paths as strings); a Primus by its registry name (``PrimusM``,
+  ``arch_kwargs`` null), which nnU-Net's Primus trainers (``nnUNet_Primus_M_Trainer``,
+  ``RiskWeightedTrainer_PrimusM``) build at the plan's patch size;
 - the spacing of the pre-training plan and its normalisation scheme for every channel;
 - the patch: the checkpoint's ``recommended_downstream_patchsize`` (160^3 for OpenMind), but no
   larger on an axis than the target's median image at the new spacing, rounded up to a multiple
-  of the architecture's divisor (32 for ResEnc-L's five stride-2 stages): a patch larger than the
-  images is padding, costs memory and time and teaches nothing. ``patch_size`` overrides it (each
-  axis a multiple of the divisor). Batch size 2, as nnU-Net's ResEnc presets.
+  of the architecture's divisor (32 for ResEnc-L's five stride-2 stages, 8 for a Primus' patch
+  embedding): a patch larger than the images is padding, costs memory and time and teaches
+  nothing. ``patch_size`` overrides it (each axis a multiple of the divisor). Batch size 2, as
+  nnU-Net's ResEnc presets.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
 from nnunet_te.networks.nnssl import nnssl_architecture
 from nnunet_te.networks.nnssl_registry import resenc_l_architecture
+from nnunet_te.networks.primus import PATCH_EMBED, PRIMUS_CLASSES
 
 #: What the OpenMind release was pre-trained with; used when a file carries no ``pretrain_plan``
 #: (nnssl's SparK training files).
@@ -46,8 +50,20 @@ OPENMIND_PATCH = [160, 160, 160]
 BATCH_SIZE = 2
 
 
+def planned_architecture(name: str) -> dict:
+    """The ``architecture`` entry of the plans for nnssl network ``name``: ResEnc-L in nnU-Net's
+    plans form (class paths, kwargs); a Primus by its registry name with ``arch_kwargs`` null, the
+    form of nnU-Net's own nnssl tooling, since nnU-Net's Primus trainers build it from the patch."""
+    if name in PRIMUS_CLASSES:
+        return {"network_class_name": name, "arch_kwargs": None, "_kw_requires_import": []}
+    return resenc_l_architecture()
+
+
 def architecture_divisor(architecture: dict) -> list[int]:
-    """Per axis, the product of the strides: every patch axis must be a multiple of it."""
+    """Per axis, the product of the strides (a Primus: its patch embedding): every patch axis
+    must be a multiple of it."""
+    if architecture["network_class_name"] in PRIMUS_CLASSES:
+        return list(PATCH_EMBED)
     strides = architecture["arch_kwargs"]["strides"]
     return [math.prod(stride[axis] for stride in strides) for axis in range(len(strides[0]))]
 
@@ -100,14 +116,14 @@ def nnssl_plans(user_plans: dict, configuration: str, checkpoint: Checkpoint, *,
     """The plans dict :func:`prepare_nnssl_plans` writes: the user's plans with a single
     configuration ``configuration`` at the candidate's architecture and geometry (module docstring)."""
     name = nnssl_architecture(checkpoint)
-    if name != "ResEncL":
+    if name not in ("ResEncL", *PRIMUS_CLASSES):
         raise UserError(f"{checkpoint.source}: nnU-Net plans for an nnssl {name} network are not supported "
-                        "(ResEncL is)")
+                        f"(ResEncL and {', '.join(PRIMUS_CLASSES)} are)")
     user = resolved_configuration(user_plans, configuration)
     if len(user["spacing"]) != 3:
         raise UserError(f"an nnssl {name} network is 3D; configuration {configuration!r} is "
                         f"{len(user['spacing'])}D: use a 3D configuration (e.g. -c 3d_fullres)")
-    architecture = resenc_l_architecture()
+    architecture = planned_architecture(name)
     divisor = architecture_divisor(architecture)
     spacing, scheme = pretrain_geometry(checkpoint)
     median = [m * old / new for m, old, new in zip(user["median_image_size_in_voxels"], user["spacing"], spacing)]
@@ -124,8 +140,11 @@ def nnssl_plans(user_plans: dict, configuration: str, checkpoint: Checkpoint, *,
 
 def plans_fit_checkpoint(plans: dict, configuration: str, checkpoint: Checkpoint) -> bool:
     """Whether ``configuration`` of ``plans`` already builds the checkpoint's nnssl network."""
-    architecture = resolved_configuration(plans, configuration).get("architecture")
-    return nnssl_architecture(checkpoint) == "ResEncL" and architecture == resenc_l_architecture()
+    architecture = resolved_configuration(plans, configuration).get("architecture") or {}
+    name = nnssl_architecture(checkpoint)
+    if name in PRIMUS_CLASSES:
+        return architecture.get("network_class_name") == name
+    return name == "ResEncL" and architecture == resenc_l_architecture()
 
 
 def plans_for_checkpoint(checkpoint: Checkpoint | str | Path, dataset: int | str, configuration: str, *,

@@ -53,6 +53,6 @@ def registry_architecture(name: str, what: str = "plans architecture") -> dict:
     """The plans form of registry name ``name``; UserError naming the known ones for another."""
     if name not in PLANS_ARCHITECTURES:
         raise UserError(f"{what}: network_class_name {name!r} is neither a dotted class path nor a known nnssl "
-                        f"registry name ({', '.join(PLANS_ARCHITECTURES)}); give nnU-Net's class path (e.g. "
-                        f"{RESENC_L_CLASS}) with its arch_kwargs")
+                        f"registry name ({', '.join(PLANS_ARCHITECTURES)}; PrimusS/B/M/L for nnU-Net's Primus "
+                        f"trainers); give nnU-Net's class path (e.g. {RESENC_L_CLASS}) with its arch_kwargs")
     return PLANS_ARCHITECTURES[name]()

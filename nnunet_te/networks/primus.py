@@ -32,15 +32,20 @@ Primus computes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from dynamic_network_architectures.architectures.primus import Primus, PrimusB, PrimusL, PrimusM, PrimusS
 from torch import nn
 
+from nnunet_te.errors import UserError
+from nnunet_te.io.checkpoints import Checkpoint
+
 #: nnssl registry name -> dynamic_network_architectures class.
 PRIMUS_CLASSES = {"PrimusS": PrimusS, "PrimusB": PrimusB, "PrimusM": PrimusM, "PrimusL": PrimusL}
 #: nnssl builds every Primus with this patch embedding (its ``patch_embed_size``).
 PATCH_EMBED = (8, 8, 8)
+_NOT_TRANSFERRED = "not transferred: outside the plan's stem and encoder (a pretext-task part)"
 
 
 class TokenMap(nn.Module):
@@ -137,3 +142,41 @@ def resized_positional_embedding(embedding: torch.Tensor, from_grid: Sequence[in
     resized = nn.functional.interpolate(volume.float(), size=tuple(to_grid), mode="trilinear",
                                         align_corners=False)
     return resized.flatten(2).transpose(1, 2).to(embedding.dtype).contiguous()
+
+
+def primus_transfer(checkpoint: Checkpoint, network: Primus) -> tuple[Checkpoint, dict[str, str], dict[str, str]]:
+    """What an nnssl checkpoint gives a Primus: (the checkpoint reduced to its plan's stem and
+    encoder, ``key_to_stem`` and ``key_to_encoder``, with the positional embedding ``key_to_lpe``
+    resampled to ``network``'s token grid when it was learned on another one; {left-out key: why};
+    {adapted key: how}). The rest (the pretext decoder, the mask token) is a pretext-task part."""
+    plan = {name: checkpoint.metadata.get(name) or getattr(network, name)
+            for name in ("key_to_stem", "key_to_encoder", "key_to_lpe")}
+    parts = (plan["key_to_stem"], plan["key_to_encoder"])
+    state = {k: v for k, v in checkpoint.state_dict.items()
+             if any(k == p or k.startswith(f"{p}.") for p in parts)}
+    left_out = {k: _NOT_TRANSFERRED for k in checkpoint.state_dict if k not in state}
+    adapted = {}
+    embedding, wanted = state.get(plan["key_to_lpe"]), network.state_dict()[network.key_to_lpe]
+    if embedding is not None and embedding.shape != wanted.shape:
+        attach_token_maps(network)
+        grid = _pretraining_grid(checkpoint, embedding)
+        state[plan["key_to_lpe"]] = resized_positional_embedding(embedding, grid, network.token_grid)
+        adapted[network.key_to_lpe] = (f"positional embedding resampled from the {'x'.join(map(str, grid))} to the "
+                                       f"{'x'.join(map(str, network.token_grid))} token grid (trilinear)")
+    return replace(checkpoint, state_dict=state, encoder_only=False), left_out, adapted
+
+
+def _pretraining_grid(checkpoint: Checkpoint, embedding: torch.Tensor) -> tuple[int, ...]:
+    """The token grid the positional embedding was learned on: the pre-training patch over 8 (the
+    plan's ``pretrain_plan``, else its recommended downstream patch, which is the same for
+    OpenMind), checked against the embedding's rows."""
+    configurations = (checkpoint.metadata.get("pretrain_plan") or {}).get("configurations") or {}
+    patches = [c.get("patch_size") for c in configurations.values()]
+    patches.append(checkpoint.metadata.get("recommended_downstream_patchsize"))
+    for patch in filter(None, patches):
+        grid = token_grid(patch)
+        if grid[0] * grid[1] * grid[2] == embedding.shape[1]:
+            return grid
+    raise UserError(f"{checkpoint.source}: its positional embedding has {embedding.shape[1]} rows, not one per "
+                    f"token of the plan's patch sizes {[p for p in patches if p]}: the plan does not belong "
+                    "to these weights")

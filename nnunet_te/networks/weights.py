@@ -13,7 +13,9 @@ Loading rules (``load_pretrained``):
 - ``seg_layers`` are loaded only when the class count matches;
 - nnssl checkpoints give their encoder and stem only (the pretext decoder of MAE, Models Genesis,
   VolumeFusion and SparK files is not a segmentation decoder; upstream nnU-Net's
-  ``PretrainedTrainer`` transfers the same parts), unless ``encoder_only=False`` is asked for;
+  ``PretrainedTrainer`` transfers the same parts), unless ``encoder_only=False`` is asked for; into
+  a Primus, the parts its plan names, the positional embedding resampled to the network's token
+  grid (:func:`~nnunet_te.networks.primus.primus_transfer`);
 - if no encoder tensor loads, the architectures differ: ``ValueError("architecture mismatch")``;
   a kernel that differs is named a kernel mismatch, and a checkpoint encoder with more stages
   than the network is an error, not a silent drop of its deepest stages.
@@ -35,6 +37,7 @@ from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import Checkpoint, read_checkpoint
 from nnunet_te.networks.classpaths import check_plans_classes
 from nnunet_te.networks.nnssl_registry import is_registry_name, registry_architecture
+from nnunet_te.networks.primus import PRIMUS_CLASSES, Primus, primus_network, primus_transfer
 
 
 @dataclass
@@ -182,15 +185,20 @@ def load_pretrained(network: nn.Module, checkpoint: Checkpoint | str | Path, *,
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     module = unwrap_network(network)
+    only_encoder = ((checkpoint.encoder_only or checkpoint.format == "nnssl") if encoder_only is None
+                    else encoder_only)
+    left_out, primus_adapted = {}, {}
+    if isinstance(module, Primus) and checkpoint.format == "nnssl" and only_encoder:
+        # a Primus' stem (down_projection) is outside its encoder (eva): the plan names both
+        checkpoint, left_out, primus_adapted = primus_transfer(checkpoint, module)
+        only_encoder = False
     target = module.state_dict()
     source = _renamed_to_network(checkpoint, module, set(target))
     in_proj = _in_proj_weights(module, checkpoint, target)
     encoder_root = getattr(module, "key_to_encoder", "").split(".")[0]
     is_encoder = (lambda k: k.startswith((f"{encoder_root}.", f"decoder.{encoder_root}."))) if encoder_root \
         else (lambda k: True)
-    only_encoder = ((checkpoint.encoder_only or checkpoint.format == "nnssl") if encoder_only is None
-                    else encoder_only)
-    result = LoadReport(checkpoint.source, checkpoint.format)
+    result = LoadReport(checkpoint.source, checkpoint.format, adapted=primus_adapted, skipped=left_out)
     new_values = {}
     for key, value in source.items():
         if key not in target:
@@ -253,6 +261,23 @@ def plans_architecture(configuration_manager) -> tuple[str, dict, list[str]]:
             configuration_manager.network_arch_init_kwargs_req_import)
 
 
+def _planned_network(target: PlannedConfiguration, *, deep_supervision: bool, seed: int) -> nn.Module:
+    """The network of ``target``'s plans, randomly initialised after ``torch.manual_seed(seed)``.
+    A Primus registry name (plans nnU-Net's Primus trainers train, which build the network from
+    the patch size: ``"network_class_name": "PrimusM", "arch_kwargs": null``) gives that Primus for
+    the configuration's patch, which is its one input shape."""
+    manager = target.configuration_manager
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if manager.network_arch_class_name in PRIMUS_CLASSES:
+            return primus_network(manager.network_arch_class_name, n_inputs=target.n_inputs,
+                                  n_classes=target.n_classes, input_shape=manager.patch_size)
+        class_name, kwargs, requires_import = plans_architecture(manager)
+        check_plans_classes(class_name, kwargs, requires_import, "plans architecture")  # before nnU-Net imports them
+        return get_network_from_plans(class_name, kwargs, requires_import, target.n_inputs, target.n_classes,
+                                      allow_init=True, deep_supervision=deep_supervision)
+
+
 def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint | str | Path | None = None,
                        deep_supervision: bool = False, seed: int = 0,
                        device: str | torch.device = "cpu") -> tuple[nn.Module, LoadReport | None]:
@@ -263,16 +288,12 @@ def network_for_target(target: PlannedConfiguration, *, checkpoint: Checkpoint |
     come from the dataset.json through nnU-Net's label manager. The random initialisation (the part
     the checkpoint does not cover, e.g. the decoder) is drawn after ``torch.manual_seed(seed)``
     inside ``torch.random.fork_rng``, so it is reproducible and the caller's RNG is left alone.
-    Deep supervision adds no parameters, so the state dict is the same either way.
+    Deep supervision adds no parameters, so the state dict is the same either way. Plans naming a
+    Primus (nnU-Net's Primus trainers) give that Primus at the configuration's patch size.
     ``target`` is a :class:`~nnunet_te.data.target.PlannedConfiguration` (or a
     :class:`~nnunet_te.data.target.PreprocessedTarget`).
     """
-    class_name, kwargs, requires_import = plans_architecture(target.configuration_manager)
-    check_plans_classes(class_name, kwargs, requires_import, "plans architecture")  # before nnU-Net imports them
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = get_network_from_plans(class_name, kwargs, requires_import, target.n_inputs, target.n_classes,
-                                         allow_init=True, deep_supervision=deep_supervision)
+    network = _planned_network(target, deep_supervision=deep_supervision, seed=seed)
     if checkpoint is None:
         return network.to(device), None
     if not isinstance(checkpoint, Checkpoint):

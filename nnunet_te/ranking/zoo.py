@@ -52,7 +52,7 @@ from torch import nn
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import FORMATS, MONAI_NETWORKS, Checkpoint, read_checkpoint
 from nnunet_te.networks import classpaths
-from nnunet_te.networks.nnssl import load_nnssl, nnssl_architecture, nnssl_network
+from nnunet_te.networks.nnssl import nnssl_architecture, nnssl_network
 from nnunet_te.data.target import PlannedConfiguration
 from nnunet_te.networks.weights import LoadReport, load_pretrained, network_for_target
 from nnunet_te.io.files import file_sha256
@@ -316,7 +316,7 @@ def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
             # nnssl names its network: built from the name, encoder and stem loaded (networks/nnssl.py)
             network = nnssl_network(checkpoint, n_inputs=target.n_inputs, n_classes=target.n_classes,
                                     ndim=target.ndim, seed=seed, window=target.patch_size)
-            report = load_nnssl(network, checkpoint, report=False)
+            report = load_pretrained(network, checkpoint, report=False)
         elif candidate.architecture is None:
             network, report = network_for_target(target, checkpoint=checkpoint, seed=seed)
         else:

@@ -19,10 +19,11 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from torch import nn
 
-from nnunet_te.features.hooks import stage_outputs, unet_stage_modules
+from nnunet_te.features.hooks import stage_outputs
 from nnunet_te.features.sliding import sliding_windows, window_gaussian
 from nnunet_te.metrics._validation import check_random_state
 from nnunet_te.metrics.leep import leep_conditional
+from nnunet_te.networks.stages import network_stages
 
 WEIGHTINGS = ("linear", "exp")
 #: Pixels per chunk when applying PCA + mixture: bounds the temporary (chunk, D) arrays.
@@ -247,6 +248,18 @@ def risk_weights(risk: np.ndarray, *, beta: float = 1.0, weighting: str = "linea
     return (1.0 + beta * r if weighting == "linear" else np.exp(beta * r)).astype(np.float32)
 
 
+def _at_window_resolution(features: np.ndarray, window: tuple[int, ...]) -> np.ndarray:
+    """(K, *grid) stage features on the window's voxels: unchanged when ``grid`` is the window
+    (or its 2D slices'), else resampled (linear interpolation, ``align_corners=False``)."""
+    grid = features.shape[1:]
+    if grid == window or grid == window[-len(grid):]:
+        return features
+    mode = "trilinear" if len(grid) == 3 else "bilinear"
+    resized = nn.functional.interpolate(torch.from_numpy(features)[None], size=window[-len(grid):], mode=mode,
+                                        align_corners=False)
+    return resized[0].numpy()
+
+
 def case_outputs(network: nn.Module, image: np.ndarray, *, patch_size: Sequence[int],
                  use_head: bool, device: torch.device | str = "cpu",
                  step_size: float = 0.5) -> np.ndarray:
@@ -257,8 +270,9 @@ def case_outputs(network: nn.Module, image: np.ndarray, *, patch_size: Sequence[
     ``1 - step_size``; every voxel is covered), and each window's output is weighted by
     ``compute_gaussian`` (sigma = patch/8) before averaging. ``use_head=True`` blends the
     logits of the last segmentation layer and returns their softmax (as nnU-Net blends logits,
-    not probabilities); ``use_head=False`` blends the features of the last (full-resolution)
-    decoder stage. A 2D ``patch_size`` on a case with 3 spatial axes predicts slice by slice
+    not probabilities); ``use_head=False`` blends the features of the finest decoder stage (a
+    U-Net's is at full resolution; a Primus' finest, at stride 2, is resampled to the window's
+    voxels by trilinear interpolation). A 2D ``patch_size`` on a case with 3 spatial axes predicts slice by slice
     along the first axis, as nnU-Net's 2d configuration does.
 
     Shape:
@@ -278,7 +292,7 @@ def case_outputs(network: nn.Module, image: np.ndarray, *, patch_size: Sequence[
             raise TypeError(f"{type(network).__name__} has no decoder.seg_layers: it has no "
                             "segmentation head, use use_head=False") from err
     else:
-        module = list(unet_stage_modules(network)[1].values())[-1]
+        module = network_stages(network).decoder[-1]
 
     # numpy pads with 0 in "constant" mode, like nnU-Net pads its tensors
     padded, unpad = pad_nd_image(image, patch, "constant", None, True)
@@ -286,7 +300,7 @@ def case_outputs(network: nn.Module, image: np.ndarray, *, patch_size: Sequence[
     accumulator = norm = None
     for index in sliding_windows(padded.shape[1:], patch, step_size=step_size):
         window = padded[(slice(None), *index)]
-        out = stage_outputs(network, window, {"out": module}, device)["out"]
+        out = _at_window_resolution(stage_outputs(network, window, {"out": module}, device)["out"], patch)
         if accumulator is None:
             accumulator = np.zeros((out.shape[0], *padded.shape[1:]), dtype=np.float32)
             norm = np.zeros(padded.shape[1:], dtype=np.float32)

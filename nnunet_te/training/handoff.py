@@ -19,7 +19,7 @@ from nnunet_te.io.files import refuse_existing
 from nnunet_te.networks.nnssl_plans import plans_for_checkpoint
 from nnunet_te.ranking.rank import RankingResult
 from nnunet_te.risk.compute import compute_dataset_risk_maps
-from nnunet_te.training.trainers import TRAINER, check_trainer
+from nnunet_te.training.trainers import TRAINER, check_trainer, trainer_for_architecture
 from nnunet_te.training.winner import RANKING_COPY, export_winner, trainable_winner
 
 
@@ -128,7 +128,8 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
     An nnssl winner (OpenMind ResEnc-L) trains with plans of its own architecture and
     pre-training geometry, written and preprocessed beside ``plans``
     (:func:`nnunet_te.networks.nnssl_plans.plans_for_checkpoint`; ``patch_size`` overrides the
-    patch there); the command then names them with ``-p``. The winner's checkpoint is read again
+    patch there); the command then names them with ``-p``, and a Primus-M winner the Primus
+    variant of ``trainer`` (:func:`~nnunet_te.training.trainers.trainer_for_architecture`). The winner's checkpoint is read again
     with the trust the ranking gave it (its candidate's ``trust_pickle``: the user's opt-in).
     """
     check_trainer(trainer)
@@ -139,6 +140,7 @@ def prepare_training(result: RankingResult, dataset: int | str, configuration: s
     checkpoint = read_checkpoint(source, trust_pickle=candidate.trust_pickle)
     plans = plans_for_checkpoint(checkpoint, dataset, configuration, plans=plans, patch_size=patch_size)
     target = PreprocessedTarget.open(dataset, configuration, plans)  # the dataset name is resolved here, once
+    trainer = trainer_for_architecture(trainer, target.configuration_manager.network_arch_class_name)
     if not overwrite_training:
         check_training_target(target.dataset_name, configuration, fold, plans=plans, trainer=trainer)
     weights = result.out_dir / f"{name}_for_{target.dataset_name}_{configuration}.pth"

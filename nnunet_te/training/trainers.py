@@ -14,6 +14,10 @@ at its first start and begins from the winner (:meth:`RiskWeightedTrainer.on_tra
 - ``<Base>_k{K}s{S}`` for Base in ``RiskWeightedTrainer``, ``nnUNetTrainer`` (the plain baseline),
   K in :data:`FEW_SHOT_K`, S in :data:`FEW_SHOT_SEEDS`: K training cases of the fold drawn with
   seed S; the fold's validation cases are kept.
+- ``RiskWeightedTrainer_PrimusM[...]``: the same on nnU-Net's ``nnUNet_Primus_M_Trainer`` (its
+  network, AdamW with warm-up, gradient clipping; no deep supervision), for plans naming
+  ``PrimusM`` (what ``nnunet-te convert-weights`` / ``rank --train`` write for an OpenMind
+  Primus-M checkpoint, :mod:`nnunet_te.networks.nnssl_plans`), with the same few-shot variants.
 - ``<name>_cpu`` for each of the above: a smoke-run schedule (:class:`CpuSchedule`).
 
 Every variant writes its own results folder (nnU-Net names it after the class).
@@ -33,6 +37,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import AbstractPrimus, nnUNet_Primus_M_Trainer
 from torch import nn
 
 from nnunet_te.training.dataloading import RiskMapDataset, RiskMapTransforms, split_risk_channel
@@ -46,6 +51,7 @@ from nnunet_te.data.target import PreprocessedTarget
 from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import read_checkpoint
 from nnunet_te.io.files import file_sha256
+from nnunet_te.networks.primus import PRIMUS_CLASSES
 from nnunet_te.networks.weights import unwrap_network
 from nnunet_te.risk.compute import compute_dataset_risk_maps
 from nnunet_te.risk.loss import RiskWeightedDeepSupervisionLoss
@@ -209,6 +215,7 @@ class RiskWeightedTrainer(nnUNetTrainer):
         self._risk_fit_cases = None  # -> on_train_start: the k training cases of a few-shot run
         self.zoo_weights = None  # -> on_train_start, with nnUNet_te_zoo
         with stop_on_user_error(type(self).__name__):  # bad input fails now, before nnU-Net loads data
+            check_trainer_builds_plans(type(self).__name__, self.configuration_manager.network_arch_class_name)
             self.risk_options = read_options(self.plans_manager.plans)
             if self.risk_options.zoo:
                 read_zoo(self.risk_options.zoo)
@@ -438,12 +445,40 @@ class CpuSchedule:
         return train_cases, val_cases
 
 
+#: Primus registry name -> the RiskWeightedTrainer family that trains it (nnU-Net 2.8.1's Primus trainers).
+PRIMUS_TRAINERS = {"PrimusM": "RiskWeightedTrainer_PrimusM"}
+
+
+def trainer_for_architecture(trainer: str, network_class_name: str) -> str:
+    """The variant of ``trainer`` (a RiskWeightedTrainer name) that builds plans naming
+    ``network_class_name``: ``RiskWeightedTrainer_k5s0_cpu`` becomes
+    ``RiskWeightedTrainer_PrimusM_k5s0_cpu`` for ``PrimusM``; unchanged for U-Net plans."""
+    if network_class_name not in PRIMUS_CLASSES or trainer.startswith(PRIMUS_TRAINERS.get(network_class_name, "?")):
+        return trainer
+    check_trainer(trainer)
+    family = PRIMUS_TRAINERS.get(network_class_name)
+    if family is None:
+        raise UserError(f"plans naming {network_class_name}: risk-weighted trainers exist for PrimusM (the "
+                        f"OpenMind release's Primus); train a {network_class_name} with nnU-Net's own "
+                        f"nnUNet_Primus_{network_class_name.removeprefix('Primus')}_Trainer")
+    return family + trainer.removeprefix(TRAINER)
+
+
+def check_trainer_builds_plans(trainer: str, network_class_name: str) -> None:
+    """UserError before nnU-Net builds a network when a U-Net trainer is given plans naming a
+    Primus (nnU-Net's U-Net trainers cannot build one), naming the trainer that can."""
+    found = globals().get(trainer)
+    if network_class_name in PRIMUS_CLASSES and not (isinstance(found, type) and issubclass(found, AbstractPrimus)):
+        raise UserError(f"{trainer} builds U-Nets, but these plans name a {network_class_name}: train them with "
+                        f"-tr {trainer_for_architecture(trainer, network_class_name)}")
+
+
 def check_trainer(trainer: str) -> None:
     """Raise ValueError unless ``trainer`` names RiskWeightedTrainer or one of its variants."""
     found = globals().get(trainer)
     if not (isinstance(found, type) and issubclass(found, RiskWeightedTrainer)):
         raise ValueError(f"trainer {trainer!r} is not RiskWeightedTrainer or one of its variants "
-                         f"(RiskWeightedTrainer[_k{{K}}s{{S}}][_cpu], docs/nnunet.md)")
+                         f"(RiskWeightedTrainer[_PrimusM][_k{{K}}s{{S}}][_cpu], docs/nnunet.md)")
 
 
 __all__ = ["RiskWeightedTrainer", "FEW_SHOT_K", "FEW_SHOT_SEEDS"]
@@ -461,17 +496,25 @@ def _define(name: str, bases: tuple, doc: str, **attributes) -> None:
     VARIANTS.append(name)
 
 
+def _define_family(base: type) -> None:
+    """``<base>_cpu`` and ``<base>_k{K}s{S}[_cpu]`` for every K, S."""
+    plain = [(base.__name__, (base,), {}, base.__name__)]
+    few_shot = [(f"{base.__name__}_k{k}s{s}", (FewShotSplit, base), {"few_shot_k": k, "few_shot_seed": s},
+                 f"{base.__name__} on {k} training case(s) of the fold drawn with seed {s}.")
+                for k in FEW_SHOT_K for s in FEW_SHOT_SEEDS]
+    for name, bases, attributes, doc in plain + few_shot:
+        if name != base.__name__:
+            _define(name, bases, doc, **attributes)
+        _define(f"{name}_cpu", (CpuSchedule, *bases), f"{doc.rstrip('.')} with the CPU smoke-run schedule.",
+                **attributes)
+
+
 def _define_variants() -> None:
-    for base in (RiskWeightedTrainer, nnUNetTrainer):
-        plain = [(base.__name__, (base,), {}, base.__name__)]
-        few_shot = [(f"{base.__name__}_k{k}s{s}", (FewShotSplit, base), {"few_shot_k": k, "few_shot_seed": s},
-                     f"{base.__name__} on {k} training case(s) of the fold drawn with seed {s}.")
-                    for k in FEW_SHOT_K for s in FEW_SHOT_SEEDS]
-        for name, bases, attributes, doc in plain + few_shot:
-            if name != base.__name__:
-                _define(name, bases, doc, **attributes)
-            _define(f"{name}_cpu", (CpuSchedule, *bases), f"{doc.rstrip('.')} with the CPU smoke-run schedule.",
-                    **attributes)
+    _define_family(RiskWeightedTrainer)
+    _define_family(nnUNetTrainer)
+    _define(PRIMUS_TRAINERS["PrimusM"], (RiskWeightedTrainer, nnUNet_Primus_M_Trainer),
+            "RiskWeightedTrainer on nnU-Net's nnUNet_Primus_M_Trainer (plans naming PrimusM).")
+    _define_family(globals()[PRIMUS_TRAINERS["PrimusM"]])
 
 
 _define_variants()
@@ -485,6 +528,8 @@ def variant_table() -> str:
     for name in VARIANTS:
         trainer = globals()[name]
         base = "RiskWeightedTrainer" if issubclass(trainer, RiskWeightedTrainer) else "nnUNetTrainer"
+        if issubclass(trainer, nnUNet_Primus_M_Trainer):
+            base += " on nnUNet_Primus_M_Trainer"
         cases = (f"{trainer.few_shot_k} of the fold, seed {trainer.few_shot_seed}"
                  if issubclass(trainer, FewShotSplit) else "the fold's")
         schedule = "CPU smoke run" if issubclass(trainer, CpuSchedule) else "nnU-Net's"
