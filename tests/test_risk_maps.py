@@ -243,3 +243,24 @@ def test_compute_fails_early_without_preprocessed_data(tiny_preprocessed, tmp_pa
     with pytest.raises(FileNotFoundError, match="nnUNetv2_plan_and_preprocess"):
         compute_dataset_risk_maps(tmp_path, tiny_preprocessed / "nnUNetPlans.json", "3d_fullres",
                                   tiny_preprocessed / "dataset.json", checkpoint)
+
+
+def test_a_primus_gives_its_finest_decoder_stage_resampled_to_every_voxel():
+    """Primus' finest decoder stage is at stride 2: on a case of exactly one window the features
+    are that stage's output brought to the window's voxels by trilinear interpolation."""
+    from nnunet_te.networks.primus import primus_network
+
+    torch.manual_seed(0)
+    network = primus_network("PrimusS", n_inputs=1, n_classes=2, input_shape=(16, 16, 24)).eval()
+    image = np.random.default_rng(1).normal(size=(1, 16, 16, 24)).astype(np.float32)
+    stage = network.up_projection.decode[-2]
+    captured = {}
+    handle = stage.register_forward_hook(lambda _m, _i, out: captured.update(out=out))
+    with torch.no_grad():
+        network(torch.from_numpy(image)[None])
+    handle.remove()
+    assert captured["out"].shape[2:] == (8, 8, 12)  # stride 2
+    expected = nn.functional.interpolate(captured["out"], size=(16, 16, 24), mode="trilinear", align_corners=False)
+    features = case_outputs(network, image, patch_size=(16, 16, 24), use_head=False)
+    assert features.shape == (captured["out"].shape[1], 16, 16, 24)
+    np.testing.assert_allclose(features, expected[0].numpy(), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nnunet_te.training import trainers
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "nnunet.md"
@@ -41,3 +43,23 @@ def test_nnunets_lookup_finds_every_name():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:-1] == [f"FOUND nnunet_te.training.trainers {name}" for name in names]
+
+
+def test_a_primus_m_plan_gets_the_primus_variant_of_the_trainer_asked_for():
+    from nnunet_te.errors import UserError
+
+    assert trainers.trainer_for_architecture("RiskWeightedTrainer_k5s0_cpu", "PrimusM") == \
+        "RiskWeightedTrainer_PrimusM_k5s0_cpu"
+    assert trainers.trainer_for_architecture("RiskWeightedTrainer_PrimusM", "PrimusM") == "RiskWeightedTrainer_PrimusM"
+    unet = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    assert trainers.trainer_for_architecture("RiskWeightedTrainer_k5s0_cpu", unet) == "RiskWeightedTrainer_k5s0_cpu"
+    for name in ("RiskWeightedTrainer", *trainers.VARIANTS):  # every mapped name is a generated Primus trainer
+        if issubclass(getattr(trainers, name), trainers.RiskWeightedTrainer):
+            mapped = getattr(trainers, trainers.trainer_for_architecture(name, "PrimusM"))
+            assert issubclass(mapped, trainers.AbstractPrimus)
+            assert getattr(mapped, "few_shot_k", None) == getattr(getattr(trainers, name), "few_shot_k", None)
+    with pytest.raises(UserError, match="nnUNet_Primus_B_Trainer"):
+        trainers.trainer_for_architecture("RiskWeightedTrainer", "PrimusB")
+    with pytest.raises(UserError, match="-tr RiskWeightedTrainer_PrimusM_cpu"):
+        trainers.check_trainer_builds_plans("RiskWeightedTrainer_cpu", "PrimusM")
+    trainers.check_trainer_builds_plans("RiskWeightedTrainer_PrimusM_cpu", "PrimusM")
