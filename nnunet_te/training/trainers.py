@@ -453,10 +453,12 @@ def trainer_for_architecture(trainer: str, network_class_name: str) -> str:
     """The variant of ``trainer`` (a RiskWeightedTrainer name) that builds plans naming
     ``network_class_name``: ``RiskWeightedTrainer_k5s0_cpu`` becomes
     ``RiskWeightedTrainer_PrimusM_k5s0_cpu`` for ``PrimusM``; unchanged for U-Net plans."""
-    if network_class_name not in PRIMUS_CLASSES or trainer.startswith(PRIMUS_TRAINERS.get(network_class_name, "?")):
+    if network_class_name not in PRIMUS_CLASSES:
+        return trainer
+    family = PRIMUS_TRAINERS.get(network_class_name)
+    if family and trainer.startswith(family):
         return trainer
     check_trainer(trainer)
-    family = PRIMUS_TRAINERS.get(network_class_name)
     if family is None:
         raise UserError(f"plans naming {network_class_name}: risk-weighted trainers exist for PrimusM (the "
                         f"OpenMind release's Primus); train a {network_class_name} with nnU-Net's own "
