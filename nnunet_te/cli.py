@@ -172,7 +172,7 @@ def _rank(args: argparse.Namespace) -> int:
             check_training_target(args.d, args.c, args.train, plans=args.p, trainer=args.tr)
     sampling = SamplingConfig(**({"max_points_per_stage": args.points} if args.points is not None else {}))
     options = dict(plans=args.p, seed=args.seed, device=args.device, sampling=sampling, cache_dir=args.cache_dir,
-                   max_cases=args.cases, trust_pickle=args.trust_pickle,
+                   max_cases=args.cases, trust_pickle=args.trust_pickle, geometry=args.geometry,
                    **({} if args.consistency_rates is None else {"consistency_rates": args.consistency_rates}))
     if args.shard:
         if args.output is None:
@@ -322,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--consistency-rates", nargs="*", type=float,
                       help="bottleneck dropout rates of the consistency score; given without values: "
                            "skip it (default: 0.05 0.1 0.2 0.3 0.4; docs/metrics.md)")
+    rank.add_argument("--geometry", choices=("candidate", "target"), default="candidate",  # ranking.zoo.GEOMETRIES
+                      help="candidate: an nnssl/OpenMind candidate sees the cases preprocessed by nnU-Net at its "
+                           "pre-training spacing and normalisation (needs nnUNet_raw; written beside your plans); "
+                           "target: every candidate sees your preprocessed cases (default: %(default)s; "
+                           "docs/ranking.md)")
     rank.add_argument("--cache-dir", help="feature cache (default: feature_cache/ in the ranking root)")
     rank.add_argument("--seed", type=int, default=0, help="seed of sampling and random decoders")
     rank.add_argument("-device", "--device", default="auto", type=device_arg, help="torch device")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(os.environ.get("NNUNET_TE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+#: nnU-Net's three folders, each named by the environment variable that points at it.
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def _require(path: Path) -> Path:
@@ -47,7 +49,7 @@ def hippocampus_nnunet(tmp_path_factory):
     import sys
 
     root = tmp_path_factory.mktemp("nnunet")
-    folders = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    folders = {name: root / name for name in NNUNET_FOLDERS}
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
     env.update({k: str(v) for k, v in folders.items()}, nnUNet_compile="f", nnUNet_def_n_proc="1",
                nnUNet_n_proc_DA="1")
@@ -69,6 +71,12 @@ def _tree(root: Path, env: dict):
                            results=root / "nnUNet_results")
 
 
+def point_nnunet_at(env: dict, monkeypatch) -> None:
+    """Set nnU-Net's folder variables of this process to those of ``env`` (a tree's) for one test."""
+    for name in NNUNET_FOLDERS:
+        monkeypatch.setenv(name, env[name])
+
+
 def copy_nnunet_tree(shared, root: Path):
     """A private copy of ``hippocampus_nnunet`` under ``root`` (raw and preprocessed data, empty
     results) with the environment pointing at it, for tests that write."""
@@ -77,6 +85,5 @@ def copy_nnunet_tree(shared, root: Path):
     for name in ("nnUNet_raw", "nnUNet_preprocessed"):
         shutil.copytree(shared.root / name, root / name)
     (root / "nnUNet_results").mkdir()
-    env = {**shared.env, **{name: str(root / name) for name in
-                            ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    env = {**shared.env, **{name: str(root / name) for name in NNUNET_FOLDERS}}
     return _tree(root, env)

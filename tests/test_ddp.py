@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import NNUNET_FOLDERS
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,7 @@ def _spawn(tree, tmp_path: Path, target, *args) -> list[dict]:
     they wrote to ``tmp_path/rank{0,1}.json``."""
     import torch.multiprocessing as mp
 
-    env = {k: tree.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    env = {k: tree.env[k] for k in NNUNET_FOLDERS}
     env.update(nnUNet_n_proc_DA="0", nnUNet_compile="f")  # data augmentation in the training process
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read by nnunetv2.paths at import in the spawned processes

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import write_zoo
-from conftest import copy_nnunet_tree
+from conftest import copy_nnunet_tree, point_nnunet_at
 from monai_files import monai_network, segresnet_file, swin_ssl_file
 
 from nnunet_te.errors import UserError
@@ -124,8 +124,7 @@ def test_files_matching_no_format_name_the_formats(tmp_path):
 @pytest.fixture
 def nnunet_env(hippocampus_nnunet, tmp_path, monkeypatch):
     tree = copy_nnunet_tree(hippocampus_nnunet, tmp_path / "tree")
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(name, tree.env[name])
+    point_nnunet_at(tree.env, monkeypatch)
     return tree.preprocessed
 
 

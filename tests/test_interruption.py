@@ -36,9 +36,15 @@ def _interrupt_when(tree, command: list[str], ready, sig: int) -> subprocess.Com
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not ready() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert process.poll() is None, "the run ended before it could be interrupted: give it more work"
+        time.sleep(0.02)
+    # stopped at once, so the run cannot finish between seeing its work and the signal (a loaded machine)
+    process.send_signal(signal.SIGSTOP)
+    if process.poll() is not None:
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"the run ended (exit {process.returncode}) before it could be interrupted: "
+                             f"give it more work\n{(stdout + stderr)[-2000:]}")
     process.send_signal(sig)
+    process.send_signal(signal.SIGCONT)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 

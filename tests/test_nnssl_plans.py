@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _require, copy_nnunet_tree
+from conftest import _require, copy_nnunet_tree, point_nnunet_at
 from layouts import LAYOUTS, checkpoint_from_layout
 
 from nnunet_te.errors import UserError
@@ -40,8 +40,7 @@ def tree(hippocampus_nnunet, tmp_path_factory):
 
 @pytest.fixture
 def nnunet_env(tree, monkeypatch):
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(name, tree.env[name])
+    point_nnunet_at(tree.env, monkeypatch)
     return tree
 
 

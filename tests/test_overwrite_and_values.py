@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_nnunet_tree
+from conftest import NNUNET_FOLDERS, copy_nnunet_tree
 from checkpoints import nnunet_checkpoint, write_zoo
 from nnunet_te.errors import UserError
 from nnunet_te.io.files import file_sha256
@@ -122,7 +122,7 @@ def test_checkpoint_with_nan_weights_is_refused_at_load_naming_the_tensor(tmp_pa
 
 
 def _taken_env(tmp_path: Path, where: str) -> dict:
-    folders = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    folders = {name: tmp_path / name for name in NNUNET_FOLDERS}
     for folder in folders.values():
         folder.mkdir()
     (folders[where] / "Dataset010_Other").mkdir()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from checkpoints import (BASIC_UNET, basic_unet_checkpoint, nnssl_checkpoint, nnunet_checkpoint,
                          plans_and_dataset, write_zoo)
-from conftest import copy_nnunet_tree
+from conftest import NNUNET_FOLDERS, copy_nnunet_tree, point_nnunet_at
 
 from nnunet_te.errors import UserError
 from nnunet_te.ranking.rank import rank_zoo
@@ -42,8 +42,7 @@ def tree_3d(hippocampus_nnunet, tmp_path_factory):
 @pytest.fixture
 def nnunet_env(tree_3d, monkeypatch):
     root, env, preprocessed = tree_3d
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(name, env[name])
+    point_nnunet_at(env, monkeypatch)
     return preprocessed
 
 
@@ -231,7 +230,7 @@ def test_cli_rank_3d_zoo_of_three_formats_then_prepare_training(tree_3d, tmp_pat
 
 @pytest.mark.slow
 def test_cli_rank_2d_epfl(shared_data, tmp_path):
-    folders = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    folders = {name: tmp_path / name for name in NNUNET_FOLDERS}
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
     env.update({k: str(v) for k, v in folders.items()}, nnUNet_compile="f", nnUNet_def_n_proc="1",
                nnUNet_n_proc_DA="1")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import BASIC_UNET, basic_unet_checkpoint, nnssl_checkpoint, nnunet_checkpoint, write_zoo
-from conftest import copy_nnunet_tree
+from conftest import copy_nnunet_tree, point_nnunet_at
 
 from nnunet_te.errors import UserError
 from nnunet_te.features.sampling import SamplingConfig
@@ -55,8 +55,7 @@ def tree(hippocampus_nnunet, tmp_path_factory):
 
 @pytest.fixture
 def env(tree, monkeypatch):
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(name, tree.env[name])
+    point_nnunet_at(tree.env, monkeypatch)
     return tree
 
 

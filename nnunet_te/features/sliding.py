@@ -26,6 +26,12 @@ whole-image forward pass. With smaller windows a feature differs from the whole-
 the Gaussian blend of windows that saw different context (zero padding at window borders,
 instance norm statistics over the window): the same approximation nnU-Net's predictor makes.
 
+A candidate pre-trained at another geometry (spacing, normalisation: an nnssl checkpoint) sees
+each case as nnU-Net's preprocessing wrote it for the candidate's own plans (``candidate_images``).
+The voxels are still chosen on the target's labels at the target's geometry, so every candidate
+is scored on the same voxels with the same labels; each chosen cell is read from the candidate's
+stage cell that holds its centre (:func:`mapped_cells`).
+
 Label-free consistency (Talks and Kreshuk 2025, https://arxiv.org/abs/2503.00450; docs/metrics.md): in up to ``config.consistency_cases``
 cases and for up to ``config.consistency_windows_per_case`` windows of each (seeded choices), the window is
 predicted again with channel dropout on the bottleneck output at every rate. Foreground
@@ -191,6 +197,26 @@ def padded_shape(shape: Sequence[int], patch: Sequence[int], multiple: Sequence[
     return tuple(max(p, -(-s // m) * m) for s, p, m in zip(shape, patch, multiple))
 
 
+def mapped_cells(flat_indices: np.ndarray, grid: Sequence[int], stride: Sequence[int],
+                 shape: Sequence[int], mapped_shape: Sequence[int], mapped_grid: Sequence[int]) -> np.ndarray:
+    """Flat indices, in ``mapped_grid``, of the cells that hold the centres of ``flat_indices``' cells.
+
+    Both grids have the same ``stride`` (voxels per cell) over two resamplings of one image:
+    ``shape`` and ``mapped_shape`` voxels (unpadded) spanning the same extent, as nnU-Net's
+    resampling of one cropped image to two spacings. Voxel edges map linearly, centre to centre
+    (``x' = x * mapped / shape``, x from the first voxel's outer edge), and a centre beyond the
+    mapped image's last cell takes that cell. Equal shapes map every cell to itself.
+
+    Shape: flat_indices (N,) int -> (N,) int64.
+    """
+    coords = np.unravel_index(np.asarray(flat_indices, dtype=np.int64), tuple(grid))
+    mapped = []
+    for c, s, n, m in zip(coords, stride, shape, mapped_shape):
+        centre = (c + 0.5) * s * (m / n)
+        mapped.append(np.clip(np.floor(centre / s).astype(np.int64), 0, -(-m // s) - 1))
+    return np.ravel_multi_index(tuple(mapped), tuple(mapped_grid))
+
+
 def _window_input(image: np.ndarray, window: tuple) -> np.ndarray:
     """The window (slices into the padded case) of the image, read from the unpadded image:
     only the window is zero-padded (no padded copy of the case is made)."""
@@ -204,6 +230,7 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
                              local_modules: Mapping[str, nn.Module],
                              cases: Sequence[tuple[str, np.ndarray, np.ndarray]], *,
                              patch_size: Sequence[int], n_classes: int, config: SamplingConfig,
+                             candidate_cases: Sequence[tuple[str, np.ndarray, np.ndarray]] | None = None,
                              device: torch.device | str = "cpu",
                              consistency_rates: Sequence[float] = (), seed: int = 0,
                              source_head: bool = False, bottleneck: nn.Module | None = None,
@@ -216,8 +243,10 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
     Shape:
         cases: sequence of (case id, image (C, *spatial) float32 preprocessed, labels
         (*spatial) int in 0..n_classes-1 or -1 = ignore). Items are read one at a time, so a
-        lazy sequence keeps one case in memory. patch_size: nnU-Net's patch, one entry per
-        spatial axis, a multiple of the network's total stride.
+        lazy sequence keeps one case in memory. patch_size: the network's window, one entry per
+        spatial axis, a multiple of the network's total stride. candidate_cases: the same cases
+        (same ids, same order) at the candidate's own geometry; their images are what the
+        network sees (module docstring), the voxels and labels stay those of ``cases``.
         returns: :class:`CandidateFeatures` (see there for shapes; groups = case index).
 
     ``global_modules`` / ``local_modules`` map stage names to modules to hook (class-balanced
@@ -267,6 +296,8 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
                 raise ValueError(f"case {case_id!r}: image {image.shape} and labels "
                                  f"{labels.shape} must share the spatial shape, with "
                                  f"{len(patch)} spatial axes like patch_size {patch}")
+            if candidate_cases is not None:
+                image = _candidate_image(candidate_cases[case_index], case_id, image.shape[0], len(patch))
             if labels.max() >= n_classes:
                 raise ValueError(f"case {case_id!r} has label {labels.max()} but n_classes is "
                                  f"{n_classes}")
@@ -294,6 +325,17 @@ def extract_dataset_features(network: nn.Module, global_modules: Mapping[str, nn
     return features
 
 
+def _candidate_image(item: tuple[str, np.ndarray, np.ndarray], case_id: str, channels: int,
+                     ndim: int) -> np.ndarray:
+    """The image of ``item`` (the case at the candidate's geometry) after checking it is that case."""
+    other_id, image, _ = item
+    image = np.asarray(image, dtype=np.float32)
+    if other_id != case_id or image.shape[0] != channels or image.ndim != ndim + 1:
+        raise ValueError(f"case {case_id!r} at the candidate's geometry is {other_id!r} with image shape "
+                         f"{image.shape}: the two case lists must hold the same cases in the same order")
+    return image
+
+
 def _consistency_cases(n_cases: int, budget: int, seed: int) -> set[int]:
     """Indices of the cases predicted again for the consistency score (seeded, labels unused)."""
     if budget < 1:
@@ -308,18 +350,29 @@ def _case_features(network, modules, sampler: StageSampler, geometry: _Geometry,
                    case_index: int, case_id: str, image: np.ndarray, labels: np.ndarray, *,
                    patch, n_classes, last_global, source_head, rates, bottleneck, seed,
                    config: SamplingConfig, step_size, device) -> CandidateFeatures:
-    """One case: choose voxels from the labels, run its windows, blend at the chosen voxels."""
-    real_shape = labels.shape
+    """One case: choose voxels from the labels, run its windows over ``image`` (at the labels'
+    geometry or the candidate's), blend at the chosen voxels' cells."""
+    real_shape = image.shape[1:]
     case_shape = padded_shape(real_shape, patch, geometry.multiple)
     grids = {k: tuple(n // s for n, s in zip(case_shape, stride))
              for k, stride in geometry.strides.items()}
-    selection = sampler.select(case_index, labels, grids, case_shape)
+    if real_shape == labels.shape:
+        selection = sampler.select(case_index, labels, grids, case_shape)
+        cells = {k: idx for k, (idx, _) in selection.items()}
+    else:
+        label_shape = padded_shape(labels.shape, (1,) * len(patch), geometry.multiple)
+        label_grids = {k: tuple(n // s for n, s in zip(label_shape, stride))
+                       for k, stride in geometry.strides.items()}
+        selection = sampler.select(case_index, labels, label_grids, label_shape)
+        cells = {k: mapped_cells(idx, label_grids[k], geometry.strides[k], labels.shape, real_shape, grids[k])
+                 for k, (idx, _) in selection.items()}
     if source_head:
         if grids[OUTPUT] != grids[last_global]:
             raise ValueError(f"the network output grid {grids[OUTPUT]} differs from its last "
                              f"global stage {grids[last_global]}")
         selection[OUTPUT] = selection[last_global]
-    blends = {k: _SparseBlend(idx, grids[k]) for k, (idx, _) in selection.items()}
+        cells[OUTPUT] = cells[last_global]
+    blends = {k: _SparseBlend(idx, grids[k]) for k, idx in cells.items()}
     gaussian = window_gaussian(patch)
     weights = {k: labels_on_grid(gaussian, tuple(p // s for p, s in zip(patch, geometry.strides[k])))
                for k in blends}
@@ -363,14 +416,13 @@ def _case_features(network, modules, sampler: StageSampler, geometry: _Geometry,
 
     out = CandidateFeatures(n_foreground_classes=n_classes - 1)
     for k in sampler.global_names:
-        idx, y = selection[k]
-        out.global_stages[k] = (blends[k].at(idx).astype(np.float32), y,
-                                np.full(idx.size, case_index))
+        y = selection[k][1]
+        out.global_stages[k] = (blends[k].at(cells[k]).astype(np.float32), y,
+                                np.full(y.size, case_index))
     for k in sampler.local_names:
-        idx, y = selection[k]
-        out.local_stages[k] = (blends[k].at(idx).astype(np.float32), y)
+        out.local_stages[k] = (blends[k].at(cells[k]).astype(np.float32), selection[k][1])
     if source_head:
-        out.source_probabilities = softmax(blends[OUTPUT].at(selection[OUTPUT][0]), axis=1)
+        out.source_probabilities = softmax(blends[OUTPUT].at(cells[OUTPUT]), axis=1)
     for rate, (p0s, p1s) in pairs.items():
         out.consistency[rate] = _union_mask_voxels(p0s, p1s, config.consistency_voxels_per_window,
                                                    rng)

@@ -147,6 +147,25 @@ def plans_fit_checkpoint(plans: dict, configuration: str, checkpoint: Checkpoint
     return name == "ResEncL" and architecture == resenc_l_architecture()
 
 
+def target_at_pretraining_geometry(target: PreprocessedTarget, checkpoint: Checkpoint, *,
+                                   num_processes: int = 1) -> PreprocessedTarget:
+    """``target`` as the nnssl ``checkpoint`` was pre-trained to see it, for ranking: preprocessed by
+    nnU-Net at :func:`nnssl_plans` (its spacing and normalisation; written beside the user's plans
+    on first use, as for fine-tuning). ``target`` itself when its plans already build the
+    checkpoint's network or share the pre-training spacing and normalisation."""
+    configuration = target.configuration
+    if plans_fit_checkpoint(target.plans, configuration, checkpoint):
+        return target
+    planned = nnssl_plans(target.plans, configuration, checkpoint)
+    own = planned["configurations"][configuration]
+    user = target.configuration_manager
+    if (list(own["spacing"]) == [float(s) for s in user.spacing]
+            and own["normalization_schemes"] == list(user.normalization_schemes)):
+        return target
+    made = preprocessed_for_plans(target, planned, num_processes=num_processes)
+    return PreprocessedTarget(target.folder, made.plans_file, configuration, target.dataset_json)
+
+
 def plans_for_checkpoint(checkpoint: Checkpoint | str | Path, dataset: int | str, configuration: str, *,
                          plans: str = "nnUNetPlans", patch_size: list[int] | None = None,
                          trust_pickle: bool = False, num_processes: int = 1) -> str:

@@ -35,7 +35,7 @@ from nnunet_te.features.sampling import CandidateFeatures, SamplingConfig
 from nnunet_te.features.sliding import extract_dataset_features
 from nnunet_te.io.files import atomic_write
 from nnunet_te.networks.stages import window_size
-from nnunet_te.ranking.zoo import Candidate, CandidateError, CandidateNetwork, candidate_network
+from nnunet_te.ranking.zoo import Candidate, CandidateError, CandidateNetwork, candidate_network, candidate_target
 
 #: A Ray task whose worker process dies is run again this many times before the candidate fails.
 RAY_RETRIES = 2
@@ -53,6 +53,8 @@ class ExtractionSettings:
     consistency_rates: tuple[float, ...]
     seed: int
     device: str
+    #: "candidate": an nnssl candidate sees the cases at its pre-training geometry; "target": all at the target's
+    geometry: str = "candidate"
 
     def cache_key(self, identity: str, loaded: CandidateNetwork, window: tuple[int, ...],
                   cases: PreprocessedCases, cache: FeatureCache) -> str:
@@ -64,11 +66,13 @@ class ExtractionSettings:
                          seed=self.seed, source_head=loaded.load_report.head_loaded)
 
     def features(self, name: str, key: str, loaded: CandidateNetwork, window: tuple[int, ...],
-                 cases: PreprocessedCases, cache: FeatureCache, *, progress: bool) -> CandidateFeatures:
-        """One candidate's features (from ``cache`` when stored under ``key``)."""
+                 cases: PreprocessedCases, cache: FeatureCache, *, candidate_cases: PreprocessedCases | None,
+                 progress: bool) -> CandidateFeatures:
+        """One candidate's features (from ``cache`` when stored under ``key``); ``candidate_cases``:
+        the cases at the candidate's own geometry (None: it sees ``cases``)."""
         return extract_dataset_features(
             loaded.network, loaded.global_modules, loaded.local_modules, cases, patch_size=window,
-            n_classes=self.n_classes, config=self.sampling, device=self.device,
+            candidate_cases=candidate_cases, n_classes=self.n_classes, config=self.sampling, device=self.device,
             consistency_rates=self.consistency_rates, seed=self.seed,
             source_head=loaded.load_report.head_loaded, bottleneck=loaded.bottleneck, cache=cache, key=key,
             name=name, progress=progress)
@@ -77,18 +81,20 @@ class ExtractionSettings:
 @dataclass
 class CandidateOutcome:
     """One candidate's extraction: its features (None when it failed: ``error`` says why), the
-    window it saw the cases through and the seconds it took."""
+    window it saw the cases through, the seconds it took and the plans the cases were
+    preprocessed with for it (the target's, or its own pre-training geometry's)."""
 
     name: str
     features: CandidateFeatures | None
     window: tuple[int, ...] | None
     seconds: float
     error: str | None = None
+    plans: str | None = None
 
     def record(self) -> dict:
         """Everything but the features (those are in the cache), for a shard's record."""
         return {"name": self.name, "window": list(self.window) if self.window else None,
-                "seconds": self.seconds, "error": self.error}
+                "seconds": self.seconds, "error": self.error, "plans": self.plans}
 
 
 def network_identity(candidate: Candidate, plans: dict, configuration: str, seed: int) -> str:
@@ -106,23 +112,27 @@ def extract_candidate(candidate: Candidate, target: PreprocessedTarget, cases: P
     from there). ``cached_only``: never extract; a candidate not in the cache gets an error.
     A candidate that fails to load or to run is an outcome with its error, never an exception."""
     start = time.perf_counter()
-    window = None
+    window = seen = None
     try:
-        loaded = candidate_network(candidate, target, seed=settings.seed, device=settings.device)
-        window = window_size(loaded.network, target.patch_size)
-        key = settings.cache_key(network_identity(candidate, target.plans, target.configuration, settings.seed),
+        seen = candidate_target(candidate, target, settings.geometry)
+        loaded = candidate_network(candidate, seen, seed=settings.seed, device=settings.device)
+        window = window_size(loaded.network, seen.patch_size)
+        key = settings.cache_key(network_identity(candidate, seen.plans, target.configuration, settings.seed),
                                  loaded, window, cases, cache)
         if cached_only:
             features = cache.load(key)
             if features is None:
                 raise CandidateError(candidate.name, f"its features are not in the feature cache {cache.root}")
         else:
-            features = settings.features(candidate.name, key, loaded, window, cases, cache, progress=progress)
-        return CandidateOutcome(candidate.name, features, window, time.perf_counter() - start)
+            own = None if seen is target else seen.cases(cases.case_ids)
+            features = settings.features(candidate.name, key, loaded, window, cases, cache, candidate_cases=own,
+                                         progress=progress)
+        return CandidateOutcome(candidate.name, features, window, time.perf_counter() - start,
+                                plans=seen.plans_name)
     except (CandidateError, RuntimeError, ValueError) as err:
         # a forward pass that fails (shapes, memory) is a property of this candidate
         return CandidateOutcome(candidate.name, None, window, time.perf_counter() - start,
-                                getattr(err, "reason", str(err)))
+                                getattr(err, "reason", str(err)), seen.plans_name if seen else None)
 
 
 def extract_locally(candidates: Sequence[Candidate], target: PreprocessedTarget, cases: PreprocessedCases,
@@ -253,7 +263,7 @@ def merged_outcomes(candidates: Sequence[Candidate], target: PreprocessedTarget,
         shard = recorded[candidate.name]
         if shard["error"]:
             outcomes.append(CandidateOutcome(candidate.name, None, shard["window"] and tuple(shard["window"]),
-                                             shard["seconds"], shard["error"]))
+                                             shard["seconds"], shard["error"], shard.get("plans")))
             continue
         outcome = extract_candidate(candidate, target, cases, settings, cache, cached_only=True)
         outcome.seconds = shard["seconds"]  # the shard's extraction time, not the cache read

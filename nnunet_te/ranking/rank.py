@@ -210,14 +210,14 @@ class _RankingInputs(NamedTuple):
 
 
 def _ranking_inputs(dataset, configuration, zoo, *, plans, seed, device, sampling, cache_dir, case_ids,
-                    max_cases, consistency_rates, preprocessed_root, trust_pickle) -> _RankingInputs:
+                    max_cases, consistency_rates, geometry, preprocessed_root, trust_pickle) -> _RankingInputs:
     candidates = _zoo_candidates(zoo, trust_pickle)
     target = PreprocessedTarget.open(dataset, configuration, plans, preprocessed_root=preprocessed_root)
     cases = _ranked_cases(target, case_ids, max_cases, seed)
     root = default_ranking_root(target.dataset_name, plans, configuration)
     settings = ExtractionSettings(target.dataset_name, configuration, target.n_classes,
                                   replace(sampling or SamplingConfig(), seed=seed), tuple(consistency_rates),
-                                  seed, str(device))
+                                  seed, str(device), geometry)
     cache = FeatureCache(Path(cache_dir) if cache_dir is not None else root / "feature_cache")
     return _RankingInputs(candidates, target, cases, settings, cache, root)
 
@@ -227,7 +227,7 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
              out_dir: str | Path | None = None, seed: int = 0, device: str = "cpu",
              sampling: SamplingConfig | None = None, cache_dir: str | Path | None = None,
              case_ids: Sequence[str] | None = None, max_cases: int | None = None,
-             consistency_rates: Sequence[float] = CONSISTENCY_RATES,
+             consistency_rates: Sequence[float] = CONSISTENCY_RATES, geometry: str = "candidate",
              preprocessed_root: str | Path | None = None, ray: bool | str = False, merge: bool = False,
              trust_pickle: bool = False, progress: bool = True) -> RankingResult:
     """Rank the candidates of ``zoo`` for ``dataset`` / ``configuration``; write the ranking.
@@ -239,7 +239,10 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
     preprocessed cases to rank on (default: all; a trainer passes its training split, so no
     validation case informs the choice); ``max_cases`` a seeded subset of those;
     ``consistency_rates`` the dropout rates of the consistency score (``()`` skips it and its
-    extra forward passes); ``cache_dir`` the feature cache (default:
+    extra forward passes); ``geometry`` "candidate": an nnssl candidate sees the cases preprocessed
+    by nnU-Net at its pre-training spacing and normalisation (needs the raw dataset; written
+    beside the user's plans on first use), scored on the same voxels as every other candidate;
+    "target": every candidate sees the user's preprocessed cases; ``cache_dir`` the feature cache (default:
     ``<ranking root>/feature_cache``, shared by every run on this dataset and configuration);
     ``preprocessed_root`` the folder holding ``DatasetXXX_Name`` (default:
     ``$nnUNet_preprocessed``). ``ray``: extract each candidate in a Ray task (True: a local Ray
@@ -259,8 +262,8 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
         raise UserError("--merge needs -o: the folder the shards wrote their records to")
     inputs = _ranking_inputs(dataset, configuration, zoo, plans=plans, seed=seed, device=device, sampling=sampling,
                              cache_dir=cache_dir, case_ids=case_ids, max_cases=max_cases,
-                             consistency_rates=consistency_rates, preprocessed_root=preprocessed_root,
-                             trust_pickle=trust_pickle)
+                             consistency_rates=consistency_rates, geometry=geometry,
+                             preprocessed_root=preprocessed_root, trust_pickle=trust_pickle)
     candidates, target, cases, settings, cache, root = inputs
     requested = metrics_for(SEGMENTATION, list(metrics) if metrics else None)
     out_folder = _output_folder(Path(out_dir).resolve() if out_dir is not None else None, root)
@@ -286,6 +289,7 @@ def rank_zoo(dataset: int | str, configuration: str, zoo: str | Path | Sequence[
         "seed": seed, "sampling": asdict(settings.sampling), "consistency_rates": list(consistency_rates),
         "patch_size": list(target.patch_size),
         "zoo": [{**c.to_dict(), "window": by_name[c.name].window if c.name in by_name else None,
+                 "plans_seen": by_name[c.name].plans if c.name in by_name else None,
                  "status": "scored" if c.name in features else "failed",
                  "error": errors.get(c.name), "load_report": reports.get(c.name)} for c in candidates],
         "candidate_errors": errors,
@@ -310,7 +314,7 @@ def extract_shard(dataset: int | str, configuration: str, zoo: str | Path | Sequ
                   shard: tuple[int, int], out_dir: str | Path, plans: str = "nnUNetPlans", seed: int = 0,
                   device: str = "cpu", sampling: SamplingConfig | None = None, cache_dir: str | Path | None = None,
                   case_ids: Sequence[str] | None = None, max_cases: int | None = None,
-                  consistency_rates: Sequence[float] = CONSISTENCY_RATES,
+                  consistency_rates: Sequence[float] = CONSISTENCY_RATES, geometry: str = "candidate",
                   preprocessed_root: str | Path | None = None, trust_pickle: bool = False,
                   progress: bool = True) -> Path:
     """Shard ``I`` of ``N`` of a ranking (``shard=(I, N)``): extract the features of candidates
@@ -324,7 +328,7 @@ def extract_shard(dataset: int | str, configuration: str, zoo: str | Path | Sequ
                                      "delete the record to extract it again (its cached features are reused)")
     candidates, target, cases, settings, cache, _ = _ranking_inputs(
         dataset, configuration, zoo, plans=plans, seed=seed, device=device, sampling=sampling, cache_dir=cache_dir,
-        case_ids=case_ids, max_cases=max_cases, consistency_rates=consistency_rates,
+        case_ids=case_ids, max_cases=max_cases, consistency_rates=consistency_rates, geometry=geometry,
         preprocessed_root=preprocessed_root, trust_pickle=trust_pickle)
     outcomes = extract_locally(shard_candidates(candidates, index, count), target, cases, settings, cache,
                                progress=progress)

@@ -18,10 +18,13 @@ Zoo file (YAML or JSON, one top-level key)::
 
 Networks (:func:`candidate_network`):
 
-- ``nnunet``, ``nnssl`` and ``state_dict`` candidates without ``architecture`` are loaded into the
-  network nnU-Net builds from the target's plans (:func:`nnunet_te.networks.weights.network_for_target`);
+- ``nnunet`` and ``state_dict`` candidates without ``architecture`` are loaded into the network
+  nnU-Net builds from the target's plans (:func:`nnunet_te.networks.weights.network_for_target`);
   what the checkpoint does not cover (the decoder of an encoder-only checkpoint) is initialised
   randomly with a fixed seed, as in the Geometry of Transfer paper (arXiv:2602.23916).
+- ``nnssl`` candidates are built from the network their file names (ResEnc-L, Primus), encoder
+  and stem loaded, the decoder random as above; they see the cases at their pre-training
+  spacing and normalisation (:func:`candidate_target`).
 - A candidate with ``architecture`` is built from that class with ``kwargs``;
   ``in_channels``, ``out_channels`` (and ``spatial_dims`` where the class takes it) default to the
   target's input channels, class count and configuration dimension.
@@ -53,7 +56,8 @@ from nnunet_te.errors import UserError
 from nnunet_te.io.checkpoints import FORMATS, MONAI_NETWORKS, Checkpoint, read_checkpoint
 from nnunet_te.networks import classpaths
 from nnunet_te.networks.nnssl import nnssl_architecture, nnssl_network
-from nnunet_te.data.target import PlannedConfiguration
+from nnunet_te.networks.nnssl_plans import target_at_pretraining_geometry
+from nnunet_te.data.target import PlannedConfiguration, PreprocessedTarget
 from nnunet_te.networks.weights import LoadReport, load_pretrained, network_for_target
 from nnunet_te.io.files import file_sha256
 from nnunet_te.networks.backbones import for_segmentation
@@ -286,6 +290,38 @@ def _with_input_channels(network: nn.Module, n_inputs: int, name: str) -> nn.Mod
     return network
 
 
+def _candidate_checkpoint(candidate: Candidate) -> Checkpoint:
+    try:
+        return read_checkpoint(candidate.checkpoint, trust_pickle=candidate.trust_pickle)
+    except Exception as err:  # torch's unpickler raises anything (IndexError, ...) on a corrupt file
+        raise CandidateError(candidate.name, f"checkpoint does not load: {type(err).__name__}: {err}") from err
+
+
+#: Where a candidate sees the target's cases: at its own pre-training geometry, or the target's.
+GEOMETRIES = ("candidate", "target")
+
+
+def candidate_target(candidate: Candidate, target: PreprocessedTarget, geometry: str = "candidate"
+                     ) -> PreprocessedTarget:
+    """The target as ``candidate`` is ranked on it: with ``geometry="candidate"``, an nnssl
+    checkpoint (no ``architecture``) sees the cases at its pre-training spacing and normalisation,
+    preprocessed by nnU-Net beside the user's plans on first use
+    (:func:`~nnunet_te.networks.nnssl_plans.target_at_pretraining_geometry`); every other candidate,
+    and every candidate with ``geometry="target"``, sees ``target`` itself."""
+    if geometry not in GEOMETRIES:
+        raise UserError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    if geometry == "target" or candidate.architecture is not None:
+        return target
+    checkpoint = _candidate_checkpoint(candidate)
+    if not nnssl_architecture(checkpoint):
+        return target
+    try:
+        return target_at_pretraining_geometry(target, checkpoint)
+    except UserError as err:
+        raise CandidateError(candidate.name, f"{err}; or rank every candidate at the target's geometry "
+                                             "(--geometry target)") from None
+
+
 def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
                       seed: int = 0, device: str | torch.device = "cpu") -> CandidateNetwork:
     """Build and load one candidate's network for ``target`` (a
@@ -297,10 +333,7 @@ def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
     channels other than the dataset's (checked from the nnssl plan or the architecture before the
     network is built, otherwise by the loader's shape check), or weights that do not fit.
     """
-    try:
-        checkpoint = read_checkpoint(candidate.checkpoint, trust_pickle=candidate.trust_pickle)
-    except Exception as err:  # torch's unpickler raises anything (IndexError, ...) on a corrupt file
-        raise CandidateError(candidate.name, f"checkpoint does not load: {type(err).__name__}: {err}") from err
+    checkpoint = _candidate_checkpoint(candidate)
     if candidate.format is not None and checkpoint.format != candidate.format:
         raise CandidateError(candidate.name, f"declared format {candidate.format!r} but the file is a "
                                              f"{checkpoint.format!r} checkpoint")
