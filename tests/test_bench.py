@@ -707,3 +707,15 @@ def test_ranking_quality_skips_a_split_where_every_member_reached_the_same_dice(
     assert row["n_seeds"] == 1 and row["weighted_tau"] == pytest.approx(1.0) and row["top1_regret"] == 0.0
     truth[("D1_a", 5, 1)] = {"m0": 0.0, "m1": 0.0, "m2": 0.0}
     assert ranking_quality(tmp_path, truth) == []
+
+
+def test_a_checkpoint_cut_off_mid_save_is_set_aside_and_a_whole_one_kept(tmp_path):
+    from benchmarks.finetune_grid.ground_truth import _set_aside_truncated
+
+    torch.save({"w": torch.arange(1000)}, tmp_path / "checkpoint_latest.pth")
+    torch.save({"w": torch.arange(1000)}, tmp_path / "checkpoint_final.pth")
+    whole = (tmp_path / "checkpoint_final.pth").read_bytes()
+    (tmp_path / "checkpoint_final.pth").write_bytes(whole[: len(whole) // 2])  # killed while writing
+    _set_aside_truncated(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_final.pth.truncated", "checkpoint_latest.pth"]
+    assert torch.load(tmp_path / "checkpoint_latest.pth", weights_only=True)["w"].sum() == 499500

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,16 @@ def learning_curve(run_folder: Path) -> dict[str, list[float]]:
             if k in logging}
 
 
+def _set_aside_truncated(run_folder: Path) -> None:
+    """Rename a checkpoint cut off by a kill mid-save (a zip without its central directory) to
+    ``*.pth.truncated``: nnU-Net writes checkpoints in place, and ``--c`` / ``--val`` would fail on
+    it; the run then continues from the checkpoint that is whole, or starts again."""
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+        path = run_folder / name
+        if path.is_file() and not zipfile.is_zipfile(path):
+            path.replace(path.with_name(name + ".truncated"))
+
+
 def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: dict[str, list[str]], fold: int,
               schedule: Schedule, work: Path, results_csv: Path, device: str = "cpu",
               threads: int | None = None) -> dict | None:
@@ -239,6 +250,7 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
                       / f"fold_{fold}")
         command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(dataset_id), CONFIGURATION,
                    str(fold), "-tr", run.trainer_name, "-p", PLANS, "-device", device]
+        _set_aside_truncated(run_folder)
         if (run_folder / "checkpoint_final.pth").is_file():
             command.append("--val")  # trained, validation missing (killed during it)
         elif (run_folder / "checkpoint_latest.pth").is_file():
