@@ -133,14 +133,16 @@ def test_rank_sees_an_openmind_file_at_its_pretraining_spacing_on_the_same_voxel
 
     own = rank(tmp_path / "own")
     seen = {z["name"]: z["plans_seen"] for z in own["zoo"]}
-    assert seen == {"mae_2mm": "nnsslResEncLPlans", "nnunet": "nnUNetPlans"} and own["candidate_errors"] == {}
-    plans = json.loads((tree.preprocessed / "nnsslResEncLPlans.json").read_text())
+    assert seen == {"mae_2mm": "nnsslResEncLPlans_s2x2x2", "nnunet": "nnUNetPlans"} and own["candidate_errors"] == {}
+    plans = json.loads((tree.preprocessed / "nnsslResEncLPlans_s2x2x2.json").read_text())
     assert plans["configurations"]["3d_fullres"]["spacing"] == [2.0, 2.0, 2.0]
     user = json.loads((tree.preprocessed / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
     # nnU-Net's preprocessing at 2 mm halves every axis of every case (rounded), beside the user's data
     readers = [PreprocessedTarget(tree.preprocessed, tree.preprocessed / f"{name}.json", "3d_fullres",
                                   tree.preprocessed / "dataset.json").cases(own["cases"])
-               for name in ("nnUNetPlans", "nnsslResEncLPlans")]
+               for name in ("nnUNetPlans", "nnsslResEncLPlans_s2x2x2")]
+    at_2mm_folder = tree.preprocessed / "nnsslResEncLPlans_s2x2x2_3d_fullres"
+    assert sorted(p.name.removesuffix(".pkl") for p in at_2mm_folder.glob("*.pkl")) == own["cases"]  # only those ranked
     for case in own["cases"]:
         at_user, at_2mm = (reader.case_shape(case) for reader in readers)
         assert all(abs(a - u * s / 2.0) <= 1 for a, u, s in zip(at_2mm, at_user, user["spacing"])), (at_2mm, at_user)

@@ -7,6 +7,7 @@ preprocessed into their own folder, and nothing of the user's is written to."""
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import _require, copy_nnunet_tree, point_nnunet_at
+from handoff import handoff_trains_to_the_end
 from layouts import LAYOUTS, checkpoint_from_layout
 
 from nnunet_te.errors import UserError
@@ -150,6 +152,9 @@ def test_the_default_patch_is_the_median_image_rounded_up_and_spacing_follows_th
     assert configuration["spacing"] == [2.0, 2.0, 2.0]
     assert configuration["median_image_size_in_voxels"] == pytest.approx([m * s / 2 for m, s in zip(median, spacing)])
     assert planned["nnunet_te_nnssl"]["pretrain_spacing"] == [2.0, 2.0, 2.0]
+    # its own name, so a zoo holding both files gets two plans, not one refused for the other
+    assert planned["plans_name"] == "nnsslResEncLPlans_s2x2x2"
+    assert nnssl_plans(user, "3d_fullres", checkpoint)["plans_name"] == "nnsslResEncLPlans"
 
 
 def test_convert_weights_prints_the_command_with_the_nnssl_plans(nnunet_env, checkpoint_path, tmp_path):
@@ -247,3 +252,12 @@ def test_rank_train_reads_the_winner_again_with_the_trust_the_ranking_gave_it(nn
     plan = prepare_training(result, nnunet_env.dataset_id, "3d_fullres", 0, progress=False)
     assert plan.plans == "nnUNetPlans" and plan.weights.is_file()
     assert json.loads((tmp_path / "training_choice.json").read_text())["chosen"] == "lab"
+
+
+@pytest.mark.skipif(os.environ.get("NNUNET_TE_LONG_TESTS") != "1",
+                    reason="about 10 minutes of CPU (a third of CI's budget): NNUNET_TE_LONG_TESTS=1 runs it")
+def test_rank_train_handoff_of_a_resenc_l_winner_trains_with_nnunet_to_the_end(nnunet_env, checkpoint_path, tmp_path):
+    plans = f"nnsslResEncLPlans_p{'x'.join(map(str, PATCH))}"
+    log = handoff_trains_to_the_end(nnunet_env, checkpoint_path, tmp_path, plans=plans, trainer="RiskWeightedTrainer_cpu",
+                                    patch_size=PATCH)
+    assert "ResidualEncoderUNet" in log  # the plans' network, not nnU-Net's default PlainConvUNet

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import _require, copy_nnunet_tree, point_nnunet_at
+from handoff import handoff_trains_to_the_end
 from layouts import LAYOUTS, checkpoint_from_layout
 
 from nnunet_te.data.target import PreprocessedTarget
@@ -102,33 +103,6 @@ def test_a_unet_trainer_on_primus_plans_names_the_primus_trainer(nnunet_env, che
 
 
 def test_rank_train_handoff_of_a_primus_winner_trains_with_nnunet_to_the_end(nnunet_env, checkpoint_path, tmp_path):
-    """What ``nnunet-te rank ... --train 0 -tr RiskWeightedTrainer_cpu`` does after ranking a zoo
-    whose winner is the Primus-M file: plans, weights, risk maps and the command; then that command."""
-    from nnunet_te.ranking.rank import RankingResult
-    from nnunet_te.ranking.zoo import Candidate
-    from nnunet_te.training.handoff import prepare_training
-
-    (tmp_path / "ranking.json").write_text("{}")
-    result = RankingResult([Candidate("openmind_primus_mae", checkpoint_path, None, None, "")], None, "score",
-                           ["openmind_primus_mae"], {}, tmp_path, {"json": tmp_path / "ranking.json"}, {})
-    plan = prepare_training(result, nnunet_env.dataset_id, "3d_fullres", 0, trainer="RiskWeightedTrainer_cpu",
-                            progress=False)
-    assert plan.plans == PLANS
-    assert plan.command[plan.command.index("-tr") + 1] == "RiskWeightedTrainer_PrimusM_cpu"
-    assert plan.command[plan.command.index("-p") + 1] == PLANS
-    target = PreprocessedTarget.open(nnunet_env.dataset_id, "3d_fullres", PLANS)
-    assert len(list(plan.risk_maps.glob("*.npy"))) == len(target.case_ids)
-
-    done = subprocess.run([str(BIN / plan.command[0]), *plan.command[1:]], env=nnunet_env.env, capture_output=True,
-                          text=True, timeout=900, check=False)
-    fold = (Path(nnunet_env.env["nnUNet_results"]) / target.dataset_name
-            / f"RiskWeightedTrainer_PrimusM_cpu__{PLANS}__3d_fullres" / "fold_0")
-    log = "\n".join(p.read_text() for p in fold.glob("training_log_*.txt")) if fold.is_dir() else ""
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:] + log[-2000:]
-    assert (fold / "checkpoint_final.pth").is_file()
-    options = json.loads((fold / "risk_options.json").read_text())
-    assert Path(options["risk_folder"]) == plan.risk_maps  # the hand-off's maps, not recomputed
-    summary = json.loads((fold / "validation" / "summary.json").read_text())
-    predicted = sorted(p.name for p in (fold / "validation").glob("*.nii.gz"))
-    assert len(predicted) == len(summary["metric_per_case"]) >= 1
+    log = handoff_trains_to_the_end(nnunet_env, checkpoint_path, tmp_path, plans=PLANS,
+                                    trainer="RiskWeightedTrainer_PrimusM_cpu")
     assert "AdamW" in log or "warmup" in log  # nnU-Net's Primus schedule ran, not the U-Net one

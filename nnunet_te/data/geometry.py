@@ -41,12 +41,15 @@ def _preprocessed_cases(folder: Path) -> set[str]:
     return {p.name[:-len(".b2nd")] for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")}
 
 
-def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, num_processes: int = 1) -> PreprocessedPlans:
+def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, case_ids: list[str] | None = None,
+                           num_processes: int = 1) -> PreprocessedPlans:
     """Write ``planned`` (a plans dict with one configuration, ``target``'s) beside ``target``'s
     plans and preprocess the dataset for it with nnU-Net's own preprocessor; return where. A plans
-    file of that name with the same content and a complete data folder are reused; one with other
-    content, or a data folder without its plans file, raises UserError (nothing is replaced).
-    Needs the raw dataset in ``nnUNet_raw``."""
+    file of that name with the same content and a data folder holding the cases are reused; one
+    with other content, or a data folder without its plans file, raises UserError (nothing is
+    replaced). ``case_ids``: only these cases are needed (a ranking's), and only those missing are
+    preprocessed, case by case with the same preprocessor; None: every case (nnU-Net's whole-dataset
+    run, which rewrites the folder: what training needs). Needs the raw dataset in ``nnUNet_raw``."""
     configuration = target.configuration
     plans_file = target.folder / f"{planned['plans_name']}.json"
     data_folder = target.folder / planned["configurations"][configuration]["data_identifier"]
@@ -60,11 +63,15 @@ def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, num_pro
     if not raw.is_dir():
         raise UserError(f"the raw dataset {raw} is needed to preprocess it at the candidate's geometry "
                         "(nnU-Net preprocesses from raw images); set nnUNet_raw to where it is")
-    expected = set(target.case_ids)
-    if plans_file.exists() and data_folder.is_dir() and _preprocessed_cases(data_folder) >= expected:
+    expected = set(target.case_ids if case_ids is None else target.check_cases(case_ids))
+    present = _preprocessed_cases(data_folder) if data_folder.is_dir() else set()
+    if plans_file.exists() and present >= expected:
         return PreprocessedPlans(planned["plans_name"], plans_file, data_folder, created=False)
     plans_file.write_text(json.dumps(planned, indent=2))
-    _preprocess(target.folder.name, configuration, planned["plans_name"], num_processes)
+    if case_ids is None:
+        _preprocess(target.folder.name, configuration, planned["plans_name"], num_processes)
+    else:
+        _preprocess_cases(target.folder.name, configuration, planned["plans_name"], sorted(expected - present))
     missing = expected - _preprocessed_cases(data_folder)
     if missing:
         raise RuntimeError(f"nnU-Net's preprocessing left {len(missing)} case(s) out of {data_folder}, "
@@ -78,3 +85,18 @@ def _preprocess(dataset: str, configuration: str, plans_name: str, num_processes
     target = PreprocessedTarget.open(dataset, configuration, plans_name, regions=True)
     preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
     preprocessor.run(dataset_name(dataset), configuration, plans_name, num_processes=num_processes)
+
+
+def _preprocess_cases(dataset: str, configuration: str, plans_name: str, case_ids: list[str]) -> None:
+    """nnU-Net's ``DefaultPreprocessor.run_case_save`` for ``case_ids`` only, in this process: what
+    its whole-dataset run does for each of them, the rest of the folder left as it is."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    target = PreprocessedTarget.open(dataset, configuration, plans_name, regions=True)
+    preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
+    raw = get_filenames_of_train_images_and_targets(str(nnunet_raw() / target.dataset_name), target.dataset_json)
+    output = target.folder / target.data_identifier
+    output.mkdir(exist_ok=True)
+    for case in case_ids:
+        preprocessor.run_case_save(str(output / case), raw[case]["images"], raw[case]["label"], target.plans_manager,
+                                   target.configuration_manager, target.dataset_json)

@@ -105,9 +105,15 @@ def check_patch_size(patch_size, divisor: list[int]) -> list[int]:
     return patch
 
 
-def plans_name_for(architecture_name: str, patch_size: list[int] | None = None) -> str:
-    """``nnssl<Name>Plans``, with ``_p<X>x<Y>x<Z>`` when the patch is not the default."""
-    suffix = f"_p{'x'.join(map(str, patch_size))}" if patch_size else ""
+def plans_name_for(architecture_name: str, patch_size: list[int] | None = None, *,
+                   spacing: list[float] = OPENMIND_SPACING, normalisation: str = OPENMIND_NORMALISATION) -> str:
+    """``nnssl<Name>Plans``, with ``_s<X>x<Y>x<Z>`` for a pre-training spacing other than OpenMind's
+    1 mm, ``_<Scheme>`` for a normalisation other than z-score and ``_p<X>x<Y>x<Z>`` when the patch
+    is not the default: checkpoints of one zoo pre-trained at different geometries get different
+    plans (and data folders), never one file refused for the other."""
+    suffix = "" if list(spacing) == OPENMIND_SPACING else f"_s{'x'.join(f'{s:g}' for s in spacing)}"
+    suffix += "" if normalisation == OPENMIND_NORMALISATION else f"_{normalisation.removesuffix('Normalization')}"
+    suffix += f"_p{'x'.join(map(str, patch_size))}" if patch_size else ""
     return f"nnssl{architecture_name}Plans{suffix}"
 
 
@@ -128,7 +134,7 @@ def nnssl_plans(user_plans: dict, configuration: str, checkpoint: Checkpoint, *,
     spacing, scheme = pretrain_geometry(checkpoint)
     median = [m * old / new for m, old, new in zip(user["median_image_size_in_voxels"], user["spacing"], spacing)]
     patch = check_patch_size(patch_size, divisor) if patch_size else default_patch_size(checkpoint, median, divisor)
-    plans_name = plans_name_for(name, patch_size)
+    plans_name = plans_name_for(name, patch_size, spacing=spacing, normalisation=scheme)
     planned = dict(user)
     planned.update(data_identifier=f"{plans_name}_{configuration}", batch_size=BATCH_SIZE, patch_size=patch,
                    median_image_size_in_voxels=median, spacing=spacing,
@@ -147,12 +153,13 @@ def plans_fit_checkpoint(plans: dict, configuration: str, checkpoint: Checkpoint
     return name == "ResEncL" and architecture == resenc_l_architecture()
 
 
-def target_at_pretraining_geometry(target: PreprocessedTarget, checkpoint: Checkpoint, *,
-                                   num_processes: int = 1) -> PreprocessedTarget:
-    """``target`` as the nnssl ``checkpoint`` was pre-trained to see it, for ranking: preprocessed by
-    nnU-Net at :func:`nnssl_plans` (its spacing and normalisation; written beside the user's plans
-    on first use, as for fine-tuning). ``target`` itself when its plans already build the
-    checkpoint's network or share the pre-training spacing and normalisation."""
+def target_at_pretraining_geometry(target: PreprocessedTarget, checkpoint: Checkpoint,
+                                   case_ids: list[str]) -> PreprocessedTarget:
+    """``target`` as the nnssl ``checkpoint`` was pre-trained to see it, for ranking on ``case_ids``:
+    those cases preprocessed by nnU-Net at :func:`nnssl_plans` (its spacing and normalisation;
+    written beside the user's plans on first use, as for fine-tuning, which adds the other cases).
+    ``target`` itself when its plans already build the checkpoint's network or share the
+    pre-training spacing and normalisation."""
     configuration = target.configuration
     if plans_fit_checkpoint(target.plans, configuration, checkpoint):
         return target
@@ -162,7 +169,7 @@ def target_at_pretraining_geometry(target: PreprocessedTarget, checkpoint: Check
     if (list(own["spacing"]) == [float(s) for s in user.spacing]
             and own["normalization_schemes"] == list(user.normalization_schemes)):
         return target
-    made = preprocessed_for_plans(target, planned, num_processes=num_processes)
+    made = preprocessed_for_plans(target, planned, case_ids=case_ids)
     return PreprocessedTarget(target.folder, made.plans_file, configuration, target.dataset_json)
 
 

@@ -114,7 +114,7 @@ def extract_candidate(candidate: Candidate, target: PreprocessedTarget, cases: P
     start = time.perf_counter()
     window = seen = None
     try:
-        seen = candidate_target(candidate, target, settings.geometry)
+        seen = candidate_target(candidate, target, list(cases.case_ids), settings.geometry)
         loaded = candidate_network(candidate, seen, seed=settings.seed, device=settings.device)
         window = window_size(loaded.network, seen.patch_size)
         key = settings.cache_key(network_identity(candidate, seen.plans, target.configuration, settings.seed),

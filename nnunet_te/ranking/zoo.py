@@ -301,11 +301,11 @@ def _candidate_checkpoint(candidate: Candidate) -> Checkpoint:
 GEOMETRIES = ("candidate", "target")
 
 
-def candidate_target(candidate: Candidate, target: PreprocessedTarget, geometry: str = "candidate"
-                     ) -> PreprocessedTarget:
-    """The target as ``candidate`` is ranked on it: with ``geometry="candidate"``, an nnssl
-    checkpoint (no ``architecture``) sees the cases at its pre-training spacing and normalisation,
-    preprocessed by nnU-Net beside the user's plans on first use
+def candidate_target(candidate: Candidate, target: PreprocessedTarget, case_ids: list[str],
+                     geometry: str = "candidate") -> PreprocessedTarget:
+    """The target as ``candidate`` is ranked on it (on ``case_ids``): with ``geometry="candidate"``, an
+    nnssl checkpoint (no ``architecture``) sees the cases at its pre-training spacing and
+    normalisation, preprocessed by nnU-Net beside the user's plans on first use
     (:func:`~nnunet_te.networks.nnssl_plans.target_at_pretraining_geometry`); every other candidate,
     and every candidate with ``geometry="target"``, sees ``target`` itself."""
     if geometry not in GEOMETRIES:
@@ -316,7 +316,7 @@ def candidate_target(candidate: Candidate, target: PreprocessedTarget, geometry:
     if not nnssl_architecture(checkpoint):
         return target
     try:
-        return target_at_pretraining_geometry(target, checkpoint)
+        return target_at_pretraining_geometry(target, checkpoint, case_ids)
     except UserError as err:
         raise CandidateError(candidate.name, f"{err}; or rank every candidate at the target's geometry "
                                              "(--geometry target)") from None
