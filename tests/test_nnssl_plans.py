@@ -7,7 +7,6 @@ preprocessed into their own folder, and nothing of the user's is written to."""
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -254,8 +253,6 @@ def test_rank_train_reads_the_winner_again_with_the_trust_the_ranking_gave_it(nn
     assert json.loads((tmp_path / "training_choice.json").read_text())["chosen"] == "lab"
 
 
-@pytest.mark.skipif(os.environ.get("NNUNET_TE_LONG_TESTS") != "1",
-                    reason="about 10 minutes of CPU (a third of CI's budget): NNUNET_TE_LONG_TESTS=1 runs it")
 def test_rank_train_handoff_of_a_resenc_l_winner_trains_with_nnunet_to_the_end(nnunet_env, checkpoint_path, tmp_path):
     plans = f"nnsslResEncLPlans_p{'x'.join(map(str, PATCH))}"
     log = handoff_trains_to_the_end(nnunet_env, checkpoint_path, tmp_path, plans=plans, trainer="RiskWeightedTrainer_cpu",
