@@ -94,6 +94,14 @@ def test_a_case_list_of_other_cases_is_refused():
                                  n_classes=2, config=SamplingConfig(), progress=False)
 
 
+def test_an_unknown_geometry_is_refused_before_any_candidate_loads():
+    from nnunet_te.errors import UserError
+    from nnunet_te.ranking.extraction import ExtractionSettings
+
+    with pytest.raises(UserError, match="geometry must be one of candidate, target, got 'pretraining'"):
+        ExtractionSettings("Dataset991_Hippocampus", "3d_fullres", 2, SamplingConfig(), (), 0, "cpu", "pretraining")
+
+
 # ---- nnunet-te rank end to end -------------------------------------------------------------------
 def _two_mm_openmind_file(path: Path) -> Path:
     """The real ``trainer_MAE`` layout, full size, random values, its pre-training plan at 2 mm."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from nnunet_te.data.paths import dataset_name, nnunet_raw
 from nnunet_te.data.target import PreprocessedTarget, configuration_manager
 from nnunet_te.errors import UserError
+from nnunet_te.io.files import atomic_write, exclusive
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,16 @@ def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, case_id
         raise UserError(f"the raw dataset {raw} is needed to preprocess it at the candidate's geometry "
                         "(nnU-Net preprocesses from raw images); set nnUNet_raw to where it is")
     expected = set(target.case_ids if case_ids is None else target.check_cases(case_ids))
-    present = _preprocessed_cases(data_folder) if data_folder.is_dir() else set()
-    if plans_file.exists() and present >= expected:
-        return PreprocessedPlans(planned["plans_name"], plans_file, data_folder, created=False)
-    plans_file.write_text(json.dumps(planned, indent=2))
-    if case_ids is None:
-        _preprocess(target.folder.name, configuration, planned["plans_name"], num_processes)
-    else:
-        _preprocess_cases(target.folder.name, configuration, planned["plans_name"], sorted(expected - present))
+    with exclusive(target.folder / f".{planned['plans_name']}.lock"):  # another shard may preprocess them now
+        present = _preprocessed_cases(data_folder) if data_folder.is_dir() else set()
+        if plans_file.exists() and present >= expected:
+            return PreprocessedPlans(planned["plans_name"], plans_file, data_folder, created=False)
+        text = json.dumps(planned, indent=2).encode()
+        atomic_write(plans_file, lambda handle: handle.write(text))
+        if case_ids is None:
+            _preprocess(target.folder.name, configuration, planned["plans_name"], num_processes)
+        else:
+            _preprocess_cases(target.folder.name, configuration, planned["plans_name"], sorted(expected - present))
     missing = expected - _preprocessed_cases(data_folder)
     if missing:
         raise RuntimeError(f"nnU-Net's preprocessing left {len(missing)} case(s) out of {data_folder}, "

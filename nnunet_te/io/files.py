@@ -1,13 +1,20 @@
-"""Writing files safely and naming their contents: atomic writes and sha256 digests."""
+"""Writing files safely and naming their contents: atomic writes, a lock between processes, sha256 digests."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nnunet_te.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: no lock there (run shards one after the other)
+    fcntl = None
 
 
 def atomic_write(path: Path, write) -> None:
@@ -24,6 +31,23 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created if absent, left in place) for the
+    block: processes that write the same files (shards of one ranking, Ray workers on one node or
+    a file system with POSIX locks) do it one after the other; the lock ends with the process."""
+    if fcntl is None:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def refuse_existing(paths, *, remedy: str) -> None:

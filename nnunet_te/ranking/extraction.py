@@ -35,7 +35,14 @@ from nnunet_te.features.sampling import CandidateFeatures, SamplingConfig
 from nnunet_te.features.sliding import extract_dataset_features
 from nnunet_te.io.files import atomic_write
 from nnunet_te.networks.stages import window_size
-from nnunet_te.ranking.zoo import Candidate, CandidateError, CandidateNetwork, candidate_network, candidate_target
+from nnunet_te.ranking.zoo import (
+    GEOMETRIES,
+    Candidate,
+    CandidateError,
+    CandidateNetwork,
+    candidate_network,
+    candidate_target,
+)
 
 #: A Ray task whose worker process dies is run again this many times before the candidate fails.
 RAY_RETRIES = 2
@@ -55,6 +62,10 @@ class ExtractionSettings:
     device: str
     #: "candidate": an nnssl candidate sees the cases at its pre-training geometry; "target": all at the target's
     geometry: str = "candidate"
+
+    def __post_init__(self):
+        if self.geometry not in GEOMETRIES:  # before any candidate loads, not once per candidate
+            raise UserError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
 
     def cache_key(self, identity: str, loaded: CandidateNetwork, window: tuple[int, ...],
                   cases: PreprocessedCases, cache: FeatureCache) -> str:
