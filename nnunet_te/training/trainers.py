@@ -182,7 +182,9 @@ class RiskWeightedTrainer(nnUNetTrainer):
     """nnU-Net trainer whose loss weights every voxel by its transfer risk.
 
     After the Transfer Risk Map paper (Zhang et al. 2025, https://arxiv.org/abs/2502.02340); what is
-    computed and the options: docs/nnunet.md sections 3-4.
+    computed and the options: docs/nnunet.md sections 3-4. The map has not yet been shown to beat
+    a weight of the same scale without its spatial pattern (docs/benchmark.md, "Risk weighting
+    against its controls"): a gain over nnUNetTrainer may come from the larger weight alone.
 
     Risk maps are stored per case beside nnU-Net's data (:func:`nnunet_te.risk.storage.risk_folder`).
     At train start, before any data loader starts, the trainer checks that every case of the split
