@@ -235,11 +235,7 @@ def test_a_member_that_saw_a_test_image_is_found_by_content_under_any_name(tmp_p
 
     import SimpleITK as sitk
 
-    from benchmarks.finetune_grid.overlap import (
-        case_thumbnails,
-        matched_cases,
-        thumbnails,
-    )
+    from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, thumbnails
     from benchmarks.finetune_grid.zoo import pretraining_images, select_members
 
     env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw")}
@@ -270,11 +266,7 @@ def test_a_member_that_saw_a_test_image_is_found_by_content_under_any_name(tmp_p
 
 
 def test_records_restore_what_a_fresh_work_folder_lacks_and_never_overwrite(tmp_path):
-    from benchmarks.finetune_grid.records import (
-        RECORD_FILES,
-        restore_records,
-        save_records,
-    )
+    from benchmarks.finetune_grid.records import RECORD_FILES, restore_records, save_records
 
     work, records, fresh = tmp_path / "work", tmp_path / "records", tmp_path / "fresh"
     for i, name in enumerate(RECORD_FILES):
@@ -357,11 +349,7 @@ def test_contrastive_pre_training_moves_the_encoder_only_and_is_seeded():
 
 
 def test_version_2_members_build_from_the_shared_data(tmp_path, shared_data):
-    from benchmarks.finetune_grid.zoo import (
-        build_member,
-        pretraining_images,
-        select_members,
-    )
+    from benchmarks.finetune_grid.zoo import build_member, pretraining_images, select_members
 
     names = ["ssl_genesis", "ssl_contrastive", "ssl_mri", "sup_mni_tissue", "sup_nuclei", "sup_isbi_random_labels"]
     for member in select_members(names, iterations=2):
@@ -424,12 +412,7 @@ def test_schedules_take_the_given_one_before_the_rules():
 
 
 def test_the_schedule_rule_doubles_until_the_longer_run_adds_under_5_percent():
-    from benchmarks.finetune_grid.schedule_rule import (
-        LEARNED,
-        Probe,
-        doubling_choice,
-        final_choice,
-    )
+    from benchmarks.finetune_grid.schedule_rule import LEARNED, Probe, doubling_choice, final_choice
 
     assert Probe().lengths == [10, 20, 40, 80] and Probe(start=1, longest=2).lengths == [1, 2]
     with pytest.raises(ValueError, match="longest = start x 2"):
@@ -447,11 +430,7 @@ def test_the_schedule_rule_doubles_until_the_longer_run_adds_under_5_percent():
 
 def test_the_probe_validates_on_pool_cases_never_on_test_cases():
     from benchmarks.finetune_grid.plan import bench_split
-    from benchmarks.finetune_grid.schedule_rule import (
-        PROBE_K,
-        probe_split,
-        probe_validation_size,
-    )
+    from benchmarks.finetune_grid.schedule_rule import PROBE_K, probe_split, probe_validation_size
 
     cases = [f"case_{i:03d}" for i in range(60)]
     split = bench_split(cases, 20, seed=0)

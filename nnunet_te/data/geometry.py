@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_te.data.paths import dataset_name, nnunet_raw
+from nnunet_te.data.paths import nnunet_raw
 from nnunet_te.data.target import PreprocessedTarget, configuration_manager
 from nnunet_te.errors import UserError
 from nnunet_te.io.files import atomic_write, exclusive
@@ -71,10 +71,8 @@ def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, case_id
             return PreprocessedPlans(planned["plans_name"], plans_file, data_folder, created=False)
         text = json.dumps(planned, indent=2).encode()
         atomic_write(plans_file, lambda handle: handle.write(text))
-        if case_ids is None:
-            _preprocess(target.folder.name, configuration, planned["plans_name"], num_processes)
-        else:
-            _preprocess_cases(target.folder.name, configuration, planned["plans_name"], sorted(expected - present))
+        _preprocess(PreprocessedTarget(target.folder, planned, configuration, target.dataset_json, regions=True),
+                    raw, None if case_ids is None else sorted(expected - present), num_processes)
     missing = expected - _preprocessed_cases(data_folder)
     if missing:
         raise RuntimeError(f"nnU-Net's preprocessing left {len(missing)} case(s) out of {data_folder}, "
@@ -82,24 +80,21 @@ def preprocessed_for_plans(target: PreprocessedTarget, planned: dict, *, case_id
     return PreprocessedPlans(planned["plans_name"], plans_file, data_folder, created=True)
 
 
-def _preprocess(dataset: str, configuration: str, plans_name: str, num_processes: int) -> None:
-    """nnU-Net's ``DefaultPreprocessor.run`` for this plans identifier (what ``nnUNetv2_preprocess
-    -plans_name`` runs), without the gt_segmentations copy that command makes into the user's folder."""
-    target = PreprocessedTarget.open(dataset, configuration, plans_name, regions=True)
-    preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
-    preprocessor.run(dataset_name(dataset), configuration, plans_name, num_processes=num_processes)
-
-
-def _preprocess_cases(dataset: str, configuration: str, plans_name: str, case_ids: list[str]) -> None:
-    """nnU-Net's ``DefaultPreprocessor.run_case_save`` for ``case_ids`` only, in this process: what
-    its whole-dataset run does for each of them, the rest of the folder left as it is."""
+def _preprocess(planned: PreprocessedTarget, raw: Path, case_ids: list[str] | None, num_processes: int) -> None:
+    """nnU-Net's own preprocessor of ``planned``'s configuration, from the raw dataset ``raw``: with
+    ``case_ids`` None its whole-dataset ``run`` (what ``nnUNetv2_preprocess -plans_name`` runs,
+    without the gt_segmentations copy that command makes into the user's folder), which rewrites
+    the data folder; else ``run_case_save`` for those cases only, in this process, the rest of the
+    folder left as it is."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    target = PreprocessedTarget.open(dataset, configuration, plans_name, regions=True)
-    preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
-    raw = get_filenames_of_train_images_and_targets(str(nnunet_raw() / target.dataset_name), target.dataset_json)
-    output = target.folder / target.data_identifier
+    preprocessor = planned.configuration_manager.preprocessor_class(verbose=False)
+    if case_ids is None:
+        preprocessor.run(planned.dataset_name, planned.configuration, planned.plans_name, num_processes=num_processes)
+        return
+    files = get_filenames_of_train_images_and_targets(str(raw), planned.dataset_json)
+    output = planned.folder / planned.data_identifier
     output.mkdir(exist_ok=True)
     for case in case_ids:
-        preprocessor.run_case_save(str(output / case), raw[case]["images"], raw[case]["label"], target.plans_manager,
-                                   target.configuration_manager, target.dataset_json)
+        preprocessor.run_case_save(str(output / case), files[case]["images"], files[case]["label"],
+                                   planned.plans_manager, planned.configuration_manager, planned.dataset_json)

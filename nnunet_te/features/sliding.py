@@ -27,7 +27,7 @@ the Gaussian blend of windows that saw different context (zero padding at window
 instance norm statistics over the window): the same approximation nnU-Net's predictor makes.
 
 A candidate pre-trained at another geometry (spacing, normalisation: an nnssl checkpoint) sees
-each case as nnU-Net's preprocessing wrote it for the candidate's own plans (``candidate_images``).
+each case as nnU-Net's preprocessing wrote it for the candidate's own plans (``candidate_cases``).
 The voxels are still chosen on the target's labels at the target's geometry, so every candidate
 is scored on the same voxels with the same labels; each chosen cell is read from the candidate's
 stage cell that holds its centre (:func:`mapped_cells`).
@@ -345,6 +345,11 @@ def _consistency_cases(n_cases: int, budget: int, seed: int) -> set[int]:
     return set(chosen.tolist())
 
 
+def _stage_grids(case_shape: Sequence[int], strides: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Each stage's grid over a (padded) case: its shape divided by the stage's stride."""
+    return {k: tuple(n // s for n, s in zip(case_shape, stride)) for k, stride in strides.items()}
+
+
 @torch.no_grad()
 def _case_features(network, modules, sampler: StageSampler, geometry: _Geometry,
                    case_index: int, case_id: str, image: np.ndarray, labels: np.ndarray, *,
@@ -354,18 +359,13 @@ def _case_features(network, modules, sampler: StageSampler, geometry: _Geometry,
     geometry or the candidate's), blend at the chosen voxels' cells."""
     real_shape = image.shape[1:]
     case_shape = padded_shape(real_shape, patch, geometry.multiple)
-    grids = {k: tuple(n // s for n, s in zip(case_shape, stride))
-             for k, stride in geometry.strides.items()}
-    if real_shape == labels.shape:
-        selection = sampler.select(case_index, labels, grids, case_shape)
-        cells = {k: idx for k, (idx, _) in selection.items()}
-    else:
-        label_shape = padded_shape(labels.shape, (1,) * len(patch), geometry.multiple)
-        label_grids = {k: tuple(n // s for n, s in zip(label_shape, stride))
-                       for k, stride in geometry.strides.items()}
-        selection = sampler.select(case_index, labels, label_grids, label_shape)
-        cells = {k: mapped_cells(idx, label_grids[k], geometry.strides[k], labels.shape, real_shape, grids[k])
-                 for k, (idx, _) in selection.items()}
+    grids = _stage_grids(case_shape, geometry.strides)
+    label_shape = padded_shape(labels.shape, patch, geometry.multiple)
+    label_grids = _stage_grids(label_shape, geometry.strides)
+    selection = sampler.select(case_index, labels, label_grids, label_shape)
+    cells = {k: idx if real_shape == labels.shape else
+             mapped_cells(idx, label_grids[k], geometry.strides[k], labels.shape, real_shape, grids[k])
+             for k, (idx, _) in selection.items()}
     if source_head:
         if grids[OUTPUT] != grids[last_global]:
             raise ValueError(f"the network output grid {grids[OUTPUT]} differs from its last "

@@ -42,6 +42,7 @@ from nnunet_te.ranking.zoo import (
     CandidateNetwork,
     candidate_network,
     candidate_target,
+    read_candidate_checkpoint,
 )
 
 #: A Ray task whose worker process dies is run again this many times before the candidate fails.
@@ -125,8 +126,9 @@ def extract_candidate(candidate: Candidate, target: PreprocessedTarget, cases: P
     start = time.perf_counter()
     window = seen = None
     try:
-        seen = candidate_target(candidate, target, list(cases.case_ids), settings.geometry)
-        loaded = candidate_network(candidate, seen, seed=settings.seed, device=settings.device)
+        checkpoint = read_candidate_checkpoint(candidate)  # once: a full-size OpenMind file takes seconds
+        seen = candidate_target(candidate, checkpoint, target, list(cases.case_ids), settings.geometry)
+        loaded = candidate_network(candidate, seen, checkpoint=checkpoint, seed=settings.seed, device=settings.device)
         window = window_size(loaded.network, seen.patch_size)
         key = settings.cache_key(network_identity(candidate, seen.plans, target.configuration, settings.seed),
                                  loaded, window, cases, cache)

@@ -290,7 +290,8 @@ def _with_input_channels(network: nn.Module, n_inputs: int, name: str) -> nn.Mod
     return network
 
 
-def _candidate_checkpoint(candidate: Candidate) -> Checkpoint:
+def read_candidate_checkpoint(candidate: Candidate) -> Checkpoint:
+    """The candidate's file read (with its ``trust_pickle``); CandidateError when it does not load."""
     try:
         return read_checkpoint(candidate.checkpoint, trust_pickle=candidate.trust_pickle)
     except Exception as err:  # torch's unpickler raises anything (IndexError, ...) on a corrupt file
@@ -301,19 +302,15 @@ def _candidate_checkpoint(candidate: Candidate) -> Checkpoint:
 GEOMETRIES = ("candidate", "target")
 
 
-def candidate_target(candidate: Candidate, target: PreprocessedTarget, case_ids: list[str],
-                     geometry: str = "candidate") -> PreprocessedTarget:
-    """The target as ``candidate`` is ranked on it (on ``case_ids``): with ``geometry="candidate"``, an
-    nnssl checkpoint (no ``architecture``) sees the cases at its pre-training spacing and
-    normalisation, preprocessed by nnU-Net beside the user's plans on first use
-    (:func:`~nnunet_te.networks.nnssl_plans.target_at_pretraining_geometry`); every other candidate,
-    and every candidate with ``geometry="target"``, sees ``target`` itself."""
-    if geometry not in GEOMETRIES:
-        raise UserError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
-    if geometry == "target" or candidate.architecture is not None:
-        return target
-    checkpoint = _candidate_checkpoint(candidate)
-    if not nnssl_architecture(checkpoint):
+def candidate_target(candidate: Candidate, checkpoint: Checkpoint, target: PreprocessedTarget,
+                     case_ids: list[str], geometry: str) -> PreprocessedTarget:
+    """The target as ``candidate`` (its file read as ``checkpoint``) is ranked on it, on
+    ``case_ids``: with ``geometry="candidate"``, an nnssl checkpoint (no ``architecture``) sees the
+    cases at its pre-training spacing and normalisation, preprocessed by nnU-Net beside the user's
+    plans on first use (:func:`~nnunet_te.networks.nnssl_plans.target_at_pretraining_geometry`);
+    every other candidate, and every candidate with ``geometry="target"``, sees ``target`` itself.
+    ``geometry`` is one of :data:`GEOMETRIES` (checked by the ranking's settings)."""
+    if geometry == "target" or candidate.architecture is not None or not nnssl_architecture(checkpoint):
         return target
     try:
         return target_at_pretraining_geometry(target, checkpoint, case_ids)
@@ -322,18 +319,19 @@ def candidate_target(candidate: Candidate, target: PreprocessedTarget, case_ids:
                                              "(--geometry target)") from None
 
 
-def candidate_network(candidate: Candidate, target: PlannedConfiguration, *,
+def candidate_network(candidate: Candidate, target: PlannedConfiguration, *, checkpoint: Checkpoint | None = None,
                       seed: int = 0, device: str | torch.device = "cpu") -> CandidateNetwork:
     """Build and load one candidate's network for ``target`` (a
     :class:`~nnunet_te.data.target.PreprocessedTarget` or plans configuration); return it with its
-    hooks and report.
+    hooks and report. ``checkpoint``: the candidate's file already read (else it is read here).
 
     Every failure raises :class:`CandidateError` naming the candidate: an unreadable file, a
     format other than the one declared, a MONAI checkpoint without ``architecture``, input
     channels other than the dataset's (checked from the nnssl plan or the architecture before the
     network is built, otherwise by the loader's shape check), or weights that do not fit.
     """
-    checkpoint = _candidate_checkpoint(candidate)
+    if checkpoint is None:
+        checkpoint = read_candidate_checkpoint(candidate)
     if candidate.format is not None and checkpoint.format != candidate.format:
         raise CandidateError(candidate.name, f"declared format {candidate.format!r} but the file is a "
                                              f"{checkpoint.format!r} checkpoint")
