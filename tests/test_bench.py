@@ -210,16 +210,17 @@ def test_a_few_shot_draw_without_a_class_is_named_before_any_work(epfl_tree, tmp
     19 of 27 slices have none and the k = 5 draw of seed 0 holds no axon)."""
     import shutil
 
-    from benchmarks.finetune_grid.plan import write_cpu_plans
+    from benchmarks.finetune_grid.plan import CPU_PLAN
     from benchmarks.finetune_grid.run import Target, check_few_shot_classes
 
     root, _ = epfl_tree
     folder = tmp_path / "Dataset981_EPFLEM_mitochondrion"
     shutil.copytree(root / "nnUNet_preprocessed" / folder.name, folder)
-    write_cpu_plans(folder)
+    CPU_PLAN.write(folder)
     cases = sorted(p.name.removesuffix(".b2nd") for p in (folder / "nnUNetPlans_2d").glob("*.b2nd")
                    if not p.name.endswith("_seg.b2nd"))
-    target = Target(folder.name, 981, folder.name, folder, {"train": cases[:8], "val": cases[8:]}, 0)
+    target = Target(folder.name, 981, folder.name, folder, {"train": cases[:8], "val": cases[8:]}, 0, CPU_PLAN,
+                    CPU_PLAN.architecture())
     check_few_shot_classes(target, (5,), (0, 1))  # every slice has mitochondria
     dataset_json = json.loads((folder / "dataset.json").read_text())
     dataset_json["labels"]["ghost"] = 2
@@ -258,7 +259,7 @@ def test_a_member_that_saw_a_test_image_is_found_by_content_under_any_name(tmp_p
                         str(f.with_suffix("").with_suffix(".nii.gz")))
         f.unlink()
     members = select_members(["random_s0", "sup_isbi_membranes", "sup_jsrt_lungs"])
-    seen_by = {m.name: thumbnails(pretraining_images(m, shared_data.parent)) for m in members}
+    seen_by = {m.name: thumbnails(pretraining_images(m, shared_data.parent, 2)) for m in members}
     for folder, ids in ((source, cases), (copy, [f"anon{i}" for i in range(len(cases))])):
         tests = case_thumbnails(folder, ids)
         assert {name: matched_cases(t, tests) for name, t in seen_by.items()} == {
@@ -292,20 +293,24 @@ def test_bad_shots_fail_before_any_work(tmp_path):
 
 
 def test_zoo_members_are_deterministic_and_cached(tmp_path, shared_data):
+    from benchmarks.finetune_grid.plan import CPU_PLAN
     from benchmarks.finetune_grid.zoo import build_member, select_members
 
     shared = shared_data.parent
     member = select_members(["sup_isbi_membranes"], iterations=2)[0]
-    a, b = build_member(member, tmp_path / "a", shared=shared), build_member(member, tmp_path / "b", shared=shared)
+    a, b = (build_member(member, tmp_path / folder, shared=shared, plan=CPU_PLAN, architecture=CPU_PLAN.architecture())
+            for folder in "ab")
     assert a.folder.name == b.folder.name  # same content key
     wa = torch.load(a.nnunet, weights_only=True)["network_weights"]
     wb = torch.load(b.nnunet, weights_only=True)["network_weights"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(".seg_layers." in k for k in wa)  # a supervised member keeps its source head
     mtime = a.nnunet.stat().st_mtime_ns
-    assert build_member(member, tmp_path / "a", shared=shared).nnunet.stat().st_mtime_ns == mtime  # reused
+    assert build_member(member, tmp_path / "a", shared=shared, plan=CPU_PLAN,
+                        architecture=CPU_PLAN.architecture()).nnunet.stat().st_mtime_ns == mtime  # reused
     other = select_members(["sup_isbi_membranes"], iterations=3)[0]
-    assert build_member(other, tmp_path / "a", shared=shared).folder != a.folder
+    assert build_member(other, tmp_path / "a", shared=shared, plan=CPU_PLAN,
+                        architecture=CPU_PLAN.architecture()).folder != a.folder
 
 
 def test_nt_xent_on_analytic_views():
@@ -331,13 +336,13 @@ def test_genesis_corruption_is_seeded_and_keeps_the_intensity_range():
 
 
 def test_contrastive_pre_training_moves_the_encoder_only_and_is_seeded():
-    from benchmarks.finetune_grid.plan import build_cpu_network
+    from benchmarks.finetune_grid.plan import CPU_PLAN, build_network
     from benchmarks.finetune_grid.pretext import pretrain_contrastive
 
     crops = [np.random.default_rng(i).normal(size=(1, 64, 64)).astype(np.float32) for i in range(6)]
     runs = []
     for _ in range(2):
-        network = build_cpu_network(1, seed=0)
+        network = build_network(CPU_PLAN.architecture(), 1, seed=0)
         before = {k: v.clone() for k, v in network.state_dict().items()}
         losses = pretrain_contrastive(network, crops, iterations=3, seed=1, batch_size=4)
         after = network.state_dict()
@@ -349,13 +354,15 @@ def test_contrastive_pre_training_moves_the_encoder_only_and_is_seeded():
 
 
 def test_version_2_members_build_from_the_shared_data(tmp_path, shared_data):
+    from benchmarks.finetune_grid.plan import CPU_PLAN
     from benchmarks.finetune_grid.zoo import build_member, pretraining_images, select_members
 
     names = ["ssl_genesis", "ssl_contrastive", "ssl_mri", "sup_mni_tissue", "sup_nuclei", "sup_isbi_random_labels"]
     for member in select_members(names, iterations=2):
-        built = build_member(member, tmp_path, shared=shared_data.parent)
+        built = build_member(member, tmp_path, shared=shared_data.parent, plan=CPU_PLAN,
+                             architecture=CPU_PLAN.architecture())
         assert len(built.record["losses"]) == 2 and np.isfinite(built.record["losses"]).all(), member.name
-        images = pretraining_images(member, shared_data.parent)
+        images = pretraining_images(member, shared_data.parent, 2)
         assert images and all(np.isfinite(i).all() and abs(float(np.mean(i))) < 1e-3 for i in images), member.name
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.finetune_grid.controls import CONTROL_TRAINERS
-from benchmarks.finetune_grid.plan import CONFIGURATION, PLANS
+from benchmarks.finetune_grid.plan import BenchPlan
 from benchmarks.finetune_grid.trainers import SCHEDULE_VARIABLES, THREADS_VARIABLE, subprocess_environment
 from nnunet_te.training.few_shot import few_shot_cases
 from nnunet_te.training.options import ENVIRONMENT as RISK_OPTION_VARIABLES
@@ -221,14 +221,14 @@ def _set_aside_truncated(run_folder: Path) -> None:
 
 
 def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: dict[str, list[str]], fold: int,
-              schedule: Schedule, work: Path, results_csv: Path, device: str = "cpu",
+              schedule: Schedule, work: Path, results_csv: Path, plan: BenchPlan, device: str = "cpu",
               threads: int | None = None) -> dict | None:
     """Train one run with ``nnUNetv2_train`` (resuming a killed one), read its test Dice, append
     the row to ``results_csv`` and return it. Returns None when the run is already in the CSV or
     another live process is training it (pieces may run side by side). ``weights``: the member
     converted for this dataset (``convert_for_pretrained_weights``), also the checkpoint a
-    risk-weighted run's maps come from. ``threads``: torch CPU threads of the run (None:
-    nnUNetv2_train's own choice, one per core)."""
+    risk-weighted run's maps come from. ``plan``: the plans and configuration trained.
+    ``threads``: torch CPU threads of the run (None: nnUNetv2_train's own choice, one per core)."""
     log = run.log_path(work, schedule)
     log.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(log.with_suffix(".lock")) as mine:
@@ -246,10 +246,10 @@ def fine_tune(run: Run, *, dataset_id: int, target: str, weights: Path, split: d
             env[THREADS_VARIABLE] = str(threads)
         if run.trainer != "plain":  # maps from the member's weights, P(y|z) on the k cases (the trainer's rule)
             env["nnUNet_te_risk_checkpoint"] = str(weights)
-        run_folder = (Path(env["nnUNet_results"]) / run.dataset / f"{run.trainer_name}__{PLANS}__{CONFIGURATION}"
-                      / f"fold_{fold}")
-        command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(dataset_id), CONFIGURATION,
-                   str(fold), "-tr", run.trainer_name, "-p", PLANS, "-device", device]
+        run_folder = (Path(env["nnUNet_results"]) / run.dataset
+                      / f"{run.trainer_name}__{plan.name}__{plan.configuration}" / f"fold_{fold}")
+        command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(dataset_id), plan.configuration,
+                   str(fold), "-tr", run.trainer_name, "-p", plan.name, "-device", device]
         _set_aside_truncated(run_folder)
         if (run_folder / "checkpoint_final.pth").is_file():
             command.append("--val")  # trained, validation missing (killed during it)

@@ -1,16 +1,21 @@
-"""The CPU-sized nnU-Net plan, the benchmark's train/test split, and read-only views of a
-preprocessed dataset.
+"""The benchmark's nnU-Net plans, its train/test split, and read-only views of a preprocessed
+dataset.
 
-CPU plan (``nnUNetPlans_cpu``, configuration ``2d``): nnU-Net's own ``nnUNetPlans`` with the
-2d configuration shrunk to one architecture shared by every target and every zoo member, so a
-checkpoint pre-trained anywhere loads into any target's network:
+Plans (:class:`BenchPlan`, ``--plan``; each plan's grid has its own work folder):
 
-- PlainConvUNet, 5 stages of 16, 32, 64, 128, 128 features (2 convolutions per stage, 3 x 3,
-  strides 1, 2, 2, 2, 2; instance norm, leaky ReLU as nnU-Net plans them): 1.3 M parameters;
-- patch: the median image size rounded up to a multiple of 16 (the total stride), capped at
-  :data:`PATCH_CAP` per axis; batch :data:`BATCH_SIZE`;
-- ``data_identifier`` unchanged, so the plan reuses the data ``nnUNetPlans`` preprocessed
-  (``nnUNetv2_plan_and_preprocess -c 2d`` once, no second preprocessing).
+- ``cpu`` (:data:`CPU_PLAN`, ``nnUNetPlans_cpu``, ``2d``): nnU-Net's own ``nnUNetPlans`` with the
+  2d configuration shrunk to one architecture shared by every target and every zoo member, so a
+  checkpoint pre-trained anywhere loads into any target's network: PlainConvUNet, 5 stages of
+  16, 32, 64, 128, 128 features (2 convolutions per stage, 3 x 3, strides 1, 2, 2, 2, 2;
+  instance norm, leaky ReLU as nnU-Net plans them), 1.3 M parameters; patch the median image
+  size rounded up to a multiple of 16 (the total stride), capped at 128 per axis; batch 4;
+- ``cpu3d`` (:data:`CPU_3D_PLAN`, ``nnUNetPlans_cpu3d``, ``3d_fullres``): the same scaled to 3D,
+  4 stages of 16-128 features (3 x 3 x 3), patch capped at 64 per axis, batch 2;
+- ``default`` (:data:`DEFAULT_2D_PLAN`): nnU-Net's default 2D plan unchanged, the network nnU-Net
+  planned for each target (what a GPU user trains); zoo members are pre-trained per architecture.
+
+Each derived plan keeps ``data_identifier``, so it reuses the data ``nnUNetPlans`` preprocessed
+(``nnUNetv2_plan_and_preprocess -c CONFIGURATION`` once, no second preprocessing).
 
 Split: the benchmark keeps a seeded set of test cases apart from a pool the k-shot training
 cases are drawn from (``FewShotSplit`` draws k of a fold's training cases). It is stored as one
@@ -23,94 +28,155 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-PLANS = "nnUNetPlans_cpu"
-CONFIGURATION = "2d"
-FEATURES = (16, 32, 64, 128, 128)
-#: Largest patch edge of the CPU plan (pixels).
-PATCH_CAP = 128
-BATCH_SIZE = 4
-#: Total down-sampling of the CPU architecture: patch edges must be multiples of it.
-TOTAL_STRIDE = 2 ** (len(FEATURES) - 1)
 
-_ARCHITECTURE = {
-    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "arch_kwargs": {
-        "n_stages": len(FEATURES),
-        "features_per_stage": list(FEATURES),
-        "conv_op": "torch.nn.modules.conv.Conv2d",
-        "kernel_sizes": [[3, 3]] * len(FEATURES),
-        "strides": [[1, 1]] + [[2, 2]] * (len(FEATURES) - 1),
-        "n_conv_per_stage": [2] * len(FEATURES),
-        "n_conv_per_stage_decoder": [2] * (len(FEATURES) - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    },
-    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-}
+@dataclass(frozen=True)
+class BenchPlan:
+    """How the benchmark plans every target and builds every zoo member (``--plan KEY``).
+
+    ``features`` given: nnU-Net's ``nnUNetPlans`` ``configuration`` with one PlainConvUNet shared
+    by every target and member (``features`` per stage, 3-voxel kernels, stride 2 after the
+    first stage), the patch the median image size rounded up to the total stride and capped at
+    ``patch_cap`` per axis, ``batch_size``; written as ``<name>.json`` beside ``nnUNetPlans.json``,
+    reusing its preprocessed data. ``features`` None: nnU-Net's own plan as it planned each
+    target (``name`` is ``nnUNetPlans``; architecture, patch and batch differ per target), so
+    zoo members are pre-trained once per target's architecture.
+    """
+
+    key: str
+    name: str
+    configuration: str
+    features: tuple[int, ...] | None = None
+    patch_cap: int = 0
+    batch_size: int = 0
+
+    @property
+    def dim(self) -> int:
+        return 2 if self.configuration == "2d" else 3
+
+    @property
+    def shared_architecture(self) -> bool:
+        """Whether every target gets the same network (one zoo serves all)."""
+        return self.features is not None
+
+    @property
+    def total_stride(self) -> int:
+        """Total down-sampling of the shared architecture: patch edges are multiples of it."""
+        return 2 ** (len(self.features) - 1)
+
+    def architecture(self, planned: dict | None = None) -> dict:
+        """The ``architecture`` entry of the plan's configuration (a fresh copy); ``planned``: the
+        target's configuration in ``nnUNetPlans.json``, whose own architecture nnU-Net's plan keeps."""
+        if not self.shared_architecture:
+            if planned is None:
+                raise ValueError(f"the {self.key} plan takes each target's own architecture: pass its configuration")
+            return json.loads(json.dumps(planned["architecture"]))
+        return _plain_conv_unet(self.features, self.dim)
+
+    def patch_size(self, median_shape: Sequence[float]) -> list[int]:
+        """Median image size rounded up to a multiple of :attr:`total_stride`, capped at :attr:`patch_cap`."""
+        if self.patch_cap % self.total_stride:
+            raise ValueError(f"the patch cap must be a multiple of {self.total_stride}, got {self.patch_cap}")
+        return [int(min(self.patch_cap, self.total_stride * np.ceil(float(s) / self.total_stride)))
+                for s in median_shape]
+
+    def write(self, preprocessed_dataset_dir: str | os.PathLike) -> Path:
+        """Write ``<name>.json`` beside ``nnUNetPlans.json`` (nnU-Net's own plan: check it) and
+        return its path. Raises FileNotFoundError with the command to run when the dataset has no
+        plan or preprocessed data for :attr:`configuration` yet. Rewriting with the same settings
+        leaves the file unchanged."""
+        folder = Path(preprocessed_dataset_dir)
+        source = folder / "nnUNetPlans.json"
+        remedy = f"run `nnUNetv2_plan_and_preprocess -d DATASET -c {self.configuration}` first"
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} not found: {remedy}")
+        plans = json.loads(source.read_text())
+        if self.configuration not in plans.get("configurations", {}):
+            raise ValueError(f"{source} has no {self.configuration!r} configuration, which the {self.key} plan "
+                             "trains; choose another --plan")
+        config = dict(plans["configurations"][self.configuration])
+        data_folder = folder / config["data_identifier"]
+        if not data_folder.is_dir():
+            raise FileNotFoundError(f"{data_folder} not found: run `nnUNetv2_preprocess -d DATASET -c "
+                                    f"{self.configuration}`")
+        if not self.shared_architecture:
+            return source
+        config.update(architecture=self.architecture(), batch_size=self.batch_size,
+                      patch_size=self.patch_size(config["median_image_size_in_voxels"]))
+        plans.update(plans_name=self.name, configurations={self.configuration: config})
+        target = folder / f"{self.name}.json"
+        text = json.dumps(plans, indent=1)
+        if not target.is_file() or target.read_text() != text:
+            target.write_text(text)
+        return target
 
 
-def cpu_architecture() -> dict:
-    """The ``architecture`` entry of the CPU plan's 2d configuration (a fresh copy)."""
-    return json.loads(json.dumps(_ARCHITECTURE))
+def _plain_conv_unet(features: Sequence[int], dim: int) -> dict:
+    n = len(features)
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": list(features),
+            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+            "kernel_sizes": [[3] * dim] * n,
+            "strides": [[1] * dim] + [[2] * dim] * (n - 1),
+            "n_conv_per_stage": [2] * n,
+            "n_conv_per_stage_decoder": [2] * (n - 1),
+            "conv_bias": True,
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
 
 
-def build_cpu_network(num_classes: int, *, seed: int, input_channels: int = 1) -> nn.Module:
-    """The CPU plan's network, exactly as nnU-Net builds it (``get_network_from_plans`` with its
-    He initialisation), seeded without touching the caller's RNG; no deep supervision."""
+#: The CPU plan of the 2D grid: 5 stages of 16-128 features, 1.3 M parameters, patch <= 128, batch 4.
+CPU_PLAN = BenchPlan("cpu", "nnUNetPlans_cpu", "2d", (16, 32, 64, 128, 128), patch_cap=128, batch_size=4)
+#: The CPU plan scaled to 3D (``3d_fullres``): 4 stages of 16-128 features, patch <= 64 per axis, batch 2.
+CPU_3D_PLAN = BenchPlan("cpu3d", "nnUNetPlans_cpu3d", "3d_fullres", (16, 32, 64, 128), patch_cap=64, batch_size=2)
+#: nnU-Net's default 2D plan as it planned each target: what a GPU user trains.
+DEFAULT_2D_PLAN = BenchPlan("default", "nnUNetPlans", "2d")
+BENCH_PLANS = {p.key: p for p in (CPU_PLAN, CPU_3D_PLAN, DEFAULT_2D_PLAN)}
+
+
+def check_plan_of_work(work: Path, plan: BenchPlan) -> None:
+    """Record the plan in ``<work>/plan.json``; raise ValueError when the folder holds another
+    plan's grid (its results, schedules and rankings would mix)."""
+    stored = plan_of_work(work)
+    if stored != plan and (work / "results.csv").is_file():
+        raise ValueError(f"{work} holds the grid of --plan {stored.key}, not {plan.key}: use another --work "
+                         "folder for each plan")
+    (work / "plan.json").write_text(json.dumps({"key": plan.key, "plans": plan.name,
+                                                "configuration": plan.configuration}, indent=1))
+
+
+def plan_of_work(work: Path) -> BenchPlan:
+    """The plan recorded in ``<work>/plan.json``; the CPU plan for a folder from before plans had keys."""
+    path = work / "plan.json"
+    return BENCH_PLANS[json.loads(path.read_text())["key"]] if path.is_file() else CPU_PLAN
+
+
+def build_network(architecture: dict, num_classes: int, *, seed: int, input_channels: int = 1) -> nn.Module:
+    """The plan's network, exactly as nnU-Net builds it (``get_network_from_plans`` with its He
+    initialisation), seeded without touching the caller's RNG; no deep supervision."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    arch = cpu_architecture()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
-                                      arch["_kw_requires_import"], input_channels, num_classes,
+        return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                      architecture["_kw_requires_import"], input_channels, num_classes,
                                       allow_init=True, deep_supervision=False)
-
-
-def cpu_patch_size(median_shape: Sequence[float], cap: int = PATCH_CAP) -> list[int]:
-    """Median image size rounded up to a multiple of :data:`TOTAL_STRIDE`, capped at ``cap``."""
-    if cap % TOTAL_STRIDE:
-        raise ValueError(f"the patch cap must be a multiple of {TOTAL_STRIDE}, got {cap}")
-    return [int(min(cap, TOTAL_STRIDE * np.ceil(float(s) / TOTAL_STRIDE))) for s in median_shape]
-
-
-def write_cpu_plans(preprocessed_dataset_dir: str | os.PathLike, *, batch_size: int = BATCH_SIZE,
-                    patch_cap: int = PATCH_CAP) -> Path:
-    """Write ``nnUNetPlans_cpu.json`` beside ``nnUNetPlans.json``; return its path.
-
-    Raises FileNotFoundError (with the command to run) when the dataset has no 2d plan yet.
-    Rewriting with the same settings leaves the file unchanged.
-    """
-    folder = Path(preprocessed_dataset_dir)
-    source = folder / "nnUNetPlans.json"
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} not found: run `nnUNetv2_plan_and_preprocess -d DATASET -c 2d` first")
-    plans = json.loads(source.read_text())
-    if CONFIGURATION not in plans.get("configurations", {}):
-        raise ValueError(f"{source} has no {CONFIGURATION!r} configuration; the CPU plan is 2D")
-    config = dict(plans["configurations"][CONFIGURATION])
-    data_folder = folder / config["data_identifier"]
-    if not data_folder.is_dir():
-        raise FileNotFoundError(f"{data_folder} not found: run `nnUNetv2_preprocess -d DATASET -c 2d`")
-    config.update(architecture=cpu_architecture(), batch_size=int(batch_size),
-                  patch_size=cpu_patch_size(config["median_image_size_in_voxels"], patch_cap))
-    plans.update(plans_name=PLANS, configurations={CONFIGURATION: config})
-    target = folder / f"{PLANS}.json"
-    text = json.dumps(plans, indent=1)
-    if not target.is_file() or target.read_text() != text:
-        target.write_text(text)
-    return target
 
 
 def bench_split(case_ids: Sequence[str], n_test: int, seed: int) -> dict[str, list[str]]:

@@ -17,11 +17,14 @@ import shutil
 from pathlib import Path
 
 #: The work folder's measurement files, relative to it.
-RECORD_FILES = ("schedules.json", "results.csv", "exclusions.json", "probe/probes.csv")
+RECORD_FILES = ("schedules.json", "results.csv", "exclusions.json", "probe/probes.csv", "plan.json")
 
 
-def _zoo_records(work: Path) -> list[Path]:
-    return sorted((work / "zoo").glob("*/member.json"))
+
+
+def zoo_member_records(work: Path) -> list[Path]:
+    """Every built member's ``member.json`` under ``<work>/zoo`` (one zoo, or one per target)."""
+    return sorted((work / "zoo").rglob("member.json"))
 
 
 def restore_records(records: Path, work: Path) -> list[str]:
@@ -44,9 +47,9 @@ def save_records(work: Path, records: Path) -> list[str]:
             (records / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(work / name, records / name)
             saved.append(name)
-    for member in _zoo_records(work):
-        name = f"zoo/{member.parent.name}.json"
-        (records / "zoo").mkdir(parents=True, exist_ok=True)
+    for member in zoo_member_records(work):
+        name = f"{member.parent.relative_to(work).as_posix()}.json"
+        (records / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(member, records / name)
         saved.append(name)
     return saved

@@ -35,15 +35,15 @@ from tqdm.auto import tqdm
 
 from benchmarks.finetune_grid.ground_truth import (TRAINERS, Run, Schedules, done_keys, fine_tune, read_results,
                                                   training_cases)
-from benchmarks.finetune_grid.plan import (CONFIGURATION, PLANS, bench_split, default_n_test, ensure_split,
-                                          preprocessed_view, write_cpu_plans)
-from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, thumbnails
+from benchmarks.finetune_grid.plan import (CPU_PLAN, BenchPlan, bench_split, check_plan_of_work, default_n_test,
+                                          ensure_split, preprocessed_view)
+from benchmarks.finetune_grid.overlap import case_thumbnails, matched_cases, slices_of, thumbnails
 from benchmarks.finetune_grid.records import restore_records, save_records
 from benchmarks.finetune_grid.schedule_rule import (PROBE_MEMBER, Probe, probe_split, probe_target,
                                                    probe_validation_size, probed_schedules, ruled_schedules,
                                                    write_schedules)
-from benchmarks.finetune_grid.zoo import (BuiltMember, Member, build_zoo, default_shared, member_key,
-                                          pretraining_images, select_members)
+from benchmarks.finetune_grid.zoo import (BuiltMember, Member, build_zoo, default_shared, pretraining_images,
+                                          pretraining_key, select_members)
 
 #: k = 5 is the main setting; a larger k runs on a subset of targets (``--shots 10``).
 DEFAULT_SHOTS = (5,)
@@ -63,26 +63,34 @@ class Target:
     preprocessed: Path
     split: dict[str, list[str]]
     fold: int
+    plan: BenchPlan
+    architecture: dict = field(repr=False)  # the network the plan trains on this target
     excluded: dict[str, list[str]] = field(default_factory=dict)  # member -> the test cases it was pre-trained on
     members: list[BuiltMember] = field(default_factory=list)  # the built members, excluded ones left out
 
 
-def prepare_target(dataset: int | str, *, n_test: int | None, split_seed: int) -> Target:
-    """CPU plan and split of one dataset; clear errors before any long work."""
+def prepare_target(dataset: int | str, plan: BenchPlan, *, n_test: int | None, split_seed: int) -> Target:
+    """The plan and split of one dataset; clear errors before any long work."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from nnunet_te.data.paths import dataset_id, dataset_name, preprocessed_dataset_dir
 
     name = dataset_name(dataset)
     folder = preprocessed_dataset_dir(name)
-    write_cpu_plans(folder)
-    plans = json.loads((folder / f"{PLANS}.json").read_text())
-    data = folder / plans["configurations"][CONFIGURATION]["data_identifier"]
+    config = json.loads(plan.write(folder).read_text())["configurations"][plan.configuration]
+    data = folder / config["data_identifier"]
     cases = sorted(infer_dataset_class(str(data)).get_identifiers(str(data)))
     split = bench_split(cases, n_test or default_n_test(len(cases)), split_seed)
     dataset_json = json.loads((folder / "dataset.json").read_text())
     source = dataset_json.get("nnunet_te", {}).get("source", name)
-    return Target(name, dataset_id(name), source, folder, split, ensure_split(folder, split))
+    return Target(name, dataset_id(name), source, folder, split, ensure_split(folder, split), plan,
+                  plan.architecture(config))
+
+
+def zoo_root(work: Path, target: Target) -> Path:
+    """Where the target's members are built: one zoo for a plan whose targets share one network,
+    else one per target (nnU-Net's own plan gives each target its own)."""
+    return work / "zoo" if target.plan.shared_architecture else work / "zoo" / target.dataset
 
 
 def seen_test_cases(target: Target, members: list[Member], work: Path, shared) -> dict[str, list[str]]:
@@ -91,7 +99,8 @@ def seen_test_cases(target: Target, members: list[Member], work: Path, shared) -
     from nnunet_te.data.paths import nnunet_raw
 
     tests = case_thumbnails(nnunet_raw() / target.dataset, target.split["val"])
-    seen = {m.name: cases for m in members if (cases := matched_cases(pretraining_thumbnails(m, work, shared), tests))}
+    seen = {m.name: cases for m in members
+            if (cases := matched_cases(pretraining_thumbnails(m, work, shared, target.plan.dim), tests))}
     path = work / "exclusions.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
     stored[target.dataset] = {"test_cases": len(tests), "members_checked": [m.name for m in members], "seen": seen}
@@ -99,12 +108,14 @@ def seen_test_cases(target: Target, members: list[Member], work: Path, shared) -
     return seen
 
 
-def pretraining_thumbnails(member: Member, work: Path, shared) -> np.ndarray:
-    """The member's pre-training thumbnails, cached under ``<work>/zoo/thumbnails`` by its content key."""
-    path = work / "zoo" / "thumbnails" / f"{member.name}-{member_key(member, shared)[:12]}.npy"
+def pretraining_thumbnails(member: Member, work: Path, shared, dim: int) -> np.ndarray:
+    """Thumbnails of every slice of the member's pre-training images (``dim`` = 2) or volumes
+    (3), cached under ``<work>/zoo/thumbnails`` by their content key."""
+    path = work / "zoo" / "thumbnails" / f"{member.name}-{pretraining_key(member, shared, dim)[:12]}.npy"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path.with_suffix(".tmp.npy"), thumbnails(pretraining_images(member, shared)))
+        images = pretraining_images(member, shared, dim)
+        np.save(path.with_suffix(".tmp.npy"), thumbnails(s for image in images for s in slices_of(image[None])))
         path.with_suffix(".tmp.npy").replace(path)
     return np.load(path)
 
@@ -114,8 +125,8 @@ def check_few_shot_classes(target: Target, shots: tuple[int, ...], seeds: tuple[
     (k, seed): a draw without one can be neither ranked nor learned from."""
     from nnunet_te.data.target import PreprocessedTarget, check_classes_present
 
-    opened = PreprocessedTarget(target.preprocessed, target.preprocessed / f"{PLANS}.json", CONFIGURATION,
-                                target.preprocessed / "dataset.json")
+    opened = PreprocessedTarget(target.preprocessed, target.preprocessed / f"{target.plan.name}.json",
+                                target.plan.configuration, target.preprocessed / "dataset.json")
     for k in shots:
         for seed in seeds:
             cases = training_cases(target.split, k, seed)
@@ -134,8 +145,8 @@ def converted_weights(target: Target, member: BuiltMember, work: Path) -> Path:
         tmp = out.with_name(f".{out.name}")
         for stale in (tmp, tmp.with_name(f"{tmp.stem}_load_report.json")):
             stale.unlink(missing_ok=True)
-        convert_for_pretrained_weights(member.nnunet, target.preprocessed / f"{PLANS}.json", CONFIGURATION,
-                                       target.preprocessed / "dataset.json", tmp)
+        convert_for_pretrained_weights(member.nnunet, target.preprocessed / f"{target.plan.name}.json",
+                                       target.plan.configuration, target.preprocessed / "dataset.json", tmp)
         tmp.with_name(f"{tmp.stem}_load_report.json").replace(out.with_name(f"{out.stem}_load_report.json"))
         tmp.replace(out)
     return out
@@ -152,16 +163,17 @@ def rank_target(target: Target, k: int, seed: int, work: Path, *, device: str) -
         if sorted(json.loads((out / "ranking.json").read_text())["ranking"]) == names:
             return out / "ranking.json"
         shutil.rmtree(out)  # ranked with other members (an earlier piece): rank again, features are cached
-    plans = json.loads((target.preprocessed / f"{PLANS}.json").read_text())
+    plan = target.plan
+    plans = json.loads((target.preprocessed / f"{plan.name}.json").read_text())
     cases = training_cases(target.split, k, seed)
     view_root = work / "views" / "rank" / f"k{k}s{seed}"
     preprocessed_view(target.preprocessed, view_root, case_ids=cases,
-                      data_identifier=plans["configurations"][CONFIGURATION]["data_identifier"])
+                      data_identifier=plans["configurations"][plan.configuration]["data_identifier"])
     candidates = [Candidate(b.member.name, b.nnunet, "nnunet", None, b.member.notes) for b in target.members]
     partial = out.with_name(f".{out.name}")
     if partial.exists():
         shutil.rmtree(partial)  # a killed ranking: its features are in the cache, redo the rest
-    result = rank_zoo(target.dataset, CONFIGURATION, candidates, plans=PLANS, out_dir=partial, seed=0,
+    result = rank_zoo(target.dataset, plan.configuration, candidates, plans=plan.name, out_dir=partial, seed=0,
                       device=device, cache_dir=work / "feature_cache", preprocessed_root=view_root,
                       progress=False)
     if result.candidate_errors:
@@ -185,7 +197,7 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
               zoo_iterations: int | None = None, n_test: int | None = None, split_seed: int = 0,
               device: str = "cpu", jobs: int = 1, fine_tunes: bool = True, report: bool = True,
               docs: str | os.PathLike | None = None, shared: str | os.PathLike | None = None,
-              records: str | os.PathLike | None = None) -> dict:
+              records: str | os.PathLike | None = None, plan: BenchPlan = CPU_PLAN) -> dict:
     """Run (or resume) the benchmark on ``datasets`` (ids or names of nnU-Net datasets preprocessed
     with ``nnUNetv2_plan_and_preprocess -c 2d``); return a summary (counts and paths).
 
@@ -202,7 +214,8 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     with ``docs``, into that Markdown page. ``shared``: the folder holding the zoo's source data
     in ``data/`` (default :func:`~benchmarks.finetune_grid.zoo.default_shared`). ``records``: a
     folder (in the repository) the measurements are restored from and saved to after every
-    piece (:mod:`benchmarks.finetune_grid.records`).
+    piece (:mod:`benchmarks.finetune_grid.records`). ``plan``: how targets are planned and members
+    built (:mod:`benchmarks.finetune_grid.plan`); one plan per work folder.
     """
     from benchmarks.finetune_grid.tables import write_report
 
@@ -235,9 +248,10 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         restored = restore_records(Path(records), work)
         if restored:
             print(f"restored from {records}: {', '.join(restored)}")
-    chosen = select_members(members, iterations=zoo_iterations)
+    check_plan_of_work(work, plan)
+    chosen = select_members(members, iterations=zoo_iterations, plan=plan)
     # every dataset checked (plan, split, k) before the zoo's long pre-training starts
-    targets = [prepare_target(d, n_test=n_test, split_seed=split_seed) for d in datasets]
+    targets = [prepare_target(d, plan, n_test=n_test, split_seed=split_seed) for d in datasets]
     for target in targets:
         if len(target.split["train"]) < max(shots):
             raise ValueError(f"{target.dataset}: {len(target.split['train'])} training cases, fewer than k={max(shots)}")
@@ -256,10 +270,11 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
     if probe_only:
         return {"work": str(work), "targets": [t.dataset for t in targets], "new_probes": new_probes,
                 "seconds": time.perf_counter() - started, "schedules": str(work / "schedules.json")}
-    zoo = build_zoo(chosen, work / "zoo", shared=shared, device=device)
-    save()
     for target in targets:
+        zoo = build_zoo(chosen, zoo_root(work, target), shared=shared, plan=plan, architecture=target.architecture,
+                        device=device)
         target.members = [b for b in zoo if b.member.name not in target.excluded]
+        save()
     results_csv = work / "results.csv"
     new_runs = 0
     for target in targets:
@@ -279,12 +294,12 @@ def run_bench(datasets: list[int | str], work: str | os.PathLike, *, members: li
         def train(run: Run) -> dict | None:
             row = fine_tune(run, dataset_id=target.dataset_id, target=target.source, weights=weights[run.member],
                             split=target.split, fold=target.fold, schedule=schedule, work=work,
-                            results_csv=results_csv, device=device, threads=threads)
+                            results_csv=results_csv, plan=plan, device=device, threads=threads)
             save()
             return row
 
         new_runs += _in_parallel(train, todo, jobs, desc=f"fine-tunes {target.dataset}")
-    summary = {"work": str(work), "targets": [t.dataset for t in targets], "zoo": [b.member.name for b in zoo],
+    summary = {"work": str(work), "targets": [t.dataset for t in targets], "zoo": [m.name for m in chosen],
                "new_fine_tunes": new_runs, "seconds": time.perf_counter() - started,
                "results_csv": str(results_csv)}
     if report:
@@ -300,17 +315,18 @@ def run_probes(targets: list[Target], work: Path, probe: Probe, *, shared, zoo_i
     (a target already in that file with the same probe settings is not probed again)."""
     import threading
 
-    (member,) = build_zoo(select_members([PROBE_MEMBER], iterations=zoo_iterations), work / "zoo", shared=shared,
-                          device=device)
     writing = threading.Lock()
 
     def run(target: Target) -> dict | None:
         if target.dataset in probed_schedules(work, probe):
             return None
+        (member,) = build_zoo(select_members([PROBE_MEMBER], iterations=zoo_iterations, plan=target.plan),
+                              zoo_root(work, target), shared=shared, plan=target.plan,
+                              architecture=target.architecture, device=device)
         split = probe_split(target.split, probe_validation_size(len(target.split["train"])), split_seed)
         record = probe_target(target.dataset, target.dataset_id, target.source, converted_weights(target, member, work),
-                              split, ensure_split(target.preprocessed, split), work, probe, device=device,
-                              threads=threads)
+                              split, ensure_split(target.preprocessed, split), work, probe, plan=target.plan,
+                              device=device, threads=threads)
         with writing:
             write_schedules(work, probe, {target.dataset: record})
         return record

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.finetune_grid.ground_truth import Run, Schedule, fine_tune, read_results
+from benchmarks.finetune_grid.plan import BenchPlan
 
 REACHED = 0.95
 LEARNED = 0.05
@@ -118,7 +119,7 @@ def probe_validation_size(pool_size: int) -> int:
 
 
 def probe_target(dataset: str, dataset_id: int, target: str, weights: Path, split: dict[str, list[str]], fold: int,
-                 work: Path, probe: Probe, *, device: str, threads: int | None) -> dict:
+                 work: Path, probe: Probe, *, plan: BenchPlan, device: str, threads: int | None) -> dict:
     """Run (or resume) the probe of one target, doubling the length until the rule decides, and
     return its record for :data:`SCHEDULES_JSON`."""
     run = Run(dataset, PROBE_MEMBER, "plain", PROBE_K, PROBE_SEED)
@@ -129,7 +130,8 @@ def probe_target(dataset: str, dataset_id: int, target: str, weights: Path, spli
     for epochs in probe.lengths:
         schedule = probe.schedule(epochs)
         fine_tune(run, dataset_id=dataset_id, target=target, weights=weights, split=split, fold=fold,
-                  schedule=schedule, work=probe_work, results_csv=results_csv, device=device, threads=threads)
+                  schedule=schedule, work=probe_work, results_csv=results_csv, plan=plan, device=device,
+                  threads=threads)
         rows = [r for r in read_results(results_csv) if (r["dataset"], r["schedule"]) == (dataset, schedule.label)]
         if not rows:
             raise RuntimeError(f"the probe of {dataset} ({schedule.label}) is being trained by another live process "

@@ -34,6 +34,8 @@ from scipy import stats
 from benchmarks.docs_section import write_section
 from benchmarks.finetune_grid.controls import CONTROL_TRAINERS
 from benchmarks.finetune_grid.ground_truth import TRAINERS, Schedules, read_results
+from benchmarks.finetune_grid.plan import CPU_PLAN, BenchPlan, plan_of_work
+from benchmarks.finetune_grid.records import zoo_member_records
 from benchmarks.finetune_grid.schedule_rule import RULE, SCHEDULES_JSON
 from nnunet_te.evaluation.statistics import (critical_difference_plot, evaluate_ranking, friedman,
                                              nemenyi_cd, rank_methods)
@@ -42,6 +44,12 @@ from nnunet_te.ranking.zoo import read_zoo
 MEASURES = {"weighted_tau": "weighted Kendall tau", "kendall_tau_b": "Kendall tau-b",
             "spearman_rho": "Spearman rho", "top1_regret": "top-1 regret (Dice points)"}
 SECTION = "bench_results"
+
+
+def figure_prefix(plan: BenchPlan) -> str:
+    """``bench_`` for the CPU plan's figures, ``bench_<key>_`` for another plan's, so the
+    sections of several plans share one docs page and its images folder."""
+    return "bench_" if plan == CPU_PLAN else f"bench_{plan.key}_"
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -365,12 +373,12 @@ def fine_tune_hours(rows: list[dict]) -> dict[str, float]:
 
 
 def grid_hours(work: Path, rows: list[dict]) -> dict[str, float]:
-    """Hours the grid took as it was run: ``zoo`` (building the members of ``zoo.yaml``),
+    """Hours the grid took as it was run: ``zoo`` (building the members of every ``zoo.yaml``),
     ``rankings`` (feature extraction and metrics of every saved ranking), ``fine_tunes`` (wall
     clock, :func:`fine_tune_hours` ``elapsed``) and ``fine_tunes_summed``."""
-    zoo = work / "zoo" / "zoo.yaml"
+    # every zoo.yaml: one for a plan whose targets share a network, else one per target
     zoo_seconds = sum(json.loads((c.checkpoint.parent / "member.json").read_text())["seconds"]
-                      for c in (read_zoo(zoo) if zoo.is_file() else []))
+                      for zoo in (work / "zoo").rglob("zoo.yaml") for c in read_zoo(zoo))
     timings = [t for p in (work / "rankings").glob("Dataset*/k*s*/ranking.json")
                for t in json.loads(p.read_text())["timings"].values()]
     ranking_seconds = sum(t["extraction_seconds"] + np.nansum(list(t["metric_seconds"].values())) for t in timings)
@@ -450,7 +458,7 @@ def _plot_probe_curves(work: Path, path: Path) -> Path | None:
 
 def _plot_zoo_curves(work: Path, path: Path) -> Path | None:
     """Each trained zoo member's pretext (or source-task) loss per iteration, smoothed over 20."""
-    records = sorted((json.loads(f.read_text()) for f in (work / "zoo").glob("*/member.json")),
+    records = sorted((json.loads(f.read_text()) for f in zoo_member_records(work)),
                      key=lambda r: r["member"]["name"])
     records = [r for r in records if r["losses"]]
     if not records:
@@ -576,17 +584,19 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
     for name, table in (("goals", goal_rows), ("ranking_quality", quality), ("noise_floor", noise), ("regret", regrets),
                         ("risk_vs_plain", pairs), ("cost", costs), ("metric_scaling", scaling), ("results", rows)):
         _write_csv(out / f"{name}.csv", table)
-    figures = {"dice": _plot_dice(rows, out / "bench_dice.png"),
-               "curves": _plot_learning_curves(rows, out / "bench_learning_curves.png"),
-               "probe": _plot_probe_curves(work, out / "bench_probe_curves.png"),
-               "zoo": _plot_zoo_curves(work, out / "bench_zoo_curves.png")}
+    plan = plan_of_work(work)
+    prefix = figure_prefix(plan)
+    figures = {"dice": _plot_dice(rows, out / f"{prefix}dice.png"),
+               "curves": _plot_learning_curves(rows, out / f"{prefix}learning_curves.png"),
+               "probe": _plot_probe_curves(work, out / f"{prefix}probe_curves.png"),
+               "zoo": _plot_zoo_curves(work, out / f"{prefix}zoo_curves.png")}
     chosen, excluded = schedule_rows(work), exclusion_rows(work)
     _write_csv(out / "schedules.csv", chosen)
     _write_csv(out / "exclusions.csv", excluded)
     hours = grid_hours(work, rows)
     md, cd_plots = _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs,
                                   scaling, chosen, excluded,
-                                  out, figures,
+                                  out, figures, plan=plan,
                                   schedules=schedules, other_schedules=len(every_row) - len(rows), hours=hours)
     figures.update({f"cd_k{k}": png for k, png in cd_plots.items()})  # every k's plot reaches the docs
     (out / "benchmark.md").write_text(md)
@@ -599,18 +609,21 @@ def write_report(work: Path, schedules: Schedules, *, docs: Path | None = None) 
         images.mkdir(parents=True, exist_ok=True)
         for figure in (f for f in figures.values() if f is not None):
             shutil.copyfile(figure, images / figure.name)
-        write_section(docs, SECTION, md.replace("](bench_", "](images/bench_"), title="# Benchmark")
+        write_section(docs, SECTION if plan == CPU_PLAN else f"{SECTION}_{plan.key}",
+                      md.replace("](bench_", "](images/bench_"), title="# Benchmark")
         paths["docs"] = docs
     return paths
 
 
 def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests, control_tests, costs, scaling,
                      chosen, excluded, out: Path,
-                     figures: dict, *,
+                     figures: dict, *, plan: BenchPlan,
                      schedules: Schedules, other_schedules: int, hours: dict[str, float]):
     lines = []
     targets = sorted({r["dataset"] for r in rows})
-    lines.append(f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
+    lines.append(f"Plan `{plan.name}`, configuration `{plan.configuration}` (`--plan {plan.key}`, "
+                 "benchmarks/finetune_grid/plan.py). "
+                 f"Measured so far: {len(rows)} fine-tunes on {len(targets)} target(s) "
                  f"({', '.join(_short(t) for t in targets) or 'none'}), "
                  f"schedule (epochs x iterations) {schedules.describe()}; "
                  f"{other_schedules} fine-tunes of other schedules left out. Tables cover "
@@ -666,11 +679,11 @@ def _markdown_report(rows, goal_rows, quality, noise, regrets, pairs, risk_tests
             statistic, p = friedman(tau)
             ranks = dict(zip(metrics, rank_methods(tau).mean(axis=0)))
             cd = nemenyi_cd(len(metrics), len(datasets))
-            png = critical_difference_plot(ranks, cd, out / f"bench_cd_k{k}.png")
+            png = critical_difference_plot(ranks, cd, out / f"{figure_prefix(plan)}cd_k{k}.png")
             cd_plots[k] = png
             lines += ["", f"Friedman test on the weighted tau ranks (k = {k}): chi2 = {statistic:.2f}, "
                           f"p = {p:.3g}; Nemenyi CD = {cd:.2f} over {len(datasets)} targets.", "",
-                      f"![critical difference, k = {k}](bench_cd_k{k}.png)"]
+                      f"![critical difference, k = {k}]({png.name})"]
         else:
             lines += ["", f"Friedman test / CD plot (k = {k}): need at least 2 targets with rankings and "
                           "fine-tunes; not yet available."]

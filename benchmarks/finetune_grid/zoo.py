@@ -51,14 +51,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.finetune_grid.plan import CONFIGURATION, PLANS, build_cpu_network, cpu_architecture
+from benchmarks.finetune_grid.plan import CPU_PLAN, BenchPlan, build_network
 from benchmarks.finetune_grid.pretext import genesis_corrupt, pretrain_contrastive
 from nnunet_te.features.extract import zscore
 from nnunet_te.networks.unets import pretrain_self_supervised
 
 #: Bump when the way members are made changes, so cached members are rebuilt.
 ZOO_VERSION = 2  # 2: images z-scored as a whole (version 1 z-scored each row: zscore's axis 0 is channels)
-CROP = 128
+#: Edge of the pre-training crops (rounded up to the architecture's total stride): 2D, 2D
+#: hippocampus slices (about 35 x 50), 3D (1 mm MRI: a hippocampus case is about 36 x 51 x 35).
+CROP, HIPPOCAMPUS_CROP, CROP_3D = 128, 48, 48
+#: Batch of every 3D member's pre-training (8 crops of 48^3 cost a CPU several seconds an iteration).
+BATCH_SIZE_3D = 2
+#: Sources made of volumes: the members a 3D plan's zoo can hold (besides the random ones).
+VOLUME_SOURCES = ("pool_mri", "mni_tissue", "msd_hippocampus")
 #: The environment variable naming the folder that holds ``data/`` (as for the tests).
 SHARED_VARIABLE = "NNUNET_TE_SHARED"
 
@@ -228,9 +234,7 @@ def _labelled_images(source: str, d: Path) -> tuple[list[np.ndarray], list[np.nd
         other = (np.arange(n) + np.random.default_rng(0).integers(1, n, size=n)) % n
         images, labels, n = z["images"], z["membrane"][other] > 0, 2
     elif source == "mni_tissue":
-        gm, wm = _mni(d, "gm").astype(np.int16), _mni(d, "wm").astype(np.int16)
-        tissue = np.where((gm > 127) & (gm >= wm), 1, np.where(wm > 127, 2, 0))
-        images, labels, n = _mni_slices(_mni(d, "t1")), _mni_slices(tissue), 3
+        images, labels, n = _mni_slices(_mni(d, "t1")), _mni_slices(_mni_tissue(d)), 3
     elif source == "nuclei":
         from skimage import io
 
@@ -239,13 +243,8 @@ def _labelled_images(source: str, d: Path) -> tuple[list[np.ndarray], list[np.nd
         z = _npz(d / "epfl_em/epfl_test_256x192.npz")
         images, labels, n = z["images"], z["masks"][:, list(z["targets"]).index("mitochondrion")] > 0, 2
     elif source == "msd_hippocampus":
-        import SimpleITK as sitk
-
         images, labels, n = [], [], 3
-        for case in _hippocampus_cases(d):
-            image = sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"msd_hippocampus/imagesTr/{case}.nii.gz")))
-            label = sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"msd_hippocampus/labelsTr/{case}.nii.gz")))
-            image = _standardised(image)  # per volume, as nnU-Net's ZScore on MRI
+        for image, label in _hippocampus_volumes(d):
             for z in np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)):
                 images.append(image[z])
                 labels.append(label[z])
@@ -256,27 +255,58 @@ def _labelled_images(source: str, d: Path) -> tuple[list[np.ndarray], list[np.nd
             [np.asarray(y, dtype=np.int64) for y in labels], n)
 
 
-def pretraining_images(member: Member, shared: str | os.PathLike) -> list[np.ndarray]:
-    """The 2D images ``member`` is pre-trained on, read from ``<shared>/data`` (none for a random
-    initialisation): what the content check compares with the targets' test images."""
+def _mni_tissue(d: Path) -> np.ndarray:
+    """MNI152 tissue labels: 1 grey matter, 2 white matter (probability maps above one half)."""
+    gm, wm = _mni(d, "gm").astype(np.int16), _mni(d, "wm").astype(np.int16)
+    return np.where((gm > 127) & (gm >= wm), 1, np.where(wm > 127, 2, 0))
+
+
+def _hippocampus_volumes(d: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image z-scored per volume, as nnU-Net's ZScore on MRI; labels) of the source's cases."""
+    import SimpleITK as sitk
+
+    def read(kind: str, case: str) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"msd_hippocampus/{kind}/{case}.nii.gz")))
+
+    return [(_standardised(read("imagesTr", c)), read("labelsTr", c)) for c in _hippocampus_cases(d)]
+
+
+def _volumes(source: str, d: Path) -> tuple[list[np.ndarray], list[np.ndarray] | None, int]:
+    """(volumes z-scored as a whole, integer label volumes or None, classes) of a volume source:
+    what a 3D plan's member is pre-trained on."""
+    if source not in VOLUME_SOURCES:
+        raise ValueError(f"zoo source {source!r} has no volumes; 3D members come from {VOLUME_SOURCES}")
+    if source == "msd_hippocampus":
+        cases = _hippocampus_volumes(d)
+        return [i for i, _ in cases], [np.asarray(y, dtype=np.int64) for _, y in cases], 3
+    t1 = _standardised(_mni(d, "t1"))
+    return ([t1], None, 1) if source == "pool_mri" else ([t1], [_mni_tissue(d).astype(np.int64)], 3)
+
+
+def pretraining_images(member: Member, shared: str | os.PathLike, dim: int) -> list[np.ndarray]:
+    """The images (``dim`` = 2) or volumes (3) ``member`` is pre-trained on, read from
+    ``<shared>/data`` (none for a random initialisation): what the content check compares with
+    the targets' test images."""
     data = Path(shared) / "data"
     if member.kind == "random":
         return []
+    if dim == 3:
+        return _volumes(member.source, data)[0]
     if member.kind == "ssl":
         return _unlabeled_images(member.source, data)
     return _labelled_images(member.source, data)[0]
 
 
-def _crop(image: np.ndarray, size: int, rng: np.random.Generator, label: np.ndarray | None = None):
-    """A random ``size`` x ``size`` crop (zero-padded where the image is smaller), randomly
-    flipped along each axis (as nnU-Net's mirroring)."""
-    pad = [(0, max(0, size - s)) for s in image.shape]
+def _crop(image: np.ndarray, size: tuple[int, ...], rng: np.random.Generator, label: np.ndarray | None = None):
+    """A random crop of shape ``size`` (zero-padded where the image is smaller), randomly flipped
+    along each axis (as nnU-Net's mirroring)."""
+    pad = [(0, max(0, c - s)) for s, c in zip(image.shape, size)]
     image = np.pad(image, pad)
     label = np.pad(label, pad) if label is not None else None
-    y0, x0 = (int(rng.integers(0, s - size + 1)) for s in image.shape)
-    window = (slice(y0, y0 + size), slice(x0, x0 + size))
+    window = tuple(slice(start, start + c) for start, c in
+                   zip((int(rng.integers(0, s - c + 1)) for s, c in zip(image.shape, size)), size))
     image, label = image[window], label[window] if label is not None else None
-    for axis in (0, 1):
+    for axis in range(image.ndim):
         if rng.random() < 0.5:
             image = np.flip(image, axis)
             label = np.flip(label, axis) if label is not None else None
@@ -284,7 +314,7 @@ def _crop(image: np.ndarray, size: int, rng: np.random.Generator, label: np.ndar
 
 
 def pretrain_supervised(network: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray], *,
-                        crop: int, iterations: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
+                        crop: tuple[int, ...], iterations: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
                         device: str = "cpu") -> list[float]:
     """Train ``network`` (no deep supervision) on random crops with nnU-Net's Dice + CE loss;
     return the loss per iteration. Seeded crops and flips (``seed``)."""
@@ -311,12 +341,12 @@ def pretrain_supervised(network: torch.nn.Module, images: list[np.ndarray], labe
 
 
 # ---- building, saving, caching ---------------------------------------------------------------------
-def member_key(member: Member, shared: str | os.PathLike) -> str:
+def member_key(member: Member, shared: str | os.PathLike, architecture: dict) -> str:
     """sha256 over what the member's weights depend on (see the module docstring); the source
     files are read from ``<shared>/data`` (their bytes count, not their location)."""
     from nnunet_te.io.files import file_sha256
 
-    digest = hashlib.sha256(json.dumps([ZOO_VERSION, asdict(member), cpu_architecture()], sort_keys=True,
+    digest = hashlib.sha256(json.dumps([ZOO_VERSION, asdict(member), architecture], sort_keys=True,
                                        default=list).encode())
     if member.kind != "random":
         for path in _source_files(member.source, Path(shared) / "data"):
@@ -324,15 +354,34 @@ def member_key(member: Member, shared: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _train_member(member: Member, data: Path, device: str) -> tuple[torch.nn.Module, list[float], int]:
+def pretraining_key(member: Member, shared: str | os.PathLike, dim: int) -> str:
+    """sha256 over what the member's pre-training images (``dim`` = 2) or volumes (3) depend on."""
+    return member_key(replace(member, iterations=0, batch_size=0), shared, {"images": dim})
+
+
+def _dim(architecture: dict) -> int:
+    return len(architecture["arch_kwargs"]["kernel_sizes"][0])
+
+
+def _crop_shape(architecture: dict, edge: int) -> tuple[int, ...]:
+    """``edge`` per axis, rounded up to the architecture's total stride along it."""
+    strides = np.prod(np.asarray(architecture["arch_kwargs"]["strides"]), axis=0)
+    return tuple(int(s * np.ceil(edge / s)) for s in strides)
+
+
+def _train_member(member: Member, data: Path, architecture: dict,
+                  device: str) -> tuple[torch.nn.Module, list[float], int]:
     """The trained network, its loss curve and its number of output classes."""
+    dim = _dim(architecture)
     if member.kind == "random":
-        return build_cpu_network(2, seed=member.seed), [], 2
+        return build_network(architecture, 2, seed=member.seed), [], 2
     if member.kind == "ssl":
         rng = np.random.default_rng(member.seed)
-        pool = _unlabeled_images(member.source, data)
-        crops = [_crop(pool[i], CROP, rng)[0][None] for i in rng.integers(len(pool), size=4 * len(pool))]
-        network = build_cpu_network(1, seed=member.seed)  # one output channel: the reconstruction
+        pool = _unlabeled_images(member.source, data) if dim == 2 else _volumes(member.source, data)[0]
+        crop = _crop_shape(architecture, CROP if dim == 2 else CROP_3D)
+        # 4 crops per image, at least 64 (a 3D pool may be one volume)
+        crops = [_crop(pool[i], crop, rng)[0][None] for i in rng.integers(len(pool), size=max(64, 4 * len(pool)))]
+        network = build_network(architecture, 1, seed=member.seed)  # one output channel: the reconstruction
         if member.objective == "contrastive":
             losses = pretrain_contrastive(network, crops, iterations=member.iterations, seed=member.seed,
                                           batch_size=member.batch_size, device=device)
@@ -342,31 +391,36 @@ def _train_member(member: Member, data: Path, device: str) -> tuple[torch.nn.Mod
                                               seed=member.seed, batch_size=member.batch_size, device=device)
         return network, losses, 1
     if member.kind == "supervised":
-        images, labels, n_classes = _labelled_images(member.source, data)
-        crop = 48 if member.source == "msd_hippocampus" else CROP  # hippocampus slices are ~ 35 x 50
-        network = build_cpu_network(n_classes, seed=member.seed)
-        losses = pretrain_supervised(network, images, labels, crop=crop, iterations=member.iterations,
-                                     seed=member.seed, batch_size=member.batch_size, device=device)
+        images, labels, n_classes = (_labelled_images if dim == 2 else _volumes)(member.source, data)
+        edge = CROP_3D if dim == 3 else HIPPOCAMPUS_CROP if member.source == "msd_hippocampus" else CROP
+        network = build_network(architecture, n_classes, seed=member.seed)
+        losses = pretrain_supervised(network, images, labels, crop=_crop_shape(architecture, edge),
+                                     iterations=member.iterations, seed=member.seed, batch_size=member.batch_size,
+                                     device=device)
         return network, losses, n_classes
     raise ValueError(f"member {member.name!r}: unknown kind {member.kind!r} (random, ssl, supervised)")
 
 
-def _save(network: torch.nn.Module, member: Member, folder: Path, meta: dict) -> tuple[Path, Path]:
+def _save(network: torch.nn.Module, member: Member, folder: Path, plan: BenchPlan, architecture: dict,
+          meta: dict) -> tuple[Path, Path]:
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     # Only a supervised head is a source segmentation head; an SSL reconstruction layer or a
     # random head would pose as one to LEEP and the risk maps.
     weights = state if member.kind == "supervised" else {k: v for k, v in state.items() if ".seg_layers." not in k}
     nnunet = {"network_weights": weights, "trainer_name": "benchmarks.finetune_grid.zoo",
               "current_epoch": member.iterations,
-              "init_args": {"configuration": CONFIGURATION,
-                            "plans": {"plans_name": PLANS,
-                                      "configurations": {CONFIGURATION: {"architecture": cpu_architecture()}}}},
+              "init_args": {"configuration": plan.configuration,
+                            "plans": {"plans_name": plan.name,
+                                      "configurations": {plan.configuration: {"architecture": architecture}}}},
               "nnunet_te_zoo": meta}
     encoder = {k: v for k, v in state.items() if k.startswith("encoder.")}
     nnssl = {"network_weights": encoder, "nnssl_adaptation_plan": {
-        "architecture_plans": {"arch_class_name": "PlainConvUNet", "arch_kwargs": cpu_architecture()["arch_kwargs"]},
+        "architecture_plans": {"arch_class_name": architecture["network_class_name"].rsplit(".", 1)[-1],
+                               "arch_kwargs": architecture["arch_kwargs"]},
         "pretrain_num_input_channels": 1, "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stages.0",
-        "keys_to_in_proj": list(network.keys_to_in_proj), "recommended_downstream_patchsize": [CROP, CROP]}}
+        "keys_to_in_proj": list(network.keys_to_in_proj),
+        "recommended_downstream_patchsize": list(_crop_shape(architecture, CROP if _dim(architecture) == 2
+                                                             else CROP_3D))}}
     paths = folder / "nnunet.pth", folder / "nnssl.pth"
     for obj, path in zip((nnunet, nnssl), paths):
         torch.save(obj, path.with_suffix(".tmp"))
@@ -374,11 +428,12 @@ def _save(network: torch.nn.Module, member: Member, folder: Path, meta: dict) ->
     return paths
 
 
-def build_member(member: Member, root: str | os.PathLike, *, shared: str | os.PathLike,
-                 device: str = "cpu") -> BuiltMember:
-    """Build (or reuse from ``root``) one member from the data in ``<shared>/data``; see the
-    module docstring for the layout."""
-    key = member_key(member, shared)
+def build_member(member: Member, root: str | os.PathLike, *, shared: str | os.PathLike, plan: BenchPlan,
+                 architecture: dict, device: str = "cpu") -> BuiltMember:
+    """Build (or reuse from ``root``) one member of ``plan`` with ``architecture`` (the plan's,
+    or for nnU-Net's own plan one target's) from the data in ``<shared>/data``; see the module
+    docstring for the layout."""
+    key = member_key(member, shared, architecture)
     folder = Path(root) / f"{member.name}-{key[:12]}"
     record_path = folder / "member.json"
     if record_path.is_file():
@@ -387,39 +442,52 @@ def build_member(member: Member, root: str | os.PathLike, *, shared: str | os.Pa
     folder.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     started = time.perf_counter()
-    network, losses, n_out = _train_member(member, Path(shared) / "data", device)
+    network, losses, n_out = _train_member(member, Path(shared) / "data", architecture, device)
     seconds = time.perf_counter() - started
     record = {"member": asdict(member), "key": key, "seconds": seconds, "output_channels": n_out,
               "final_loss": float(np.mean(losses[-20:])) if losses else None, "losses": losses,
               "device": device, "torch_threads": threads, "zoo_version": ZOO_VERSION,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    nnunet, nnssl = _save(network, member, folder, {k: record[k] for k in ("member", "key", "seconds")})
+    nnunet, nnssl = _save(network, member, folder, plan, architecture,
+                          {k: record[k] for k in ("member", "key", "seconds")})
     record_path.write_text(json.dumps(record, indent=1))  # written last: marks the member complete
     return BuiltMember(member, folder, nnunet, nnssl, record)
 
 
-def select_members(names: list[str] | None, *, iterations: int | None = None) -> list[Member]:
-    """Members of :data:`MEMBERS` by name (all when ``names`` is empty); ``iterations`` overrides
-    the pre-training iterations of trained members (miniature runs). Unknown names raise."""
+def select_members(names: list[str] | None, *, iterations: int | None = None,
+                   plan: BenchPlan = CPU_PLAN) -> list[Member]:
+    """Members of :data:`MEMBERS` by name (all of the plan's when ``names`` is empty: a 3D plan
+    holds the random members and those of :data:`VOLUME_SOURCES`, pre-trained with batch
+    :data:`BATCH_SIZE_3D`); ``iterations`` overrides the pre-training iterations of trained
+    members (miniature runs). Unknown names, and 2D-only members in a 3D plan, raise."""
     by_name = {m.name: m for m in MEMBERS}
     unknown = [n for n in names or [] if n not in by_name]
     if unknown:
         raise ValueError(f"unknown zoo member(s) {unknown}; choose from {sorted(by_name)}")
-    chosen = [by_name[n] for n in names] if names else list(MEMBERS)
+    fits = {m.name for m in MEMBERS if plan.dim == 2 or m.kind == "random" or m.source in VOLUME_SOURCES}
+    flat = [n for n in names or [] if n not in fits]
+    if flat:
+        raise ValueError(f"zoo member(s) {flat} are pre-trained on 2D images only; the {plan.key} plan is 3D: choose "
+                         f"from {sorted(fits)}")
+    chosen = [by_name[n] for n in names] if names else [m for m in MEMBERS if m.name in fits]
+    if plan.dim == 3:
+        chosen = [replace(m, batch_size=BATCH_SIZE_3D) for m in chosen]
     if iterations is not None:
         chosen = [replace(m, iterations=iterations) if m.kind != "random" else m for m in chosen]
     return chosen
 
 
-def build_zoo(members: list[Member], root: str | os.PathLike, *, shared: str | os.PathLike,
-              device: str = "cpu") -> list[BuiltMember]:
-    """Build every member into ``root`` (cached) from the data in ``<shared>/data`` and write
-    ``root/zoo.yaml`` listing their nnU-Net-format checkpoints for ``nnunet-te rank``."""
+def build_zoo(members: list[Member], root: str | os.PathLike, *, shared: str | os.PathLike, plan: BenchPlan,
+              architecture: dict, device: str = "cpu") -> list[BuiltMember]:
+    """Build every member (``plan``, ``architecture``: see :func:`build_member`) into ``root``
+    (cached) from the data in ``<shared>/data`` and write ``root/zoo.yaml`` listing their
+    nnU-Net-format checkpoints for ``nnunet-te rank``."""
     root = Path(root)
     for member in members:  # every source file checked before any training starts
         if member.kind != "random":
             _source_files(member.source, Path(shared) / "data")
-    built = [build_member(m, root, shared=shared, device=device) for m in tqdm(members, desc="zoo")]
+    built = [build_member(m, root, shared=shared, plan=plan, architecture=architecture, device=device)
+             for m in tqdm(members, desc="zoo")]
     import yaml
 
     (root / "zoo.yaml").write_text(yaml.safe_dump({"candidates": [
