@@ -1,15 +1,17 @@
 """``python -m benchmarks.finetune_grid``: zoo -> per target (rankings on the k training cases,
 plain fine-tunes, risk-weighted fine-tunes) -> tables and figures, in resumable pieces.
 
-Everything the benchmark writes lives under the work folder (``--work``), except the CPU plan
-and the split, which go where nnU-Net expects them (``nnUNetPlans_cpu.json`` and one appended
-fold of ``splits_final.json`` in ``$nnUNet_preprocessed/DatasetXXX``):
+Everything the benchmark writes lives under the work folder (``--work``, one per ``--plan``),
+except the plan and the split, which go where nnU-Net expects them (e.g. ``nnUNetPlans_cpu.json``
+and one appended fold of ``splits_final.json`` in ``$nnUNet_preprocessed/DatasetXXX``):
 
 ```
+<work>/plan.json                             the plan this folder's grid uses
 <work>/zoo/<member>-<key>/{nnunet.pth,nnssl.pth,member.json}, zoo/zoo.yaml
-<work>/weights/<Dataset>/<member>.pth        members converted for the dataset's CPU plan
+                                             (nnU-Net's own plan: zoo/<Dataset>/..., one zoo per target)
+<work>/weights/<Dataset>/<member>.pth        members converted for the dataset's plan
 <work>/rankings/<Dataset>/k{K}s{S}/ranking.json   ranking on the K training cases of seed S
-<work>/runs/<schedule>/<member>/<Dataset>/<trainer>__nnUNetPlans_cpu__2d/fold_F/   nnU-Net results
+<work>/runs/<schedule>/<member>/<Dataset>/<trainer>__<plans>__<configuration>/fold_F/   nnU-Net results
 <work>/runs/<schedule>/<member>/<kind>/<Dataset>/...   the same for a RiskWeightedTrainer option variant
 <work>/results.csv                           one row per finished fine-tune
 <work>/report/                               tables (CSV, Markdown) and PNG figures

@@ -1,5 +1,6 @@
-"""The benchmark's 2D model zoo: every member is the CPU plan's network (:mod:`benchmarks.finetune_grid.plan`),
-made from the real data in ``<shared>/data`` by project code, deterministic and cached by content.
+"""The benchmark's model zoo: every member is the plan's network (:mod:`benchmarks.finetune_grid.plan`; the
+CPU plan's for all targets, or nnU-Net's own per target), made from the real data in ``<shared>/data``
+by project code, deterministic and cached by content (the architecture is part of the key).
 ``shared`` is passed in (``--shared``; :func:`default_shared`: ``$NNUNET_TE_SHARED``, else
 ``shared/`` beside the repository checkout this benchmark runs from).
 
@@ -22,6 +23,10 @@ Members (:data:`MEMBERS`):
   https://arxiv.org/abs/1611.03530; Maennel et al. 2020, "What do neural networks learn when
   trained with random labels?", https://arxiv.org/abs/2006.10455, find such pre-training can
   slow down later training); its twin ``sup_isbi_membranes`` has the true labels.
+
+A 3D plan (``cpu3d``) holds the members whose sources are volumes (:data:`VOLUME_SOURCES`: ``ssl_mri``
+on the MNI152 T1 volume, ``sup_mni_tissue``, ``sup_hippocampus`` on the 40 source cases) and the random
+ones, pre-trained on 48^3 crops with batch :data:`BATCH_SIZE_3D`.
 
 A member whose pre-training images include one of a target's test images is left out of that
 target; the benchmark decides this by content (:mod:`benchmarks.finetune_grid.overlap` on
