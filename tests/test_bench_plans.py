@@ -80,6 +80,17 @@ def test_a_work_folder_holds_one_plan(tmp_path):
         check_plan_of_work(tmp_path, BENCH_PLANS["default"])
 
 
+def test_a_gpu_run_takes_nnunets_own_plan_unless_told_otherwise():
+    from benchmarks.finetune_grid.__main__ import build_parser, chosen_plan
+
+    def plan(*extra: str) -> str:
+        return chosen_plan(build_parser().parse_args(["-d", "508", "--work", "w", *extra])).name
+
+    assert plan("-device", "cuda") == plan("-device", "cuda:1") == "nnUNetPlans"
+    assert plan("-device", "cpu") == "nnUNetPlans_cpu"
+    assert plan("-device", "cuda", "--plan", "cpu3d") == "nnUNetPlans_cpu3d"
+
+
 @pytest.mark.slow
 def test_the_3d_grid_end_to_end_on_hippocampus_volumes(hippocampus_nnunet, shared_data, tmp_path):
     """``--plan cpu3d``: 3D members pre-trained on volumes, the member whose volumes hold the test

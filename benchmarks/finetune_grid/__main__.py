@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "resumable")
     bench.add_argument("-d", nargs="+", help="nnU-Net dataset ids or names, preprocessed with the plan's "
                                               "configuration (-c 2d, or -c 3d_fullres for cpu3d)")
-    bench.add_argument("--plan", choices=sorted(BENCH_PLANS), default="cpu",
-                       help="cpu: one small 2D network for every target and member (default); cpu3d: the same in "
-                            "3d_fullres; default: nnU-Net's own 2D plan of each target, the GPU user's "
-                            "(benchmarks/finetune_grid/plan.py); one plan per --work folder")
+    bench.add_argument("--plan", choices=sorted(BENCH_PLANS),
+                       help="cpu: one small 2D network for every target and member; cpu3d: the same in 3d_fullres; "
+                            "default: nnU-Net's own 2D plan of each target, what a GPU user trains "
+                            "(benchmarks/finetune_grid/plan.py); one plan per --work folder (default: default on "
+                            "cuda, cpu otherwise)")
     bench.add_argument("--work", required=True, help="folder for zoo, rankings, runs, results.csv, report")
     bench.add_argument("--shared", metavar="DIR",
                        help=f"folder holding the zoo's source data in data/ (default: ${SHARED_VARIABLE}, else "
@@ -78,9 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     return bench
 
 
+def chosen_plan(args: argparse.Namespace):
+    """The ``--plan`` given, else nnU-Net's own 2D plan on a GPU and the CPU plan elsewhere."""
+    from benchmarks.finetune_grid.plan import BENCH_PLANS
+
+    return BENCH_PLANS[args.plan or ("default" if args.device.startswith("cuda") else "cpu")]
+
+
 def bench(args: argparse.Namespace) -> int:
     from benchmarks.finetune_grid.ground_truth import Schedule, Schedules
-    from benchmarks.finetune_grid.plan import BENCH_PLANS
     from benchmarks.finetune_grid.run import run_bench
     from benchmarks.finetune_grid.schedule_rule import Probe, ruled_schedules
     from benchmarks.finetune_grid.tables import write_report
@@ -110,7 +117,7 @@ def bench(args: argparse.Namespace) -> int:
                         fine_tunes=not args.no_fine_tunes, probe_only=args.probe_only,
                         probe=Probe(start=args.probe[0], longest=args.probe[1]) if args.probe else Probe(),
                         schedules=schedules, shared=Path(args.shared) if args.shared else default_shared(),
-                        docs=args.docs, records=args.records, plan=BENCH_PLANS[args.plan], **{k: tuple(v) if isinstance(v, list) else v
+                        docs=args.docs, records=args.records, plan=chosen_plan(args), **{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in given.items() if v is not None})
     if args.probe_only:
         print(f"{summary['new_probes']} new probe(s) in {summary['seconds']:.0f} s; schedules: {summary['schedules']}")
