@@ -374,6 +374,11 @@ def _crop_shape(architecture: dict, edge: int) -> tuple[int, ...]:
     return tuple(int(s * np.ceil(edge / s)) for s in strides)
 
 
+def _pretraining_crop(architecture: dict) -> tuple[int, ...]:
+    """The crop an SSL member is pre-trained on (also its recommended downstream patch)."""
+    return _crop_shape(architecture, CROP if _dim(architecture) == 2 else CROP_3D)
+
+
 def _train_member(member: Member, data: Path, architecture: dict,
                   device: str) -> tuple[torch.nn.Module, list[float], int]:
     """The trained network, its loss curve and its number of output classes."""
@@ -383,7 +388,7 @@ def _train_member(member: Member, data: Path, architecture: dict,
     if member.kind == "ssl":
         rng = np.random.default_rng(member.seed)
         pool = _unlabeled_images(member.source, data) if dim == 2 else _volumes(member.source, data)[0]
-        crop = _crop_shape(architecture, CROP if dim == 2 else CROP_3D)
+        crop = _pretraining_crop(architecture)
         # 4 crops per image, at least 64 (a 3D pool may be one volume)
         crops = [_crop(pool[i], crop, rng)[0][None] for i in rng.integers(len(pool), size=max(64, 4 * len(pool)))]
         network = build_network(architecture, 1, seed=member.seed)  # one output channel: the reconstruction
@@ -424,8 +429,7 @@ def _save(network: torch.nn.Module, member: Member, folder: Path, plan: BenchPla
                                "arch_kwargs": architecture["arch_kwargs"]},
         "pretrain_num_input_channels": 1, "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stages.0",
         "keys_to_in_proj": list(network.keys_to_in_proj),
-        "recommended_downstream_patchsize": list(_crop_shape(architecture, CROP if _dim(architecture) == 2
-                                                             else CROP_3D))}}
+        "recommended_downstream_patchsize": list(_pretraining_crop(architecture))}}
     paths = folder / "nnunet.pth", folder / "nnssl.pth"
     for obj, path in zip((nnunet, nnssl), paths):
         torch.save(obj, path.with_suffix(".tmp"))
